@@ -1,0 +1,192 @@
+"""The public HTTP edge: authenticate, limit, hand the bytes on, answer.
+
+Every status code the callback endpoint can answer is decided in `_answer`,
+from the pipeline's `Outcome`. No request gets a 500: anything unexpected is
+logged and answered 503, which Luma retries.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from aiohttp import web
+
+from bridge.auth import TOKEN_MATCH, TokenAuth, masked_path
+from bridge.metrics import Metrics, state_label
+from bridge.pipeline import Outcome, Pipeline, Result
+
+log = logging.getLogger("bridge.http")
+
+RETRY_AFTER_SECONDS = "1"
+_STATUS = {
+    Outcome.ACCEPTED: 200,
+    Outcome.DUPLICATE: 200,
+    Outcome.INVALID: 400,
+    Outcome.UNAUTHORIZED: 401,
+    Outcome.UNAVAILABLE: 503,
+}
+
+
+class Rejected(Exception):
+    """The request is refused before its body reaches the pipeline (413, 415)."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+def is_json_content_type(request: web.Request) -> bool:
+    """JSON or `+json` media types; no header at all is taken as JSON (Luma sends JSON)."""
+    if "Content-Type" not in request.headers:
+        return True
+    media = request.content_type
+    return media == "application/json" or (
+        media.startswith("application/") and media.endswith("+json")
+    )
+
+
+def error_body(status: str, reason: str) -> dict[str, str]:
+    return {"status": status, "error": reason}
+
+
+class CallbackHandler:
+    """Handles `POST {callback_path}[/{token}]`."""
+
+    def __init__(
+        self,
+        *,
+        pipeline: Pipeline,
+        auth: TokenAuth,
+        metrics: Metrics,
+        max_body_bytes: int,
+        max_inflight: int,
+    ) -> None:
+        self._pipeline = pipeline
+        self._auth = auth
+        self._metrics = metrics
+        self._max_body_bytes = max_body_bytes
+        self._max_inflight = max_inflight
+        self._inflight = 0
+
+    async def __call__(self, request: web.Request) -> web.Response:
+        started = time.perf_counter()
+        if self._inflight >= self._max_inflight:
+            self._metrics.shed.labels(reason="inflight_limit").inc()
+            result, status = Result(Outcome.UNAVAILABLE, "too many callbacks in flight"), None
+        else:
+            self._inflight += 1
+            self._metrics.inflight.inc()
+            try:
+                result, status = await self._handle(request)
+            finally:
+                self._inflight -= 1
+                self._metrics.inflight.dec()
+        response = self._answer(result, status)
+        self._observe(request, result, response.status, started)
+        return response
+
+    async def _handle(self, request: web.Request) -> tuple[Result, int | None]:
+        if not self._auth.is_authorized(request):
+            return Result(Outcome.UNAUTHORIZED, "missing or wrong token"), None
+        try:
+            body = await self._read_body(request)
+        except Rejected as exc:
+            return Result(Outcome.REJECTED, exc.reason), exc.status
+        return await self._pipeline.handle(body, datetime.now(UTC)), None
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        if not is_json_content_type(request):
+            raise Rejected(415, "content type must be application/json")
+        too_large = Rejected(413, f"body larger than {self._max_body_bytes} bytes")
+        if (request.content_length or 0) > self._max_body_bytes:
+            raise too_large
+        try:
+            # Streams and stops as soon as client_max_size (= max_body_bytes) is passed.
+            return await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise too_large from None
+
+    def _answer(self, result: Result, status: int | None) -> web.Response:
+        status = status or _STATUS[result.outcome]
+        body: dict[str, Any]
+        headers = {}
+        if status == 200 and result.callback is not None:
+            body = {"status": "accepted", "event_id": result.callback.event_id}
+            if result.outcome is Outcome.DUPLICATE:
+                body["duplicate"] = True
+        else:
+            body = error_body(result.outcome.value, result.reason)
+        if status == 503:
+            body["error"] += "; retry later"
+            headers["Retry-After"] = RETRY_AFTER_SECONDS
+        return web.json_response(body, status=status, headers=headers)
+
+    def _observe(self, request: web.Request, result: Result, status: int, started: float) -> None:
+        elapsed = time.perf_counter() - started
+        callback = result.callback
+        state = state_label(callback.state if callback else None)
+        self._metrics.callbacks.labels(state=state, outcome=result.outcome.value).inc()
+        self._metrics.callback_duration.labels(outcome=result.outcome.value).observe(elapsed)
+        fields: dict[str, Any] = {
+            "outcome": result.outcome.value,
+            "status": status,
+            "latency_ms": round(elapsed * 1000, 3),
+            "path": masked_path(request),
+        }
+        if callback is not None:
+            fields.update(
+                event_id=callback.event_id,
+                generation_id=callback.generation_id,
+                state=callback.state,
+            )
+        if result.reason:
+            fields["reason"] = result.reason
+        if result.placements:
+            fields["records"] = [f"{p.topic}/{p.partition}@{p.offset}" for p in result.placements]
+        log.info("callback", extra={"fields": fields})
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """404, 405 and anything unexpected as small JSON bodies; never a 500."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return web.json_response(
+            error_body("rejected", exc.reason.lower()), status=exc.status, headers=_allow(exc)
+        )
+    except Exception:
+        log.exception("unexpected error", extra={"fields": {"path": masked_path(request)}})
+        return web.json_response(
+            error_body("unavailable", "internal error; retry later"),
+            status=503,
+            headers={"Retry-After": RETRY_AFTER_SECONDS},
+        )
+
+
+def _allow(exc: web.HTTPException) -> dict[str, str]:
+    allow = exc.headers.get("Allow")
+    return {"Allow": allow} if allow else {}
+
+
+def create_app(
+    *,
+    handler: CallbackHandler,
+    callback_path: str,
+    max_body_bytes: int,
+) -> web.Application:
+    """The public application: one callback route, with or without a path token."""
+    app = web.Application(middlewares=[json_errors], client_max_size=max_body_bytes)
+    app.router.add_post(callback_path, handler)
+    app.router.add_post(f"{callback_path}/{{{TOKEN_MATCH}}}", handler)
+    return app

@@ -1,0 +1,238 @@
+"""The one settings object: read from `LUMA_BRIDGE_*` variables, overridable by CLI flags.
+
+This is the only module that reads the environment. Everything else receives a
+`Settings` instance, built once at start-up, so a bad value stops the process
+before the first callback instead of failing one later.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+ENV_PREFIX = "LUMA_BRIDGE_"
+
+CompressionType = Literal["none", "gzip", "snappy", "lz4", "zstd"]
+SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
+LogFormat = Literal["auto", "json", "text"]
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+
+
+def _split_commas(value: Any) -> Any:
+    """Accept `a,b,c` from the environment or the command line as a list."""
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+def _split_pairs(value: Any) -> Any:
+    """Accept `key=value,key=value` as a mapping (topic configs)."""
+    if not isinstance(value, str):
+        return value
+    pairs: dict[str, str] = {}
+    for item in _split_commas(value):
+        key, sep, val = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"expected key=value pairs separated by commas, got {item!r}")
+        pairs[key.strip()] = val.strip()
+    return pairs
+
+
+class Settings(BaseSettings):
+    """Everything the bridge can be told. Field names map to `LUMA_BRIDGE_<NAME>`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        frozen=True,
+        extra="forbid",
+        case_sensitive=False,
+    )
+
+    # HTTP edge
+    host: str = Field("0.0.0.0", description="Address the callback listener binds to.")  # noqa: S104 - a server must listen on all interfaces in a pod
+    port: int = Field(8080, ge=0, le=65535, description="Port of the public callback listener.")
+    admin_port: int = Field(
+        8081,
+        ge=0,
+        le=65535,
+        description="Port of the operator listener (/metrics, /healthz, /readyz).",
+    )
+    callback_path: str = Field("/luma/callback", description="Path Luma POSTs callbacks to.")
+    auth_tokens: Annotated[tuple[SecretStr, ...], NoDecode] = Field(
+        (),
+        description="Comma-separated accepted tokens (several allow rotation).",
+    )
+    allow_unauthenticated: bool = Field(
+        False, description="Serve without any token. Only for local experiments."
+    )
+    max_body_bytes: int = Field(
+        1024 * 1024, ge=1024, description="Largest callback body accepted, in bytes."
+    )
+
+    # Kafka
+    kafka_bootstrap_servers: str = Field(
+        "localhost:9092", min_length=1, description="Comma-separated host:port of Kafka brokers."
+    )
+    kafka_ack_timeout: float = Field(
+        4.0,
+        gt=0,
+        lt=5,
+        description="Seconds to wait for Kafka's acknowledgement before answering 503 "
+        "(below Luma's 5 s timeout).",
+    )
+    kafka_client_id: str = Field("luma-kafka-bridge", description="Kafka client id.")
+    kafka_enable_idempotence: bool = Field(
+        True, description="Idempotent producer. Turn off only for brokers without it."
+    )
+    kafka_compression_type: CompressionType = Field(
+        "none", description="Producer compression codec."
+    )
+    kafka_linger_ms: int = Field(0, ge=0, le=1000, description="Producer linger, in ms.")
+    kafka_max_batch_size: int = Field(
+        65536, ge=1024, description="Producer batch size per partition, in bytes."
+    )
+    kafka_request_timeout_ms: int = Field(
+        30000, ge=1000, description="Producer request timeout, in ms."
+    )
+    kafka_security_protocol: SecurityProtocol = Field(
+        "PLAINTEXT", description="Kafka security protocol."
+    )
+    kafka_sasl_mechanism: SaslMechanism | None = Field(None, description="SASL mechanism.")
+    kafka_sasl_username: str | None = Field(None, description="SASL username.")
+    kafka_sasl_password: SecretStr | None = Field(None, description="SASL password.")
+    kafka_ssl_cafile: Path | None = Field(None, description="CA bundle for Kafka TLS.")
+    kafka_ssl_certfile: Path | None = Field(None, description="Client certificate for Kafka mTLS.")
+    kafka_ssl_keyfile: Path | None = Field(None, description="Client key for Kafka mTLS.")
+
+    # Topics
+    topic_prefix: str = Field(
+        "luma.generation",
+        pattern=r"^[A-Za-z0-9._-]{1,200}$",
+        description="Prefix of every topic the bridge writes.",
+    )
+    lifecycle_topic: bool = Field(
+        True, description="Also write every accepted callback to {prefix}.lifecycle."
+    )
+    topic_partitions: int = Field(6, ge=1, description="Partitions per topic for `topics create`.")
+    topic_replication_factor: int = Field(
+        3, ge=1, description="Replication factor for `topics create`."
+    )
+    topic_configs: Annotated[dict[str, str], NoDecode] = Field(
+        default_factory=dict,
+        description="Topic configs for `topics create`, as key=value,key=value.",
+    )
+    check_topics: bool = Field(
+        True, description="At start-up, stop if a topic the bridge writes is missing."
+    )
+
+    # Durability and flow control
+    max_inflight_requests: int = Field(
+        1024, ge=1, description="Callbacks handled at once; beyond it, 503 at once."
+    )
+    dedupe_window_size: int = Field(
+        100_000, ge=0, description="Event ids remembered to answer redeliveries (0: off)."
+    )
+    dedupe_window_seconds: float = Field(
+        600.0, gt=0, description="How long an acknowledged event id is remembered."
+    )
+    spool_enabled: bool = Field(
+        True, description="Keep callbacks Kafka did not acknowledge in time in a local spool."
+    )
+    spool_dir: Path = Field(
+        Path("./spool"), description="Directory of the local write-ahead spool."
+    )
+    spool_max_bytes: int = Field(
+        1024**3, ge=1024 * 1024, description="Spool size bound; when full, 503."
+    )
+
+    # Lifecycle
+    drain_delay: float = Field(
+        5.0,
+        ge=0,
+        description="Seconds to keep serving after SIGTERM while /readyz says 503, "
+        "so load balancers stop sending first.",
+    )
+    shutdown_timeout: float = Field(
+        25.0, gt=0, description="Seconds from SIGTERM to exit, drain delay included."
+    )
+
+    # Operations
+    log_level: LogLevel = Field("INFO", description="Log level.")
+    log_format: LogFormat = Field(
+        "auto", description="json, text, or auto (text on a terminal, else json)."
+    )
+
+    @field_validator("auth_tokens", mode="before")
+    @classmethod
+    def _tokens_from_commas(cls, value: Any) -> Any:
+        return _split_commas(value)
+
+    @field_validator("topic_configs", mode="before")
+    @classmethod
+    def _configs_from_pairs(cls, value: Any) -> Any:
+        return _split_pairs(value)
+
+    @field_validator("callback_path")
+    @classmethod
+    def _path_is_absolute(cls, value: str) -> str:
+        if not value.startswith("/") or value.endswith("/") or "{" in value:
+            raise ValueError("must start with '/', not end with '/', and hold no '{'")
+        return value
+
+    @model_validator(mode="after")
+    def _sasl_is_complete(self) -> Settings:
+        if self.kafka_security_protocol.startswith("SASL") and not (
+            self.kafka_sasl_mechanism and self.kafka_sasl_username and self.kafka_sasl_password
+        ):
+            raise ValueError(
+                "SASL needs KAFKA_SASL_MECHANISM, KAFKA_SASL_USERNAME and KAFKA_SASL_PASSWORD"
+            )
+        return self
+
+    def token_values(self) -> tuple[bytes, ...]:
+        """The accepted tokens as bytes, for constant-time comparison."""
+        return tuple(token.get_secret_value().encode() for token in self.auth_tokens)
+
+
+class SettingsError(Exception):
+    """A setting has a bad value; the message names it and never echoes a value."""
+
+
+def env_name(field: str) -> str:
+    """The environment variable that sets `field`."""
+    return f"{ENV_PREFIX}{field.upper()}"
+
+
+def flag_name(field: str) -> str:
+    """The CLI flag that overrides `field`."""
+    return "--" + field.replace("_", "-")
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build Settings from the environment and `overrides`, or raise one clear `SettingsError`."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise SettingsError(describe_validation_error(exc)) from None
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """One line per bad setting, naming its variable and flag; input values are left out."""
+    lines = []
+    for error in exc.errors(include_input=False, include_url=False):
+        field = str(error["loc"][0]) if error["loc"] else ""
+        where = f"{env_name(field)} ({flag_name(field)})" if field else "settings"
+        lines.append(f"invalid {where}: {error['msg']}")
+    return "; ".join(lines)
+
+
+class EmbeddedBrokerSettings(BaseSettings):
+    """Where to find the embedded broker binary (`TANSU_BIN`), for `dev` and the tests."""
+
+    model_config = SettingsConfigDict(frozen=True)
+
+    tansu_bin: Path | None = None
