@@ -64,7 +64,11 @@ class Generation(BaseModel):
     @classmethod
     def _created_at_is_datetime(cls, value: str | None) -> str | None:
         if value is not None:
-            parse_timestamp(value)
+            try:
+                parse_timestamp(value)
+            except ValueError:
+                # datetime's own message quotes the input; ours must not.
+                raise ValueError("must be an RFC 3339 date-time") from None
         return value
 
 
@@ -189,11 +193,11 @@ def event_id_for(generation_id: str, state: str, value: bytes) -> str:
 def parse_callback(body: bytes) -> Callback:
     """Validate a raw callback body and derive everything its records need."""
     document = decode_object(body)
+    value = encode_compact(document)
     try:
         generation = Generation.model_validate(document)
     except ValidationError as exc:
         raise InvalidCallback(describe_schema_error(exc), "schema") from None
-    value = encode_compact(document)
     request_model = generation.request.get("model") if generation.request else None
     model = generation.model or (request_model if isinstance(request_model, str) else None)
     return Callback(

@@ -73,7 +73,7 @@ class CallbackHandler:
         self._max_inflight = max_inflight
         self._inflight = 0
 
-    async def __call__(self, request: web.Request) -> web.Response:
+    async def handle(self, request: web.Request) -> web.Response:
         started = time.perf_counter()
         if self._inflight >= self._max_inflight:
             self._metrics.shed.labels(reason="inflight_limit").inc()
@@ -187,6 +187,6 @@ def create_app(
 ) -> web.Application:
     """The public application: one callback route, with or without a path token."""
     app = web.Application(middlewares=[json_errors], client_max_size=max_body_bytes)
-    app.router.add_post(callback_path, handler)
-    app.router.add_post(f"{callback_path}/{{{TOKEN_MATCH}}}", handler)
+    app.router.add_post(callback_path, handler.handle)
+    app.router.add_post(f"{callback_path}/{{{TOKEN_MATCH}}}", handler.handle)
     return app

@@ -1,0 +1,24 @@
+# The README's commands. `make test` is what CI runs.
+VENV := .venv
+export PATH := $(CURDIR)/$(VENV)/bin:$(CURDIR)/node_modules/.bin:$(PATH)
+
+.PHONY: dev test lint bootstrap bench
+
+# Run the bridge on an embedded broker: no Kafka cluster, no Docker.
+dev:
+	@test -x $(VENV)/bin/python || python3 -m venv $(VENV)
+	@$(VENV)/bin/python -m pip install -q -e '.[embedded]'
+	$(VENV)/bin/luma-kafka-bridge dev
+
+# Install what the suite needs (idempotent), then run all of it.
+test: bootstrap
+	$(VENV)/bin/python -m pytest
+
+bootstrap:
+	@./scripts/bootstrap
+
+lint: bootstrap
+	ruff check . && ruff format --check . && mypy
+
+bench: bootstrap
+	$(VENV)/bin/python -m bench

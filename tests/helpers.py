@@ -1,0 +1,150 @@
+"""Test helpers: an in-memory publisher, an in-process bridge, and a Kafka reader."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, ConsumerRecord
+from prometheus_client import CollectorRegistry
+
+from bridge.publisher import KafkaUnavailable, Placement, Record
+from bridge.server import BridgeServer
+from bridge.settings import Settings, load_settings
+from bridge.topics import create_topics
+
+TOKEN = "test-token-0123456789"
+
+SEED_COMPLETED_VIDEO: dict[str, Any] = {
+    "id": "d1ad97c4-9d8f-4e3a-9c2e-3b8c0b9b1e2a",
+    "state": "completed",
+    "failure_reason": None,
+    "created_at": "2026-05-30T12:34:56.000Z",
+    "assets": {"video": "https://storage.cdn-luma.com/.../generation.mp4"},
+    "version": "ray-2",
+    "request": {
+        "prompt": "A teddy bear in sunglasses playing electric guitar and dancing",
+        "aspect_ratio": "16:9",
+        "loop": False,
+    },
+}
+SEED_FAILED_VIDEO: dict[str, Any] = {
+    "id": "fbb8c4c1-6f0a-4f9d-8a64-4c6c1f6c9f00",
+    "state": "failed",
+    "failure_reason": "Generation failed due to invalid keyframe asset.",
+    "created_at": "2026-05-30T12:34:56.000Z",
+    "assets": None,
+    "request": {"prompt": "A surfer riding a wave at sunset"},
+}
+
+
+async def wait_until(
+    condition: Callable[[], bool], *, timeout: float = 10.0, what: str = "condition"
+) -> None:
+    """Poll `condition` until it holds; fail with `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+class MemoryPublisher:
+    """A `Publisher` for unit tests: keeps records in a list; can fail or stall on demand."""
+
+    def __init__(self) -> None:
+        self.records: list[Record] = []
+        self.failing: str | None = None
+        self.gate: asyncio.Event | None = None
+        self.calls = 0
+
+    async def publish(self, records: Sequence[Record], ack_timeout: float) -> list[Placement]:
+        self.calls += 1
+        if self.gate is not None:
+            try:
+                async with asyncio.timeout(ack_timeout):
+                    await self.gate.wait()
+            except TimeoutError:
+                raise KafkaUnavailable("timeout") from None
+        if self.failing:
+            raise KafkaUnavailable(self.failing)
+        placements = []
+        for record in records:
+            self.records.append(record)
+            placements.append(Placement(record.topic, 0, len(self.records) - 1))
+        return placements
+
+    async def check_connection(self, within: float) -> bool:
+        return self.failing is None
+
+
+def bridge_settings(bootstrap: str, idempotence: bool, **overrides: Any) -> Settings:
+    """Settings for an in-process bridge with its own topic prefix and free ports."""
+    values: dict[str, Any] = {
+        "kafka_bootstrap_servers": bootstrap,
+        "kafka_enable_idempotence": idempotence,
+        "host": "127.0.0.1",
+        "port": 0,
+        "admin_port": 0,
+        "auth_tokens": TOKEN,
+        "topic_prefix": f"test.{uuid.uuid4().hex[:12]}",
+        "topic_replication_factor": 1,
+        "topic_partitions": 2,
+        "drain_delay": 0,
+        "shutdown_timeout": 10,
+    }
+    values.update(overrides)
+    return load_settings(**values)
+
+
+@asynccontextmanager
+async def running_bridge(settings: Settings, *, create: bool = True) -> AsyncIterator[BridgeServer]:
+    """A bridge served in this process, its topics created first."""
+    if create:
+        await create_topics(settings)
+    server = BridgeServer(settings, registry=CollectorRegistry())
+    try:
+        await server.start()
+        yield server
+    finally:
+        await server.stop()
+
+
+def callback_url(server: BridgeServer, token: str = TOKEN) -> str:
+    return f"http://127.0.0.1:{server.callback_port}{server.settings.callback_path}/{token}"
+
+
+async def read_topic(
+    bootstrap: str, topic: str, *, expected: int, timeout: float = 15.0
+) -> list[ConsumerRecord]:
+    """Read `topic` from the start until `expected` records arrive (fails after `timeout`).
+
+    With expected=0, reads for a short while and returns what is there (to prove absence,
+    after a marker record proved that later writes are visible).
+    """
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        group_id=None,
+    )
+    await consumer.start()
+    records: list[ConsumerRecord] = []
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            batch = await consumer.getmany(timeout_ms=200)
+            for partition_records in batch.values():
+                records.extend(partition_records)
+            if expected and len(records) >= expected:
+                break
+    finally:
+        await consumer.stop()
+    if len(records) < expected:
+        raise AssertionError(f"{topic}: expected {expected} records, read {len(records)}")
+    return records

@@ -1,0 +1,72 @@
+"""Settings: environment and flags, and one clear line for a bad value."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from bridge.settings import SettingsError, load_settings
+
+
+def test_tokens_and_topic_configs_come_as_comma_lists(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LUMA_BRIDGE_AUTH_TOKENS", "alpha, beta,,")
+    monkeypatch.setenv("LUMA_BRIDGE_TOPIC_CONFIGS", "retention.ms=1000,min.insync.replicas=2")
+    settings = load_settings()
+    assert settings.token_values() == (b"alpha", b"beta")
+    assert settings.topic_configs == {"retention.ms": "1000", "min.insync.replicas": "2"}
+
+
+def test_flags_override_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LUMA_BRIDGE_PORT", "9000")
+    assert load_settings(port="9100").port == 9100
+
+
+def test_secrets_stay_out_of_repr_and_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LUMA_BRIDGE_AUTH_TOKENS", "hunter2-secret")
+    assert "hunter2" not in repr(load_settings())
+    with pytest.raises(SettingsError) as raised:
+        load_settings(kafka_security_protocol="SASL_SSL", kafka_sasl_password="pw-secret")
+    assert "pw-secret" not in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("LUMA_BRIDGE_PORT", "eighty"),
+        ("LUMA_BRIDGE_KAFKA_ACK_TIMEOUT", "6"),
+        ("LUMA_BRIDGE_CALLBACK_PATH", "no-slash"),
+        ("LUMA_BRIDGE_KAFKA_COMPRESSION_TYPE", "brotli"),
+    ],
+)
+def test_a_bad_value_stops_start_up_with_exit_2_naming_the_variable(
+    variable: str, value: str
+) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "bridge", "serve"],
+        env={variable: value, "PATH": ""},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert variable in lines[0]
+    assert value not in lines[0]
+
+
+def test_serve_refuses_to_start_without_tokens() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "bridge", "serve", "--kafka-bootstrap-servers", "127.0.0.1:1"],
+        env={"PATH": ""},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "LUMA_BRIDGE_AUTH_TOKENS" in result.stderr
+    assert "LUMA_BRIDGE_ALLOW_UNAUTHENTICATED" in result.stderr
