@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -9,28 +11,34 @@ from bridge.metrics import Metrics
 
 
 class Readiness:
-    """Whether the bridge should receive traffic: accepting, and Kafka reachable."""
+    """Whether the bridge should receive traffic.
 
-    def __init__(self, metrics: Metrics) -> None:
-        self._metrics = metrics
+    Ready when accepting callbacks and able to keep them: Kafka is reachable, or the
+    spool can hold them until it is (`spool_has_room`).
+    """
+
+    def __init__(
+        self, metrics: Metrics, *, spool_has_room: Callable[[], bool] | None = None
+    ) -> None:
+        self._spool_has_room = spool_has_room or (lambda: False)
         self.accepting = False
         self.kafka_reachable = False
+        metrics.ready.set_function(lambda: 1.0 if self.ready else 0.0)
 
     @property
     def ready(self) -> bool:
-        return self.accepting and self.kafka_reachable
+        return self.accepting and (self.kafka_reachable or self._spool_has_room())
 
     def update(self, *, accepting: bool | None = None, kafka_reachable: bool | None = None) -> None:
         if accepting is not None:
             self.accepting = accepting
         if kafka_reachable is not None:
             self.kafka_reachable = kafka_reachable
-        self._metrics.ready.set(1 if self.ready else 0)
 
     def why_not(self) -> str:
         if not self.accepting:
             return "not accepting callbacks (starting or draining)"
-        return "Kafka is not reachable"
+        return "Kafka is not reachable and the spool cannot take callbacks (disabled or full)"
 
 
 def create_admin_app(metrics: Metrics, readiness: Readiness) -> web.Application:

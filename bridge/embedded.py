@@ -66,9 +66,17 @@ def wait_for_port(host: str, port: int, deadline: float) -> bool:
 class EmbeddedBroker:
     """A Tansu process on loopback. `with EmbeddedBroker() as broker: broker.bootstrap`."""
 
-    def __init__(self, *, port: int | None = None, start_timeout: float = 20.0) -> None:
+    def __init__(
+        self,
+        *,
+        port: int | None = None,
+        advertised_port: int | None = None,
+        start_timeout: float = 20.0,
+    ) -> None:
         self.host = "127.0.0.1"
         self.port = port or free_port(self.host)
+        # Another port may be advertised to clients, e.g. a proxy's in fault-injection tests.
+        self.advertised_port = advertised_port or self.port
         self._start_timeout = start_timeout
         self._process: subprocess.Popen[bytes] | None = None
         self._log = tempfile.NamedTemporaryFile(prefix="tansu-", suffix=".log", delete=False)  # noqa: SIM115 - kept open for the process's lifetime
@@ -85,9 +93,17 @@ class EmbeddedBroker:
 
     def start(self) -> EmbeddedBroker:
         binary = find_broker_binary()
-        url = f"tcp://{self.bootstrap}"
+        listener = f"tcp://{self.bootstrap}"
+        advertised = f"tcp://{self.host}:{self.advertised_port}"
         self._process = subprocess.Popen(  # noqa: S603 - a binary we located, fixed arguments
-            [str(binary), "broker", "--listener-url", url, "--advertised-listener-url", url],
+            [
+                str(binary),
+                "broker",
+                "--listener-url",
+                listener,
+                "--advertised-listener-url",
+                advertised,
+            ],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

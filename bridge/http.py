@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from bridge.auth import TOKEN_MATCH, TokenAuth, masked_path
 from bridge.metrics import Metrics, state_label
@@ -146,6 +147,8 @@ class CallbackHandler:
             )
         if result.reason:
             fields["reason"] = result.reason
+        if result.spooled:
+            fields["spooled"] = True
         if result.placements:
             fields["records"] = [f"{p.topic}/{p.partition}@{p.offset}" for p in result.placements]
         log.info("callback", extra={"fields": fields})
@@ -154,24 +157,30 @@ class CallbackHandler:
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-@web.middleware
-async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """404, 405 and anything unexpected as small JSON bodies; never a 500."""
-    try:
-        return await handler(request)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        return web.json_response(
-            error_body("rejected", exc.reason.lower()), status=exc.status, headers=_allow(exc)
-        )
-    except Exception:
-        log.exception("unexpected error", extra={"fields": {"path": masked_path(request)}})
-        return web.json_response(
-            error_body("unavailable", "internal error; retry later"),
-            status=503,
-            headers={"Retry-After": RETRY_AFTER_SECONDS},
-        )
+def json_errors(metrics: Metrics) -> Middleware:
+    """404, 405 and anything unexpected as small JSON bodies, counted; never a 500."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            outcome, body = Outcome.REJECTED, error_body("rejected", exc.reason.lower())
+            response = web.json_response(body, status=exc.status, headers=_allow(exc))
+        except Exception:
+            log.exception("unexpected error", extra={"fields": {"path": masked_path(request)}})
+            outcome = Outcome.UNAVAILABLE
+            response = web.json_response(
+                error_body("unavailable", "internal error; retry later"),
+                status=503,
+                headers={"Retry-After": RETRY_AFTER_SECONDS},
+            )
+        metrics.callbacks.labels(state="none", outcome=outcome.value).inc()
+        return response
+
+    return middleware
 
 
 def _allow(exc: web.HTTPException) -> dict[str, str]:
@@ -182,11 +191,12 @@ def _allow(exc: web.HTTPException) -> dict[str, str]:
 def create_app(
     *,
     handler: CallbackHandler,
+    metrics: Metrics,
     callback_path: str,
     max_body_bytes: int,
 ) -> web.Application:
     """The public application: one callback route, with or without a path token."""
-    app = web.Application(middlewares=[json_errors], client_max_size=max_body_bytes)
+    app = web.Application(middlewares=[json_errors(metrics)], client_max_size=max_body_bytes)
     app.router.add_post(callback_path, handler.handle)
     app.router.add_post(f"{callback_path}/{{{TOKEN_MATCH}}}", handler.handle)
     return app

@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from bridge import __version__
 from bridge.contract import KNOWN_MODELS, KNOWN_STATES
 
+DEADLETTER_REASONS = ("json", "shape", "schema")
 SHED_REASONS = ("inflight_limit", "spool_full")
 OUTCOMES = ("accepted", "duplicate", "invalid", "unauthorized", "rejected", "unavailable")
 
@@ -181,3 +182,9 @@ class Metrics:
             self.duplicate_deliveries.labels(state=state)
         for reason in SHED_REASONS:
             self.shed.labels(reason=reason)
+        # The first increment of a series Prometheus has never seen is invisible to rate():
+        # export the reasons that matter to alerts from the start.
+        for reason in DEADLETTER_REASONS:
+            self.deadletters.labels(reason=reason)
+        for reason in ("timeout", "not_connected"):
+            self.produce_errors.labels(reason=reason)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import hashlib
+import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -25,6 +26,9 @@ from bridge.contract import (
 )
 from bridge.metrics import Metrics, model_label, state_label
 from bridge.publisher import KafkaUnavailable, Placement, Publisher, Record
+from bridge.spool import Spool, SpoolFull
+
+log = logging.getLogger("bridge.pipeline")
 
 
 class Outcome(enum.StrEnum):
@@ -46,6 +50,7 @@ class Result:
     reason: str = ""
     callback: Callback | None = None
     placements: tuple[Placement, ...] = field(default=())
+    spooled: bool = False
 
 
 class DedupeWindow:
@@ -94,6 +99,7 @@ class Pipeline:
         ack_timeout: float,
         lifecycle: bool,
         dedupe: DedupeWindow,
+        spool: Spool | None = None,
     ) -> None:
         self._publisher = publisher
         self._topics = topics
@@ -101,6 +107,7 @@ class Pipeline:
         self._ack_timeout = ack_timeout
         self._lifecycle = lifecycle
         self._dedupe = dedupe
+        self._spool = spool
         self._in_flight: dict[str, asyncio.Future[Result]] = {}
 
     async def handle(self, body: bytes, received_at: datetime) -> Result:
@@ -133,13 +140,36 @@ class Pipeline:
 
     async def _publish(self, callback: Callback, received_at: datetime) -> Result:
         records = self.records_for(callback, received_at)
-        try:
-            placements = await self._publisher.publish(records, self._ack_timeout)
-        except KafkaUnavailable as exc:
-            return Result(Outcome.UNAVAILABLE, f"Kafka unavailable: {exc.reason}", callback)
+        placements, failure = await self._write(records)
+        if failure is not None:
+            return Result(Outcome.UNAVAILABLE, failure, callback)
         self._dedupe.add(callback.event_id)
         self._observe_age(callback, received_at)
-        return Result(Outcome.ACCEPTED, "", callback, tuple(placements))
+        return Result(Outcome.ACCEPTED, "", callback, placements, spooled=not placements)
+
+    async def _write(self, records: list[Record]) -> tuple[tuple[Placement, ...], str | None]:
+        """Kafka-acknowledged placements, or () when spooled, or the reason for neither."""
+        if self._spool is not None and self._spool.has_backlog():
+            # Queue behind what is already spooled, so arrival order is kept.
+            return (), await self._append_to_spool(records)
+        try:
+            return tuple(await self._publisher.publish(records, self._ack_timeout)), None
+        except KafkaUnavailable as exc:
+            if self._spool is None:
+                return (), f"Kafka unavailable: {exc.reason}"
+        return (), await self._append_to_spool(records)
+
+    async def _append_to_spool(self, records: list[Record]) -> str | None:
+        assert self._spool is not None
+        try:
+            await self._spool.append(records)
+        except SpoolFull:
+            self._metrics.shed.labels(reason="spool_full").inc()
+            return "Kafka unavailable and the spool is full"
+        except Exception:
+            log.exception("spool write failed")
+            return "Kafka unavailable and the spool cannot be written"
+        return None
 
     def records_for(self, callback: Callback, received_at: datetime) -> list[Record]:
         """The per-state record and, when enabled, the lifecycle record."""
@@ -170,15 +200,13 @@ class Pipeline:
         body_id = "deadletter:" + hashlib.blake2b(body, digest_size=16).hexdigest()
         if body_id in self._dedupe:
             return Result(Outcome.INVALID, error.reason)
-        record = Record(
-            self._topics.deadletter, None, body, deadletter_headers(error.reason, received_at)
-        )
-        try:
-            placements = await self._publisher.publish([record], self._ack_timeout)
-        except KafkaUnavailable as exc:
+        headers = deadletter_headers(error.reason, received_at)
+        record = Record(self._topics.deadletter, None, body, headers)
+        placements, failure = await self._write([record])
+        if failure is not None:
             # The raw body must be kept before we say "invalid": otherwise Luma would not
             # retry and the evidence would be gone.
-            return Result(Outcome.UNAVAILABLE, f"Kafka unavailable: {exc.reason}")
+            return Result(Outcome.UNAVAILABLE, failure)
         self._dedupe.add(body_id)
         self._metrics.deadletters.labels(reason=error.kind).inc()
-        return Result(Outcome.INVALID, error.reason, None, tuple(placements))
+        return Result(Outcome.INVALID, error.reason, None, placements, spooled=not placements)

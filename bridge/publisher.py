@@ -123,6 +123,11 @@ class KafkaPublisher:
             raise KafkaUnavailable(type(exc).__name__) from exc
         self._started = True
 
+    @property
+    def connected(self) -> bool:
+        """Started and not stopped (the cluster may still be unreachable meanwhile)."""
+        return self._started
+
     async def stop(self) -> None:
         """Flush what is buffered and disconnect. Safe to call twice."""
         if self._started and self._producer is not None:

@@ -1,9 +1,16 @@
 """Running the bridge: start-up, serving, and graceful shutdown, as three visible phases.
 
 `BridgeServer` is what `serve` and `dev` run and what the tests start in-process.
-Start-up connects to Kafka (retrying with a message until it can), checks the
-topics, then opens the callback listener. Shutdown reverses it: readiness off,
-drain delay, stop accepting and finish in-flight callbacks, flush the producer.
+
+Start-up opens the admin listener and the spool, connects to Kafka and checks
+the topics, then opens the callback listener. With the spool on, Kafka being
+unreachable does not hold start-up back: callbacks are spooled and the
+connection is retried in the background.
+
+Shutdown reverses it: /readyz turns 503, the listener keeps serving for the
+drain delay, then stops accepting and finishes in-flight callbacks; the
+producer is flushed and what Kafka takes of the spool is drained, all within
+SHUTDOWN_TIMEOUT.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import contextlib
 import logging
 import os
 import signal
+import time
 from collections.abc import Callable
 
 from aiohttp import web
@@ -25,6 +33,7 @@ from bridge.metrics import Metrics
 from bridge.pipeline import DedupeWindow, Pipeline
 from bridge.publisher import KafkaPublisher, KafkaUnavailable
 from bridge.settings import Settings
+from bridge.spool import Spool, SpoolDrainer
 from bridge.topics import missing_topics, topics_of
 
 log = logging.getLogger("bridge.server")
@@ -39,26 +48,35 @@ class StartupError(RuntimeError):
 
 
 class BridgeServer:
-    """The callback listener, the admin listener and the producer, started and stopped together."""
+    """The callback listener, the admin listener, the producer and the spool, together."""
 
     def __init__(self, settings: Settings, *, registry: CollectorRegistry | None = None) -> None:
         self.settings = settings
         self.metrics = Metrics(registry or CollectorRegistry())
-        self.readiness = Readiness(self.metrics)
         self.publisher = KafkaPublisher(settings, metrics=self.metrics)
+        self.spool = (
+            Spool(settings.spool_dir, max_bytes=settings.spool_max_bytes, metrics=self.metrics)
+            if settings.spool_enabled
+            else None
+        )
+        self.readiness = Readiness(
+            self.metrics, spool_has_room=self.spool.has_room if self.spool else None
+        )
         self._admin_runner = web.AppRunner(
             create_admin_app(self.metrics, self.readiness), access_log=None
         )
         self._callback_runner: web.AppRunner | None = None
-        self._health_task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._drainer = SpoolDrainer(self.spool, self.publisher) if self.spool else None
         self.callback_port = 0
         self.admin_port = 0
 
     async def start(self, stopping: asyncio.Event | None = None) -> None:
-        """Open the admin listener, connect to Kafka, check topics, open the callback listener.
+        """Open the listeners, the spool and the Kafka connection.
 
-        Raises `StartupError` when topics are missing or tokens are not configured.
-        Returns early, not serving, if `stopping` is set while waiting for Kafka.
+        Raises `StartupError` when tokens are not configured, topics are missing or a
+        port is taken. Without a spool, waits for Kafka (retrying, with a message each
+        time) and returns without serving if `stopping` is set meanwhile.
         """
         self.metrics.phase.set(PHASE_STARTING)
         self._check_auth_configured()
@@ -66,11 +84,57 @@ class BridgeServer:
         self.admin_port = await _open_site(
             self._admin_runner, self.settings.host, self.settings.admin_port
         )
-        if not await self._connect_kafka(stopping or asyncio.Event()):
-            return
-        self.readiness.update(kafka_reachable=True)
-        if self.settings.check_topics:
+        if self.spool is not None:
+            await self.spool.open()
+            self.metrics.spool_oldest_age.set_function(self.spool.oldest_age)
+        connected = await self._try_connect()
+        if not connected and self.spool is None:
+            connected = await self._connect_kafka(stopping or asyncio.Event())
+            if not connected:
+                return
+        if connected:
             await self._check_topics()
+        else:
+            log.warning("starting without Kafka: callbacks are spooled until it is reachable")
+            self._tasks.append(asyncio.create_task(self._connect_in_background()))
+        await self._open_callback_listener()
+        self._tasks.append(asyncio.create_task(self._watch_kafka()))
+        if self._drainer is not None:
+            self._tasks.append(asyncio.create_task(self._drainer.run()))
+        self.readiness.update(accepting=True)
+        self.metrics.phase.set(PHASE_SERVING)
+
+    async def stop(self) -> None:
+        """Drain and stop everything that was started, in reverse order. Safe to call twice."""
+        deadline = time.monotonic() + self.settings.shutdown_timeout
+        self.metrics.phase.set(PHASE_DRAINING)
+        self.readiness.update(accepting=False)
+        try:
+            async with asyncio.timeout(self.settings.shutdown_timeout):
+                await self._close_callback_listener()
+        except TimeoutError:
+            log.warning("shutdown timeout reached before in-flight callbacks finished")
+        self.metrics.phase.set(PHASE_STOPPING)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        if self._drainer is not None and self.publisher.connected:
+            await self._drainer.drain_until(deadline - 1.0)
+        # Flushes whatever the producer still buffers.
+        await self.publisher.stop()
+        if self.spool is not None:
+            if self.spool.records:
+                log.warning(
+                    "exiting with records in the spool; they are sent at the next start",
+                    extra={"fields": {"records": self.spool.records}},
+                )
+            await self.spool.close()
+        await self._admin_runner.cleanup()
+
+    async def _open_callback_listener(self) -> None:
         self._callback_runner = web.AppRunner(
             self._callback_app(),
             access_log=None,  # it would log the token in the path; http.py logs a masked line
@@ -80,9 +144,6 @@ class BridgeServer:
         self.callback_port = await _open_site(
             self._callback_runner, self.settings.host, self.settings.port
         )
-        self._health_task = asyncio.create_task(self._watch_kafka())
-        self.readiness.update(accepting=True)
-        self.metrics.phase.set(PHASE_SERVING)
         log.info(
             "serving",
             extra={
@@ -95,34 +156,15 @@ class BridgeServer:
             },
         )
 
-    async def stop(self) -> None:
-        """Drain and stop everything that was started, in reverse order. Safe to call twice."""
-        self.metrics.phase.set(PHASE_DRAINING)
-        self.readiness.update(accepting=False)
-        try:
-            async with asyncio.timeout(self.settings.shutdown_timeout):
-                await self._drain()
-        except TimeoutError:
-            log.warning("shutdown timeout reached; exiting with work unfinished")
-        self.metrics.phase.set(PHASE_STOPPING)
-        # Flushes whatever the producer still buffers.
-        await self.publisher.stop()
-        await self._admin_runner.cleanup()
-
-    async def _drain(self) -> None:
-        if self._callback_runner is not None:
-            if self.settings.drain_delay:
-                log.info("draining", extra={"fields": {"delay_s": self.settings.drain_delay}})
-                await asyncio.sleep(self.settings.drain_delay)
-            self.metrics.phase.set(PHASE_STOPPING)
-            runner, self._callback_runner = self._callback_runner, None
-            # Stops accepting, then waits for in-flight callbacks to be answered.
-            await runner.cleanup()
-        if self._health_task is not None:
-            self._health_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._health_task
-            self._health_task = None
+    async def _close_callback_listener(self) -> None:
+        if self._callback_runner is None:
+            return
+        if self.settings.drain_delay:
+            log.info("draining", extra={"fields": {"delay_s": self.settings.drain_delay}})
+            await asyncio.sleep(self.settings.drain_delay)
+        runner, self._callback_runner = self._callback_runner, None
+        # Stops accepting, then waits for in-flight callbacks to be answered.
+        await runner.cleanup()
 
     def _check_auth_configured(self) -> None:
         if not self.settings.auth_tokens and not self.settings.allow_unauthenticated:
@@ -131,28 +173,48 @@ class BridgeServer:
                 "or more secrets, or LUMA_BRIDGE_ALLOW_UNAUTHENTICATED=true for local experiments"
             )
 
+    async def _try_connect(self) -> bool:
+        try:
+            await self.publisher.start()
+        except KafkaUnavailable as exc:
+            log.warning(
+                "cannot reach Kafka (check LUMA_BRIDGE_KAFKA_BOOTSTRAP_SERVERS and that the "
+                "brokers are up); retrying",
+                extra={
+                    "fields": {
+                        "kafka": self.settings.kafka_bootstrap_servers,
+                        "reason": exc.reason,
+                        "retry_in_s": CONNECT_RETRY_SECONDS,
+                    }
+                },
+            )
+            return False
+        self.readiness.update(kafka_reachable=True)
+        return True
+
     async def _connect_kafka(self, stopping: asyncio.Event) -> bool:
         while not stopping.is_set():
-            try:
-                await self.publisher.start()
-                return True
-            except KafkaUnavailable as exc:
-                log.warning(
-                    "cannot reach Kafka; retrying (check LUMA_BRIDGE_KAFKA_BOOTSTRAP_SERVERS "
-                    "and that the brokers are up)",
-                    extra={
-                        "fields": {
-                            "kafka": self.settings.kafka_bootstrap_servers,
-                            "reason": exc.reason,
-                            "retry_in_s": CONNECT_RETRY_SECONDS,
-                        }
-                    },
-                )
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stopping.wait(), CONNECT_RETRY_SECONDS)
+            if not stopping.is_set() and await self._try_connect():
+                return True
         return False
 
+    async def _connect_in_background(self) -> None:
+        await self._connect_kafka(stopping=asyncio.Event())  # until connected or cancelled
+        missing = await missing_topics(self.settings)
+        if missing:
+            log.error(
+                "topics missing; spooled callbacks wait until they exist "
+                "(create them with `luma-kafka-bridge topics create`)",
+                extra={"fields": {"missing": missing}},
+            )
+        if self.spool is not None:
+            self.spool.wakeup.set()
+
     async def _check_topics(self) -> None:
+        if not self.settings.check_topics:
+            return
         missing = await missing_topics(self.settings)
         if missing:
             raise StartupError(
@@ -172,6 +234,7 @@ class BridgeServer:
             dedupe=DedupeWindow(
                 size=settings.dedupe_window_size, ttl=settings.dedupe_window_seconds
             ),
+            spool=self.spool,
         )
         handler = CallbackHandler(
             pipeline=pipeline,
@@ -184,6 +247,7 @@ class BridgeServer:
         )
         return create_app(
             handler=handler,
+            metrics=self.metrics,
             callback_path=settings.callback_path,
             max_body_bytes=settings.max_body_bytes,
         )

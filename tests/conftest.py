@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import NoReturn
 
 import pytest
 
@@ -18,7 +19,7 @@ from bridge.embedded import EmbeddedBroker, EmbeddedBrokerError
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
-def unavailable(reason: str) -> None:
+def unavailable(reason: str) -> NoReturn:
     """Skip locally, fail in CI: a test that needs a component must not pass without it."""
     if IN_CI:
         pytest.fail(f"{reason} (CI=true: required components must be present)")

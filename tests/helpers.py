@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -95,6 +96,7 @@ def bridge_settings(bootstrap: str, idempotence: bool, **overrides: Any) -> Sett
         "topic_replication_factor": 1,
         "topic_partitions": 2,
         "drain_delay": 0,
+        "spool_dir": tempfile.mkdtemp(prefix="luma-bridge-test-spool-"),
         "shutdown_timeout": 10,
     }
     values.update(overrides)

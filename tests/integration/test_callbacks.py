@@ -25,6 +25,7 @@ from tests.helpers import (
     callback_url,
     read_topic,
     running_bridge,
+    wait_until,
 )
 
 pytestmark = pytest.mark.integration
@@ -221,10 +222,12 @@ async def test_rejections_have_json_bodies_and_the_documented_codes(
     assert (status, answer["status"]) == (415, "rejected")
 
 
-async def test_frozen_broker_gives_503_with_retry_after_before_lumas_timeout(
+async def test_frozen_broker_without_spool_gives_503_with_retry_after(
     own_broker: EmbeddedBroker, http: aiohttp.ClientSession
 ) -> None:
-    settings = bridge_settings(own_broker.bootstrap, False, kafka_ack_timeout=1.0)
+    settings = bridge_settings(
+        own_broker.bootstrap, False, kafka_ack_timeout=1.0, spool_enabled=False
+    )
     async with running_bridge(settings) as server:
         status, _, _ = await post(http, callback_url(server), SEED_COMPLETED_VIDEO)
         assert status == 200
@@ -261,3 +264,32 @@ async def test_topics_create_is_idempotent(kafka_broker: KafkaBroker) -> None:
     assert set(first.values()) == {"created"}
     assert set(second.values()) == {"exists"}
     assert len(first) == 7
+
+
+async def test_frozen_broker_with_spool_answers_200_and_delivers_after_recovery(
+    own_broker: EmbeddedBroker, http: aiohttp.ClientSession
+) -> None:
+    settings = bridge_settings(own_broker.bootstrap, False, kafka_ack_timeout=1.0)
+    async with running_bridge(settings) as server:
+        os.kill(own_broker.pid, signal.SIGSTOP)
+        try:
+            for state in ("queued", "dreaming", "completed"):
+                body = {**SEED_COMPLETED_VIDEO, "state": state}
+                status, answer, _ = await post(
+                    http, callback_url(server), body, timeout=aiohttp.ClientTimeout(total=5)
+                )
+                assert (status, answer["status"]) == (200, "accepted")
+            assert server.spool is not None
+            assert server.spool.records == 6  # per-state + lifecycle, three callbacks
+        finally:
+            os.kill(own_broker.pid, signal.SIGCONT)
+        prefix = settings.topic_prefix
+        lifecycle = await read_topic(own_broker.bootstrap, f"{prefix}.lifecycle", expected=3)
+        assert [json.loads(r.value)["state"] for r in lifecycle[-3:]] == [
+            "queued",
+            "dreaming",
+            "completed",
+        ]
+        await wait_until(
+            lambda: server.spool is not None and server.spool.records == 0, what="spool drained"
+        )

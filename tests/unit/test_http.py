@@ -51,7 +51,9 @@ async def make_edge(**options: Any) -> Edge:
         max_body_bytes=4096,
         max_inflight=options.get("max_inflight", 100),
     )
-    app = create_app(handler=handler, callback_path="/luma/callback", max_body_bytes=4096)
+    app = create_app(
+        handler=handler, metrics=metrics, callback_path="/luma/callback", max_body_bytes=4096
+    )
     client = TestClient(TestServer(app))
     await client.start_server()
     return Edge(client, publisher, metrics)
@@ -184,3 +186,10 @@ async def test_every_status_has_a_json_body(
     assert TOKEN not in json.dumps(answer)
     if status == 401:
         assert edge.publisher.records == []
+    assert (
+        sum(
+            edge.sample("luma_bridge_callbacks_total", state="none", outcome=outcome)
+            for outcome in ("unauthorized", "rejected", "invalid")
+        )
+        == 1
+    )

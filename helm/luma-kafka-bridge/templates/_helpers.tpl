@@ -165,7 +165,7 @@ LUMA_BRIDGE_SHUTDOWN_TIMEOUT: {{ .Values.lifecycle.shutdownTimeoutSeconds | quot
 {{- define "luma-kafka-bridge.pairs" -}}
 {{- $pairs := list }}
 {{- range $key, $value := . }}
-{{- $pairs = append $pairs (printf "%s=%v" $key $value) }}
+{{- $pairs = append $pairs (printf "%s=%s" $key (include "luma-kafka-bridge.settingValue" $value)) }}
 {{- end }}
 {{- join "," $pairs }}
 {{- end }}

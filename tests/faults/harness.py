@@ -1,0 +1,240 @@
+"""Fault-injection harness: the bridge as its own process (the real CLI), a broker process,
+load from `simulate`, and an audit of every event id answered 200 against Kafka.
+
+Broker outages are made by freezing the broker (SIGSTOP/SIGCONT) or by a TCP proxy in
+front of it that can delay or cut traffic; never by restarting it, since the embedded
+broker keeps everything in memory and a restart would lose data that is not ours to lose.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiokafka import AIOKafkaConsumer
+
+from bridge.embedded import EmbeddedBroker, free_port
+
+TOKEN = "fault-token-0123456789"
+
+
+@dataclass
+class Audit:
+    """What a scenario sent, what was acknowledged and what Kafka holds."""
+
+    scenario: str
+    sent: int = 0
+    acknowledged: int = 0
+    answered_non_200: int = 0
+    found_in_kafka: int = 0
+    missing: int = 0
+    duplicates: int = 0
+    statuses: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class BridgeProcess:
+    """`luma-kafka-bridge serve` in a subprocess, with its own ports and spool."""
+
+    def __init__(self, bootstrap: str, *, spool_dir: Path, prefix: str, **settings: Any) -> None:
+        self.port = free_port()
+        self.admin_port = free_port()
+        self.bootstrap = bootstrap
+        self.prefix = prefix
+        self.spool_dir = spool_dir
+        self.settings = settings
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log = tempfile.NamedTemporaryFile(prefix="bridge-", suffix=".log", delete=False)  # noqa: SIM115
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/luma/callback/{TOKEN}"
+
+    def start(self) -> BridgeProcess:
+        flags = {
+            "kafka_bootstrap_servers": self.bootstrap,
+            "kafka_enable_idempotence": "false",
+            "host": "127.0.0.1",
+            "port": self.port,
+            "admin_port": self.admin_port,
+            "auth_tokens": TOKEN,
+            "topic_prefix": self.prefix,
+            "spool_dir": self.spool_dir,
+            "log_format": "json",
+            "log_level": "WARNING",
+            "drain_delay": 0,
+            **self.settings,
+        }
+        argv = [sys.executable, "-m", "bridge", "serve"]
+        for name, value in flags.items():
+            argv += ["--" + name.replace("_", "-"), str(value)]
+        self.process = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT)
+        return self
+
+    async def wait_ready(self, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        async with aiohttp.ClientSession() as http:
+            while time.monotonic() < deadline:
+                if self.process is not None and self.process.poll() is not None:
+                    raise AssertionError(f"bridge exited early: {self.log_text()}")
+                try:
+                    async with http.get(f"http://127.0.0.1:{self.admin_port}/readyz") as r:
+                        if r.status == 200:
+                            return
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.05)
+        raise AssertionError(f"bridge not ready after {timeout}s: {self.log_text()}")
+
+    def signal(self, signum: int) -> None:
+        assert self.process is not None
+        self.process.send_signal(signum)
+
+    def wait(self, timeout: float) -> int:
+        assert self.process is not None
+        return self.process.wait(timeout=timeout)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def log_text(self) -> str:
+        return Path(self.log.name).read_text()[-4000:]
+
+
+@contextmanager
+def frozen(broker: EmbeddedBroker) -> Iterator[None]:
+    """The broker process stopped dead (SIGSTOP) for the duration, then resumed."""
+    os.kill(broker.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(broker.pid, signal.SIGCONT)
+
+
+async def run_simulate(url: str, count: int, *, concurrency: int = 8, rate: float | None = None,
+                       seed: int = 7) -> tuple[dict[str, Any], list[str]]:
+    """`luma-kafka-bridge simulate` as a subprocess; returns its summary and the acked event ids."""
+    ids_file = Path(tempfile.mkdtemp()) / "acked.txt"
+    argv = [
+        sys.executable, "-m", "bridge", "simulate", "--url", url, "--count", str(count),
+        "--concurrency", str(concurrency), "--seed", str(seed), "--json", "--quiet",
+        "--event-ids", str(ids_file),
+    ]
+    if rate:
+        argv += ["--rate", str(rate)]
+    process = await asyncio.create_subprocess_exec(
+        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await process.communicate()
+    if not out.strip():
+        raise AssertionError(f"simulate printed nothing: {err.decode()[-2000:]}")
+    summary = json.loads(out.decode().strip().splitlines()[-1])
+    return summary, ids_file.read_text().split()
+
+
+async def event_ids_in_kafka(bootstrap: str, topic: str, *, expect: set[str],
+                             timeout: float = 60.0) -> list[str]:
+    """Every `luma-event-id` on `topic`, read until all of `expect` are seen or `timeout`."""
+    consumer = AIOKafkaConsumer(
+        topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+        enable_auto_commit=False, group_id=None,
+    )
+    await consumer.start()
+    seen: list[str] = []
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            batch = await consumer.getmany(timeout_ms=500)
+            for records in batch.values():
+                for record in records:
+                    headers = dict(record.headers)
+                    seen.append(headers["luma-event-id"].decode())
+            if expect <= set(seen) and not batch:
+                break
+    finally:
+        await consumer.stop()
+    return seen
+
+
+def audit(scenario: str, summary: dict[str, Any], acked: list[str], found: list[str]) -> Audit:
+    unique = set(found)
+    result = Audit(
+        scenario=scenario,
+        sent=summary["sent"],
+        acknowledged=len(set(acked)),
+        answered_non_200=sum(n for s, n in summary["statuses"].items() if s != "200"),
+        found_in_kafka=len(unique & set(acked)),
+        missing=len(set(acked) - unique),
+        duplicates=len(found) - len(unique),
+        statuses=summary["statuses"],
+    )
+    report_file = os.environ.get("FAULT_REPORT")
+    if report_file:
+        with open(report_file, "a") as out:
+            out.write(json.dumps(result.as_dict()) + "\n")
+    print(json.dumps(result.as_dict()))
+    return result
+
+
+def new_prefix() -> str:
+    return f"fault.{uuid.uuid4().hex[:10]}"
+
+
+class DelayingProxy:
+    """A TCP proxy in front of the broker that can hold back the broker's answers."""
+
+    def __init__(self, target_port: int, port: int | None = None) -> None:
+        self.target_port = target_port
+        self.port = port or free_port()
+        self.delay = 0.0
+        self._server: asyncio.Server | None = None
+        self._pumps: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> DelayingProxy:
+        self._server = await asyncio.start_server(self._connect, "127.0.0.1", self.port)
+        return self
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in self._pumps:
+            task.cancel()
+        await asyncio.gather(*self._pumps, return_exceptions=True)
+
+    async def _connect(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        broker_r, broker_w = await asyncio.open_connection("127.0.0.1", self.target_port)
+        for pump in (self._pump(client_r, broker_w, delayed=False),
+                     self._pump(broker_r, client_w, delayed=True)):
+            task = asyncio.create_task(pump)
+            self._pumps.add(task)
+            task.add_done_callback(self._pumps.discard)
+
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                    *, delayed: bool) -> None:
+        try:
+            while chunk := await reader.read(65536):
+                if delayed and self.delay:
+                    await asyncio.sleep(self.delay)
+                writer.write(chunk)
+                await writer.drain()
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()

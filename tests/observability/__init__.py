@@ -1,0 +1,1 @@
+"""Tests of the dashboard and the alert rules shipped in the Helm chart's files/."""
