@@ -2,7 +2,7 @@
 VENV := .venv
 export PATH := $(CURDIR)/$(VENV)/bin:$(CURDIR)/node_modules/.bin:$(PATH)
 
-.PHONY: dev test lint bootstrap bench
+.PHONY: dev test lint bootstrap bench faults
 
 # Run the bridge on an embedded broker: no Kafka cluster, no Docker.
 dev:
@@ -22,3 +22,7 @@ lint: bootstrap
 
 bench: bootstrap
 	$(VENV)/bin/python -m bench
+
+# The fault-injection scenarios with Luma-scale outages; numbers appended to faults-report.jsonl.
+faults: bootstrap
+	FAULT_OUTAGE_SECONDS=30 FAULT_REPORT=faults-report.jsonl $(VENV)/bin/python -m pytest -m faults tests/faults -s
