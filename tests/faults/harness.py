@@ -128,14 +128,28 @@ def frozen(broker: EmbeddedBroker) -> Iterator[None]:
         os.kill(broker.pid, signal.SIGCONT)
 
 
-async def run_simulate(url: str, count: int, *, concurrency: int = 8, rate: float | None = None,
-                       seed: int = 7) -> tuple[dict[str, Any], list[str]]:
+async def run_simulate(
+    url: str, count: int, *, concurrency: int = 8, rate: float | None = None, seed: int = 7
+) -> tuple[dict[str, Any], list[str]]:
     """`luma-kafka-bridge simulate` as a subprocess; returns its summary and the acked event ids."""
     ids_file = Path(tempfile.mkdtemp()) / "acked.txt"
     argv = [
-        sys.executable, "-m", "bridge", "simulate", "--url", url, "--count", str(count),
-        "--concurrency", str(concurrency), "--seed", str(seed), "--json", "--quiet",
-        "--event-ids", str(ids_file),
+        sys.executable,
+        "-m",
+        "bridge",
+        "simulate",
+        "--url",
+        url,
+        "--count",
+        str(count),
+        "--concurrency",
+        str(concurrency),
+        "--seed",
+        str(seed),
+        "--json",
+        "--quiet",
+        "--event-ids",
+        str(ids_file),
     ]
     if rate:
         argv += ["--rate", str(rate)]
@@ -149,12 +163,16 @@ async def run_simulate(url: str, count: int, *, concurrency: int = 8, rate: floa
     return summary, ids_file.read_text().split()
 
 
-async def event_ids_in_kafka(bootstrap: str, topic: str, *, expect: set[str],
-                             timeout: float = 60.0) -> list[str]:
+async def event_ids_in_kafka(
+    bootstrap: str, topic: str, *, expect: set[str], timeout: float = 60.0
+) -> list[str]:
     """Every `luma-event-id` on `topic`, read until all of `expect` are seen or `timeout`."""
     consumer = AIOKafkaConsumer(
-        topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
-        enable_auto_commit=False, group_id=None,
+        topic,
+        bootstrap_servers=bootstrap,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        group_id=None,
     )
     await consumer.start()
     seen: list[str] = []
@@ -218,16 +236,21 @@ class DelayingProxy:
             task.cancel()
         await asyncio.gather(*self._pumps, return_exceptions=True)
 
-    async def _connect(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+    async def _connect(
+        self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter
+    ) -> None:
         broker_r, broker_w = await asyncio.open_connection("127.0.0.1", self.target_port)
-        for pump in (self._pump(client_r, broker_w, delayed=False),
-                     self._pump(broker_r, client_w, delayed=True)):
+        for pump in (
+            self._pump(client_r, broker_w, delayed=False),
+            self._pump(broker_r, client_w, delayed=True),
+        ):
             task = asyncio.create_task(pump)
             self._pumps.add(task)
             task.add_done_callback(self._pumps.discard)
 
-    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                    *, delayed: bool) -> None:
+    async def _pump(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, delayed: bool
+    ) -> None:
         try:
             while chunk := await reader.read(65536):
                 if delayed and self.delay:

@@ -57,7 +57,9 @@ def prefix() -> str:
 async def make_topics(bootstrap: str, prefix: str) -> None:
     await create_topics(
         load_settings(
-            kafka_bootstrap_servers=bootstrap, topic_prefix=prefix, topic_replication_factor=1,
+            kafka_bootstrap_servers=bootstrap,
+            topic_prefix=prefix,
+            topic_replication_factor=1,
             topic_partitions=3,
         )
     )
@@ -78,8 +80,9 @@ async def bridge(
         process.stop()
 
 
-async def check(scenario: str, bootstrap: str, prefix: str, summary: dict[str, object],
-                acked: list[str]) -> None:
+async def check(
+    scenario: str, bootstrap: str, prefix: str, summary: dict[str, object], acked: list[str]
+) -> None:
     found = await event_ids_in_kafka(bootstrap, f"{prefix}.lifecycle", expect=set(acked))
     result = audit(scenario, summary, acked, found)  # type: ignore[arg-type]
     assert result.missing == 0, result
@@ -152,7 +155,8 @@ async def test_spool_full_answers_503_and_loses_nothing(
 
 
 @pytest.mark.parametrize(
-    "bridge", [{"max_inflight_requests": 4, "spool_enabled": "false", "kafka_ack_timeout": 1}],
+    "bridge",
+    [{"max_inflight_requests": 4, "spool_enabled": "false", "kafka_ack_timeout": 1}],
     indirect=True,
 )
 async def test_inflight_bound_sheds_with_503_and_loses_nothing(
