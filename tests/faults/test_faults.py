@@ -14,6 +14,7 @@ import os
 import signal
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -81,10 +82,10 @@ async def bridge(
 
 
 async def check(
-    scenario: str, bootstrap: str, prefix: str, summary: dict[str, object], acked: list[str]
+    scenario: str, bootstrap: str, prefix: str, summary: dict[str, Any], acked: list[str]
 ) -> None:
     found = await event_ids_in_kafka(bootstrap, f"{prefix}.lifecycle", expect=set(acked))
-    result = audit(scenario, summary, acked, found)  # type: ignore[arg-type]
+    result = audit(scenario, summary, acked, found)
     assert result.missing == 0, result
     assert result.acknowledged > 0, result
 
