@@ -524,3 +524,18 @@ def test_the_chart_ships_its_own_copy_of_nothing() -> None:
     assert sorted(n for n in names if n.endswith(".json") and "dashboard" in n) == [
         "grafana-dashboard.json"
     ]
+
+
+def test_the_service_monitor_selects_exactly_one_service() -> None:
+    """In StatefulSet mode the headless Service must not be scraped too (double series)."""
+    values = load_value_set("statefulset")
+    values.setdefault("metrics", {}).setdefault("serviceMonitor", {})["enabled"] = True
+    manifests = render(values)
+    wanted = one(manifests, "ServiceMonitor")["spec"]["selector"]["matchLabels"]
+    services = [
+        service
+        for service in of_kind(manifests, "Service")
+        if wanted.items() <= service["metadata"]["labels"].items()
+    ]
+    assert len(of_kind(manifests, "Service")) == 2
+    assert len(services) == 1
