@@ -21,11 +21,15 @@ from typing import Any, TypeVar
 from aiokafka.errors import KafkaError
 
 from bridge import __version__
+from bridge.asyncapi import schema_command
+from bridge.consumer import FOLLOWABLE_STATES
+from bridge.deadletter import replay_command
 from bridge.embedded import EmbeddedBroker, EmbeddedBrokerError
 from bridge.logs import configure_logging
 from bridge.server import BridgeServer, StartupError, serve
 from bridge.settings import ENV_PREFIX, Settings, SettingsError, env_name, flag_name, load_settings
 from bridge.simulate import SimulateOptions, simulate
+from bridge.tail import TailOptions, tail_command
 from bridge.topics import create_topics
 
 PROG = "luma-kafka-bridge"
@@ -121,6 +125,39 @@ def build_parser() -> argparse.ArgumentParser:
         "--event-ids", metavar="FILE", default=None, help="write the event ids answered 200 to FILE"
     )
     sim.add_argument("--quiet", action="store_true", help="no progress lines")
+
+    schema_cmd = commands.add_parser("schema", help="print the JSON Schema of the record value")
+    schema_cmd.add_argument(
+        "--asyncapi", action="store_true", help="print the whole AsyncAPI 3 document instead"
+    )
+
+    tail_cmd = commands.add_parser("tail", help="follow generation topics, one line per event")
+    tail_cmd.add_argument(
+        "--state",
+        dest="states",
+        action="append",
+        choices=FOLLOWABLE_STATES,
+        default=[],
+        help="follow this state's topic (repeatable; default: the lifecycle topic)",
+    )
+    tail_cmd.add_argument(
+        "--lifecycle", action="store_true", help="read the lifecycle topic (with --state: filter)"
+    )
+    tail_cmd.add_argument("--from-beginning", action="store_true", help="start at the oldest")
+    tail_cmd.add_argument("--json", action="store_true", help="print JSON lines")
+    tail_cmd.add_argument("--max-events", type=int, default=None, help="exit after N events")
+    tail_cmd.add_argument("--group", default=None, help="consumer group, to resume and commit")
+    add_settings_flags(tail_cmd)
+
+    dead_cmd = commands.add_parser("deadletter", help="dead-lettered callbacks")
+    dead_sub = dead_cmd.add_subparsers(dest="deadletter_command", metavar="ACTION", required=True)
+    replay_cmd = dead_sub.add_parser(
+        "replay", help="route the dead letters that are valid now, keep the others"
+    )
+    replay_cmd.add_argument("--group", default=None, help="consumer group keeping the position")
+    replay_cmd.add_argument("--dry-run", action="store_true", help="report only: write nothing")
+    replay_cmd.add_argument("--json", action="store_true", help="print the summary as JSON")
+    add_settings_flags(replay_cmd)
     return parser
 
 
@@ -139,6 +176,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "simulate":
             return run_simulate(args)
+        if args.command == "schema":
+            return schema_command(asyncapi=args.asyncapi, out=sys.stdout)
         settings_args = settings_overrides(args)
         if args.command == "dev":
             return run_dev(args, settings_args)
@@ -146,6 +185,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         configure_logging(settings.log_level, settings.log_format)
         if args.command == "topics":
             return run_topics_create(settings)
+        if args.command == "tail":
+            options = TailOptions(
+                states=tuple(args.states),
+                lifecycle=args.lifecycle,
+                from_beginning=args.from_beginning,
+                as_json=args.json,
+                max_events=args.max_events,
+                group_id=args.group,
+            )
+            return run_async(tail_command(settings, options))
+        if args.command == "deadletter":
+            replay = replay_command(
+                settings, group_id=args.group, dry_run=args.dry_run, as_json=args.json
+            )
+            return run_async(replay)
         run_async(serve(settings))
         return 0
     except SettingsError as exc:

@@ -31,6 +31,7 @@ Without `prometheus` installed this test skips, or fails under CI=true.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -120,7 +121,7 @@ class PrometheusAPI:
 
     async def query_range(self, expr: str, start: float, end: float) -> list[dict[str, Any]]:
         data = await self.get(
-            "/api/v1/query_range", query=expr, start=str(start), end=str(end), step="2"
+            "/api/v1/query_range", query=expr, start=str(start), end=str(end), step="1"
         )
         result: list[dict[str, Any]] = data["result"]
         return result
@@ -444,11 +445,24 @@ async def test_every_panel_and_alert_has_data(
                 empty.append(f"alert {rule['alert']}: {signal_expr}")
 
     dashboard = load_dashboard()
-    end = time.time()
-    for target in panel_targets(dashboard):
-        expr = substitute(target.expr, GRAFANA_VALUES)
-        if not has_finite_point(await prometheus.query_range(expr, started, end)):
-            empty.append(f"{target}: {expr}")
+    targets = [(t, substitute(t.expr, GRAFANA_VALUES)) for t in panel_targets(dashboard)]
+
+    async def panels_without_data() -> list[str]:
+        end = time.time()
+        return [
+            f"{target}: {expr}"
+            for target, expr in targets
+            if not has_finite_point(await prometheus.query_range(expr, started, end))
+        ]
+
+    # The traffic comes in a burst of a few seconds: a rate needs a scrape after it, so
+    # the panels are asked again, up to a deadline, until they show it.
+    async def all_panels_have_data() -> bool:
+        return not await panels_without_data()
+
+    with contextlib.suppress(AssertionError):
+        await eventually(all_panels_have_data, "every panel to show data", timeout=20)
+    empty.extend(await panels_without_data())
     for variable in dashboard["templating"]["list"]:
         if variable["type"] != "query":
             continue
