@@ -120,13 +120,16 @@ def callback_url(server: BridgeServer, token: str = TOKEN) -> str:
     return f"http://127.0.0.1:{server.callback_port}{server.settings.callback_path}/{token}"
 
 
-async def read_topic(
-    bootstrap: str, topic: str, *, expected: int, timeout: float = 15.0
+async def consume(
+    bootstrap: str,
+    topic: str,
+    *,
+    done: Callable[[list[ConsumerRecord], bool], bool],
+    timeout: float,
 ) -> list[ConsumerRecord]:
-    """Read `topic` from the start until `expected` records arrive (fails after `timeout`).
+    """Read `topic` from the start until `done(records, idle)` or `timeout`.
 
-    With expected=0, reads for a short while and returns what is there (to prove absence,
-    after a marker record proved that later writes are visible).
+    `idle` is true when the last poll brought nothing new.
     """
     consumer = AIOKafkaConsumer(
         topic,
@@ -143,10 +146,27 @@ async def read_topic(
             batch = await consumer.getmany(timeout_ms=200)
             for partition_records in batch.values():
                 records.extend(partition_records)
-            if expected and len(records) >= expected:
+            if done(records, not batch):
                 break
     finally:
         await consumer.stop()
+    return records
+
+
+async def read_topic(
+    bootstrap: str, topic: str, *, expected: int, timeout: float = 15.0
+) -> list[ConsumerRecord]:
+    """Read `topic` from the start until `expected` records arrive (fails after `timeout`).
+
+    With expected=0, reads for `timeout` and returns what is there (to prove absence,
+    after a marker record proved that later writes are visible).
+    """
+    records = await consume(
+        bootstrap,
+        topic,
+        done=lambda rs, _: bool(expected) and len(rs) >= expected,
+        timeout=timeout,
+    )
     if len(records) < expected:
         raise AssertionError(f"{topic}: expected {expected} records, read {len(records)}")
     return records

@@ -24,9 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from aiokafka import AIOKafkaConsumer
+from aiokafka import ConsumerRecord
 
 from bridge.embedded import EmbeddedBroker, free_port
+from tests.helpers import consume
 
 TOKEN = "fault-token-0123456789"
 
@@ -167,28 +168,15 @@ async def event_ids_in_kafka(
     bootstrap: str, topic: str, *, expect: set[str], timeout: float = 60.0
 ) -> list[str]:
     """Every `luma-event-id` on `topic`, read until all of `expect` are seen or `timeout`."""
-    consumer = AIOKafkaConsumer(
-        topic,
-        bootstrap_servers=bootstrap,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-        group_id=None,
+
+    def ids(records: list[ConsumerRecord]) -> list[str]:
+        return [dict(record.headers)["luma-event-id"].decode() for record in records]
+
+    # Read on until a poll brings nothing new, so late duplicates are counted too.
+    records = await consume(
+        bootstrap, topic, done=lambda rs, idle: idle and expect <= set(ids(rs)), timeout=timeout
     )
-    await consumer.start()
-    seen: list[str] = []
-    try:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            batch = await consumer.getmany(timeout_ms=500)
-            for records in batch.values():
-                for record in records:
-                    headers = dict(record.headers)
-                    seen.append(headers["luma-event-id"].decode())
-            if expect <= set(seen) and not batch:
-                break
-    finally:
-        await consumer.stop()
-    return seen
+    return ids(records)
 
 
 def audit(scenario: str, summary: dict[str, Any], acked: list[str], found: list[str]) -> Audit:

@@ -31,19 +31,6 @@ from tests.helpers import (
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-async def bridge(kafka_broker: KafkaBroker) -> AsyncIterator[BridgeServer]:
-    settings = bridge_settings(kafka_broker.bootstrap, kafka_broker.supports_idempotence)
-    async with running_bridge(settings) as server:
-        yield server
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
-
-
 async def post(
     http: aiohttp.ClientSession, url: str, body: Any, **kwargs: Any
 ) -> tuple[int, dict[str, Any], Mapping[str, str]]:

@@ -10,7 +10,7 @@ import asyncio
 import functools
 import os
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,23 +20,12 @@ from bridge.server import BridgeServer
 from bridge.settings import Settings
 from tests.conftest import KafkaBroker
 from tests.consumer.support import follow, generation, new_group, nothing_more, send, take
-from tests.helpers import SEED_COMPLETED_VIDEO, SEED_FAILED_VIDEO, bridge_settings, running_bridge
+from tests.helpers import SEED_COMPLETED_VIDEO, SEED_FAILED_VIDEO, running_bridge
 
 pytestmark = pytest.mark.integration
 
 Consumer = Callable[..., GenerationConsumer]
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "downstream_service.py"
-
-
-@pytest.fixture
-def settings(kafka_broker: KafkaBroker) -> Settings:
-    return bridge_settings(kafka_broker.bootstrap, kafka_broker.supports_idempotence)
-
-
-@pytest.fixture
-async def bridge(settings: Settings) -> AsyncIterator[BridgeServer]:
-    async with running_bridge(settings) as server:
-        yield server
 
 
 @pytest.fixture

@@ -5,28 +5,15 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-from collections.abc import AsyncIterator
 
 import pytest
 
 from bridge.server import BridgeServer
 from bridge.settings import Settings
-from tests.conftest import KafkaBroker
 from tests.consumer.support import generation, send
-from tests.helpers import SEED_COMPLETED_VIDEO, SEED_FAILED_VIDEO, bridge_settings, running_bridge
+from tests.helpers import SEED_COMPLETED_VIDEO, SEED_FAILED_VIDEO
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def settings(kafka_broker: KafkaBroker) -> Settings:
-    return bridge_settings(kafka_broker.bootstrap, kafka_broker.supports_idempotence)
-
-
-@pytest.fixture
-async def bridge(settings: Settings) -> AsyncIterator[BridgeServer]:
-    async with running_bridge(settings) as server:
-        yield server
 
 
 async def run_tail(settings: Settings, *args: str, timeout: float = 20.0) -> list[str]:
