@@ -21,6 +21,7 @@ lint: bootstrap
 	ruff check . && ruff format --check . && mypy
 
 bench: bootstrap
+	$(VENV)/bin/python -m pip install -q -e '.[bench]'
 	$(VENV)/bin/python -m bench
 
 # The fault-injection scenarios with Luma-scale outages; numbers appended to faults-report.jsonl.

@@ -1,0 +1,1 @@
+"""Hand-written peers the bridge is compared with."""

@@ -1,0 +1,302 @@
+"""Turning results into the target check, a Markdown table, a PNG plot and a profile summary."""
+
+from __future__ import annotations
+
+import collections
+import math
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from bench.stats import flatness
+
+TARGET_CONNECTIONS = "64"
+LABELS = {
+    "minimal": "minimal aiohttp (HTTP limit)",
+    "raw_producer": "raw aiokafka producer (Kafka limit)",
+    "peer": "FastAPI + send_and_wait peer",
+    "bridge": "luma-kafka-bridge (defaults)",
+}
+
+
+def sanitize(value: Any) -> Any:
+    """NaN becomes None, recursively, so the JSON file is standard JSON."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, Mapping):
+        return {k: sanitize(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [sanitize(v) for v in value]
+    return value
+
+
+def _check(name: str, value: float, limit: float, *, at_most: bool) -> dict[str, Any]:
+    met = (value <= limit) if at_most else (value >= limit)
+    return {
+        "target": name,
+        "value": None if math.isnan(value) else round(value, 3),
+        "limit": ("<= " if at_most else ">= ") + str(limit),
+        "met": None if math.isnan(value) else met,
+    }
+
+
+def check_targets(results: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The issue's targets, from this run's medians."""
+    ratios = results.get("ratios", {}).get(TARGET_CONNECTIONS, {})
+    bridge = results.get("summary", {}).get("bridge", {}).get(TARGET_CONNECTIONS, {})
+    checks = [
+        _check(
+            "throughput vs minimal aiohttp (64 conn)",
+            ratios.get("rps_vs_minimal", math.nan),
+            0.7,
+            at_most=False,
+        ),
+        _check(
+            "throughput vs peer (64 conn)", ratios.get("rps_vs_peer", math.nan), 1.1, at_most=False
+        ),
+        _check(
+            "CPU per callback vs minimal (64 conn)",
+            ratios.get("cpu_vs_minimal", math.nan),
+            1.5,
+            at_most=True,
+        ),
+        _check("p99 ms at 64 conn", bridge.get("latency_ms.p99", math.nan), 25, at_most=True),
+    ]
+    half = [
+        p
+        for p in results.get("open_loop", [])
+        if abs(p.get("fraction_of_saturation", 0) - 0.5) < 0.01
+    ]
+    checks.append(
+        _check(
+            "p99 ms at half the saturation rate (open loop)",
+            half[0]["latency_ms"]["p99"] if half else math.nan,
+            10,
+            at_most=True,
+        )
+    )
+    soak = results.get("soak")
+    if soak:
+        checks.append(
+            _check(
+                f"RSS spread over 2nd half of {soak['callbacks']:,} callbacks",
+                soak["rss_second_half_spread"],
+                0.10,
+                at_most=True,
+            )
+        )
+    return checks
+
+
+def _fmt(value: float | None, digits: int = 1) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:,.{digits}f}"
+
+
+def markdown(results: Mapping[str, Any]) -> str:
+    """The README table: medians per target and connection count, ratios, targets, machine."""
+    m = results["machine"]
+    s = results["settings"]
+    lines = [
+        f"Measured {results['started_at']} on {m['cpu']} ({m['cores']} cores, "
+        f"{m['memory_gib']} GiB), Linux {m['kernel']}, Python {m['python']}, {m['wrk']}, "
+        f"broker {m['broker']}. Pinning: {results['layout']}. "
+        f"Medians of {s['repeats']} interleaved runs of {s['duration_s']:.0f} s; "
+        f"bodies {min(s['body_bytes'])}-{max(s['body_bytes'])} bytes.",
+        "",
+        "| target | conns | req/s | p50 ms | p99 ms | p99.9 ms | CPU s / 1k | peak RSS MB "
+        "| errors | wrk CPU |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for target in ("minimal", "raw_producer", "peer", "bridge"):
+        for connections, row in results.get("summary", {}).get(target, {}).items():
+            lines.append(
+                f"| {LABELS[target]} | {connections} | {_fmt(row['rps'], 0)} "
+                f"| {_fmt(row['latency_ms.p50'], 2)} | {_fmt(row['latency_ms.p99'], 2)} "
+                f"| {_fmt(row['latency_ms.p999'], 2)} | {_fmt(row['cpu_s_per_1k'], 3)} "
+                f"| {_fmt(row['peak_rss_mb'], 0)} | {_fmt(row['errors.total'], 0)} "
+                f"| {_fmt(row['loadgen_cpu_util'] * 100, 0)} % |"
+            )
+    lines += [
+        "",
+        "| bridge vs | conns | req/s ratio | CPU/callback ratio | p99 ratio |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for connections, row in results.get("ratios", {}).items():
+        lines.append(
+            f"| minimal aiohttp | {connections} | {_fmt(row['rps_vs_minimal'], 2)} "
+            f"| {_fmt(row['cpu_vs_minimal'], 2)} | {_fmt(row['p99_vs_minimal'], 1)} |"
+        )
+        lines.append(
+            f"| FastAPI peer | {connections} | {_fmt(row['rps_vs_peer'], 2)} "
+            f"| {_fmt(row['cpu_vs_peer'], 2)} | |"
+        )
+    if results.get("open_loop"):
+        lines += [
+            "",
+            f"Open loop (bridge; saturation {results['saturation_rps']:,.0f} req/s = the best "
+            "closed-loop median):",
+            "",
+            "| offered req/s | x saturation | answered/s | p50 ms | p99 ms | p99.9 ms | non-200 "
+            "| unanswered | bridge CPU |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for p in results["open_loop"]:
+            lat = p["latency_ms"]
+            lines.append(
+                f"| {p['offered_rps']:,.0f} | {p['fraction_of_saturation']:.2f} "
+                f"| {p['achieved_rps']:,.0f} | {_fmt(lat['p50'], 2)} | {_fmt(lat['p99'], 2)} "
+                f"| {_fmt(lat['p999'], 2)} | {p['answered'] - p['ok']} "
+                f"| {p['unanswered_within_5s']} | {p['server_cpu_util'] * 100:.0f} % |"
+            )
+    soak = results.get("soak")
+    if soak:
+        rss = [p["rss_mb"] for p in soak["points"]]
+        lines += [
+            "",
+            f"Soak: {soak['callbacks']:,} callbacks in {soak['seconds']:.0f} s; RSS "
+            f"{rss[0]:.0f} → {rss[-1]:.0f} MB, spread over the second half "
+            f"{flatness(rss) * 100:.1f} %.",
+        ]
+    lines += ["", "| target (issue 7) | measured | limit | met |", "|---|---:|---:|---|"]
+    for check in results.get("targets_check", []):
+        met = {True: "yes", False: "**no**", None: "-"}[check["met"]]
+        value = _fmt(check["value"], 2)
+        lines.append(f"| {check['target']} | {value} | {check['limit']} | {met} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: Mapping[str, Any], path: Path) -> None:
+    """Four panels: req/s, p99 and CPU per callback by connections; the bridge's open-loop curve."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
+    summary = results.get("summary", {})
+    for target, rows in summary.items():
+        conns = [int(c) for c in rows]
+        axes[0][0].plot(conns, [r["rps"] for r in rows.values()], marker="o", label=LABELS[target])
+        axes[0][1].plot(
+            conns, [r["latency_ms.p99"] for r in rows.values()], marker="o", label=LABELS[target]
+        )
+        axes[1][0].plot(
+            conns, [r["cpu_s_per_1k"] for r in rows.values()], marker="o", label=LABELS[target]
+        )
+    for ax, title, ylabel in (
+        (axes[0][0], "throughput (closed loop, wrk)", "requests/s"),
+        (axes[0][1], "p99 answer time", "ms (log)"),
+        (axes[1][0], "server CPU per 1,000 callbacks", "CPU seconds"),
+    ):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("connections")
+        ax.set_title(title)
+        ax.set_ylabel(ylabel)
+        ax.grid(True, alpha=0.3)
+    axes[0][1].set_yscale("log")
+    axes[0][0].legend(fontsize=8)
+    ax = axes[1][1]
+    points = results.get("open_loop", [])
+    if points:
+        offered = [p["offered_rps"] for p in points]
+        for key, label in (("p50", "p50"), ("p99", "p99"), ("p999", "p99.9")):
+            ax.plot(offered, [p["latency_ms"][key] for p in points], marker="o", label=label)
+        ax.axvline(results["saturation_rps"], color="grey", linestyle="--", label="saturation")
+        ax.set_yscale("log")
+        ax.legend(fontsize=8)
+    ax.set_title("bridge: answer time vs offered load (open loop)")
+    ax.set_xlabel("offered requests/s")
+    ax.set_ylabel("ms (log)")
+    ax.grid(True, alpha=0.3)
+    m = results["machine"]
+    fig.suptitle(
+        f"luma-kafka-bridge benchmark, {results['started_at']}: {m['cpu']}, {m['cores']} cores",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+# py-spy raw frames look like "handle (bridge/http.py:81)".
+_FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^:()]*)(?::(?P<line>\d+))?\)$")
+# A sample's cost goes to the category of its innermost frame (so the shares add up
+# to 100 %); stdlib helpers called by a category (json, datetime, hashlib) count for
+# the first category found walking outwards.
+CATEGORIES = (
+    ("logging (bridge.logs + stdlib logging)", ("bridge/logs.py", "logging/")),
+    ("prometheus metrics", ("prometheus_client/",)),
+    ("pydantic validation", ("pydantic",)),
+    ("aiokafka (producer, client, conn)", ("aiokafka/",)),
+    ("aiohttp (web protocol, request, response)", ("aiohttp/", "multidict/", "yarl/")),
+    ("bridge code (own frames)", ("bridge/",)),
+    ("asyncio / uvloop", ("asyncio/", "uvloop/")),
+)
+OTHER = "other (stdlib helpers: json, datetime, hashlib, enum, ...)"
+
+
+def parse_frame(frame: str) -> tuple[str, str]:
+    """(function, file) from one py-spy frame; the file shortened to package/module."""
+    match = _FRAME.match(frame.strip())
+    if not match:
+        return frame.strip(), ""
+    path = match.group("file")
+    parts = path.split("/")
+    for anchor in ("site-packages", "lib", "main"):
+        if anchor in parts:
+            parts = parts[len(parts) - parts[::-1].index(anchor) :]
+            break
+    return match.group("func"), "/".join(parts[-3:])
+
+
+def categorize(files: list[str]) -> str:
+    """The category of the innermost frame that belongs to one, else OTHER."""
+    for file in reversed(files):
+        for label, needles in CATEGORIES:
+            if any(needle in file for needle in needles):
+                return label
+    return OTHER
+
+
+def collapse_summary(text: str, top: int = 25) -> dict[str, Any]:
+    """Self and inclusive sample shares per function and per category from collapsed stacks."""
+    total = 0
+    self_counts: collections.Counter[str] = collections.Counter()
+    inclusive: collections.Counter[str] = collections.Counter()
+    category_counts: collections.Counter[str] = collections.Counter()
+    for line in text.splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        total += count
+        frames = [parse_frame(f) for f in stack.split(";")]
+        names = [f"{func} ({file})" for func, file in frames]
+        # py-spy puts the thread first, the innermost frame last.
+        self_counts[names[-1]] += count
+        for name in set(names):
+            inclusive[name] += count
+        category_counts[categorize([file for _, file in frames])] += count
+    share = (lambda n: round(100 * n / total, 1)) if total else (lambda n: 0.0)
+    return {
+        "samples": total,
+        "self": [(name, share(n)) for name, n in self_counts.most_common(top)],
+        "inclusive": [(name, share(n)) for name, n in inclusive.most_common(top)],
+        "categories": [(label, share(n)) for label, n in category_counts.most_common()],
+    }
+
+
+def write_profile_summary(collapsed: Path, out: Path) -> dict[str, Any]:
+    summary = collapse_summary(collapsed.read_text(errors="replace"))
+    lines = [f"py-spy samples (CPU, idle excluded): {summary['samples']}", ""]
+    lines += ["| category (innermost frame) | % of samples |", "|---|---:|"]
+    lines += [f"| {label} | {pct} |" for label, pct in summary["categories"]]
+    lines += ["", "| function (self time) | % |", "|---|---:|"]
+    lines += [f"| `{name}` | {pct} |" for name, pct in summary["self"]]
+    lines += ["", "| function (inclusive) | % |", "|---|---:|"]
+    lines += [f"| `{name}` | {pct} |" for name, pct in summary["inclusive"]]
+    out.write_text("\n".join(lines) + "\n")
+    return summary

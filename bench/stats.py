@@ -1,0 +1,143 @@
+"""Pure helpers: percentiles, medians, ratios and parsing of wrk's output. No I/O."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+WRK_MARKER = "BENCH_JSON "
+
+
+def percentile(values: Sequence[float], fraction: float) -> float:
+    """Nearest-rank percentile of `values` (0 < fraction <= 1); NaN when empty."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    rank = max(1, math.ceil(fraction * len(ordered)))
+    return ordered[rank - 1]
+
+
+def latency_summary_ms(latencies_s: Sequence[float]) -> dict[str, float]:
+    """p50, p90, p99, p99.9 and max of latencies given in seconds, in milliseconds."""
+    ordered = sorted(latencies_s)
+    return {
+        name: round(percentile(ordered, fraction) * 1000, 3)
+        for name, fraction in (
+            ("p50", 0.5),
+            ("p90", 0.9),
+            ("p99", 0.99),
+            ("p999", 0.999),
+            ("max", 1.0),
+        )
+    }
+
+
+def parse_wrk(output: str) -> dict[str, Any]:
+    """The `BENCH_JSON` line the Lua script's done() prints, in friendlier units.
+
+    Returns requests, duration_s, rps, errors (total and by kind) and latency_ms
+    (p50, p90, p99, p999, max, mean). Raises ValueError when the line is missing.
+    """
+    for line in output.splitlines():
+        if line.startswith(WRK_MARKER):
+            raw = json.loads(line[len(WRK_MARKER) :])
+            break
+    else:
+        raise ValueError("no BENCH_JSON line in wrk's output: " + output[-500:])
+    duration_s = raw["duration_us"] / 1e6
+    errors = dict(raw["errors"])
+    return {
+        "requests": raw["requests"],
+        "duration_s": duration_s,
+        "rps": raw["requests"] / duration_s if duration_s else 0.0,
+        "errors": {"total": sum(errors.values()), **errors},
+        "latency_ms": {k: v / 1000 for k, v in raw["latency_us"].items()},
+    }
+
+
+def median(values: Iterable[float]) -> float:
+    """Median ignoring NaN; NaN when nothing is left."""
+    kept = [v for v in values if v is not None and not math.isnan(v)]
+    return statistics.median(kept) if kept else math.nan
+
+
+def ratio(numerator: float, denominator: float) -> float:
+    """numerator / denominator, NaN when either is missing or the denominator is 0."""
+    if not denominator or math.isnan(denominator) or math.isnan(numerator):
+        return math.nan
+    return numerator / denominator
+
+
+def get_path(record: Mapping[str, Any], dotted: str) -> float:
+    """`record["a"]["b"]` for "a.b"; NaN when absent."""
+    value: Any = record
+    for part in dotted.split("."):
+        if not isinstance(value, Mapping) or part not in value:
+            return math.nan
+        value = value[part]
+    return float(value) if value is not None else math.nan
+
+
+SUMMARY_FIELDS = (
+    "rps",
+    "latency_ms.p50",
+    "latency_ms.p99",
+    "latency_ms.p999",
+    "cpu_s_per_1k",
+    "peak_rss_mb",
+    "errors.total",
+    "loadgen_cpu_util",
+)
+
+
+def summarize(runs: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:
+    """Median of every summary field per target and connection count.
+
+    `runs` are records with "target", "connections" and the measured fields.
+    Returns {target: {str(connections): {field: median, ..., "repeats": n}}}.
+    """
+    grouped: dict[tuple[str, int], list[Mapping[str, Any]]] = {}
+    for run in runs:
+        grouped.setdefault((run["target"], int(run["connections"])), []).append(run)
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for (target, connections), group in sorted(grouped.items()):
+        row = {f: median(get_path(r, f) for r in group) for f in SUMMARY_FIELDS}
+        row["repeats"] = len(group)
+        out.setdefault(target, {})[str(connections)] = row
+    return out
+
+
+def ratios(summary: Mapping[str, Mapping[str, Mapping[str, float]]]) -> dict[str, dict[str, float]]:
+    """The bridge against its yardsticks, per connection count (from medians)."""
+    out: dict[str, dict[str, float]] = {}
+    bridge = summary.get("bridge", {})
+    minimal = summary.get("minimal", {})
+    peer = summary.get("peer", {})
+    raw = summary.get("raw_producer", {})
+    for connections, row in bridge.items():
+        m, p, r = minimal.get(connections, {}), peer.get(connections, {}), raw.get(connections, {})
+        out[connections] = {
+            "rps_vs_minimal": ratio(row["rps"], m.get("rps", math.nan)),
+            "rps_vs_peer": ratio(row["rps"], p.get("rps", math.nan)),
+            "rps_vs_raw_producer": ratio(row["rps"], r.get("rps", math.nan)),
+            "cpu_vs_minimal": ratio(row["cpu_s_per_1k"], m.get("cpu_s_per_1k", math.nan)),
+            "cpu_vs_peer": ratio(row["cpu_s_per_1k"], p.get("cpu_s_per_1k", math.nan)),
+            "p99_vs_minimal": ratio(row["latency_ms.p99"], m.get("latency_ms.p99", math.nan)),
+        }
+    return out
+
+
+def flatness(samples: Sequence[float]) -> float:
+    """(max - min) / min over the second half of `samples`: 0.1 means within 10 %."""
+    half = list(samples[len(samples) // 2 :])
+    if not half or min(half) <= 0:
+        return math.nan
+    return (max(half) - min(half)) / min(half)
+
+
+def rates_for(saturation_rps: float, fractions: Sequence[float]) -> list[int]:
+    """Offered rates (req/s) for the open-loop curve, as fractions of the saturation rate."""
+    return sorted({max(1, round(saturation_rps * f)) for f in fractions})

@@ -1,0 +1,241 @@
+"""The benchmark's pure parts: wrk output parsing, statistics, layout, payloads, reports.
+
+No timing assertions: these run in the normal suite and only check the arithmetic.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench import report, stats
+from bench.layout import Layout
+from bench.payloads import PLACEHOLDER, generation_id, load_templates, templates, write_templates
+
+WRK_OUTPUT = """Running 8s test @ http://127.0.0.1:8080/luma/callback/t
+  1 threads and 64 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency     3.61ms  412.00us  12.00ms   90.00%
+  140000 requests in 8.00s, 20.00MB read
+Requests/sec:  17500.00
+BENCH_JSON {"requests":140000,"duration_us":8000000,"bytes":20971520,\
+"errors":{"connect":0,"read":1,"write":0,"status":2,"timeout":0},\
+"latency_us":{"p50":3510,"p90":4100,"p99":6820,"p999":8660,"max":12000,"mean":3610.5}}
+"""
+
+
+def test_parse_wrk_reads_the_scripts_json_line() -> None:
+    parsed = stats.parse_wrk(WRK_OUTPUT)
+    assert parsed["requests"] == 140000
+    assert parsed["duration_s"] == 8.0
+    assert parsed["rps"] == 17500.0
+    assert parsed["errors"] == {
+        "total": 3,
+        "connect": 0,
+        "read": 1,
+        "write": 0,
+        "status": 2,
+        "timeout": 0,
+    }
+    assert parsed["latency_ms"]["p50"] == pytest.approx(3.51)
+    assert parsed["latency_ms"]["p999"] == pytest.approx(8.66)
+
+
+def test_parse_wrk_without_the_line_says_so() -> None:
+    with pytest.raises(ValueError, match="BENCH_JSON"):
+        stats.parse_wrk("Requests/sec: 1.0\n")
+
+
+def test_percentile_is_nearest_rank() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert stats.percentile(values, 0.5) == 50.0
+    assert stats.percentile(values, 0.99) == 99.0
+    assert stats.percentile(values, 1.0) == 100.0
+    assert stats.percentile([3.0], 0.999) == 3.0
+    assert math.isnan(stats.percentile([], 0.5))
+
+
+def test_latency_summary_converts_seconds_to_ms() -> None:
+    summary = stats.latency_summary_ms([0.001] * 999 + [0.5])
+    assert summary["p50"] == 1.0
+    assert summary["p999"] == 1.0
+    assert summary["max"] == 500.0
+
+
+def test_median_and_ratio_ignore_missing_values() -> None:
+    assert stats.median([3.0, math.nan, 1.0, 2.0]) == 2.0
+    assert math.isnan(stats.median([math.nan]))
+    assert stats.ratio(7.0, 10.0) == 0.7
+    assert math.isnan(stats.ratio(1.0, 0.0))
+    assert math.isnan(stats.ratio(math.nan, 1.0))
+
+
+def _run(target: str, connections: int, rps: float, cpu: float, p99: float) -> dict[str, Any]:
+    return {
+        "target": target,
+        "connections": connections,
+        "rps": rps,
+        "cpu_s_per_1k": cpu,
+        "peak_rss_mb": 50.0,
+        "loadgen_cpu_util": 0.2,
+        "errors": {"total": 0},
+        "latency_ms": {"p50": p99 / 4, "p99": p99, "p999": p99 * 2},
+    }
+
+
+def test_summarize_takes_medians_per_target_and_connections() -> None:
+    runs = [
+        _run("bridge", 64, 900.0, 0.30, 20.0),
+        _run("bridge", 64, 1000.0, 0.20, 10.0),
+        _run("bridge", 64, 5000.0, 0.25, 30.0),
+        _run("minimal", 64, 2000.0, 0.10, 5.0),
+        _run("peer", 64, 500.0, 0.40, 50.0),
+    ]
+    summary = stats.summarize(runs)
+    bridge = summary["bridge"]["64"]
+    assert bridge["rps"] == 1000.0
+    assert bridge["cpu_s_per_1k"] == 0.25
+    assert bridge["latency_ms.p99"] == 20.0
+    assert bridge["repeats"] == 3
+    ratios = stats.ratios(summary)["64"]
+    assert ratios["rps_vs_minimal"] == 0.5
+    assert ratios["rps_vs_peer"] == 2.0
+    assert ratios["cpu_vs_minimal"] == pytest.approx(2.5)
+    assert math.isnan(ratios["rps_vs_raw_producer"])
+
+
+def test_flatness_looks_at_the_second_half_only() -> None:
+    assert stats.flatness([10.0, 50.0, 100.0, 105.0, 110.0, 100.0]) == pytest.approx(0.1)
+    assert math.isnan(stats.flatness([]))
+
+
+def test_rates_for_are_distinct_fractions_of_saturation() -> None:
+    assert stats.rates_for(1000.0, (0.1, 0.5, 0.5, 1.0)) == [100, 500, 1000]
+    assert stats.rates_for(3.0, (0.01,)) == [1]
+
+
+@pytest.mark.parametrize(
+    ("cpus", "server", "loadgen", "broker"),
+    [
+        ([0], set(), set(), set()),
+        ([0, 1], {0}, {1}, {1}),
+        ([0, 1, 2, 3], {0}, {2, 3}, {1}),
+    ],
+)
+def test_layout_gives_the_server_a_core_of_its_own(
+    cpus: list[int], server: set[int], loadgen: set[int], broker: set[int]
+) -> None:
+    layout = Layout.for_cpus(cpus)
+    expected = (frozenset(server), frozenset(loadgen), frozenset(broker))
+    assert (layout.server, layout.loadgen, layout.broker) == expected
+
+
+def test_templates_are_about_1kb_valid_json_with_one_placeholder(tmp_path: Path) -> None:
+    bodies = templates()
+    assert [json.loads(b)["state"] for b in bodies] == ["queued", "dreaming", "completed"]
+    for body in bodies:
+        assert body.count(PLACEHOLDER) == 1
+        assert 800 <= len(body.encode()) <= 1200
+    pairs = load_templates(write_templates(tmp_path / "t.txt"))
+    prefix, suffix = pairs[0]
+    document = json.loads(prefix + generation_id(3, 70000) + suffix)
+    assert document["id"] == "00000003-0000-4000-8000-000000011170"
+
+
+def test_generation_ids_are_unique_and_uuid_shaped() -> None:
+    ids = {generation_id(w, c) for w in range(3) for c in range(1000)}
+    assert len(ids) == 3000
+    assert all(len(i) == 36 and i.count(b"-") == 4 for i in ids)
+
+
+def test_wrk_script_uses_the_same_placeholder() -> None:
+    script = Path(__file__).resolve().parents[2] / "bench" / "wrk" / "callbacks.lua"
+    assert f'"{PLACEHOLDER}"' in script.read_text()
+
+
+COLLAPSED = """\
+MainThread;run (uvloop/__init__.py:96);handle (bridge/http.py:81);info (logging/__init__.py:1489) 30
+MainThread;handle (bridge/http.py:81);dumps (json/__init__.py:238) 10
+MainThread;publish (bridge/publisher.py:150);send (aiokafka/producer/producer.py:450) 40
+MainThread;data_received (aiohttp/web_protocol.py:380) 20
+"""
+
+
+def test_profile_summary_attributes_samples_to_the_innermost_category() -> None:
+    summary = report.collapse_summary(COLLAPSED)
+    assert summary["samples"] == 100
+    categories = dict(summary["categories"])
+    assert categories["logging (bridge.logs + stdlib logging)"] == 30.0
+    assert categories["aiokafka (producer, client, conn)"] == 40.0
+    assert categories["aiohttp (web protocol, request, response)"] == 20.0
+    assert categories["bridge code (own frames)"] == 10.0  # json.dumps called from bridge/
+    assert dict(summary["inclusive"])["handle (bridge/http.py)"] == 40.0
+    assert sum(categories.values()) == pytest.approx(100.0)
+
+
+def test_parse_frame_shortens_site_packages_paths() -> None:
+    frame = "send (/usr/lib/python3.11/site-packages/aiokafka/producer/producer.py:450)"
+    assert report.parse_frame(frame) == ("send", "aiokafka/producer/producer.py")
+
+
+def _results() -> dict[str, Any]:
+    runs = [
+        _run("minimal", 64, 10000.0, 0.06, 6.0),
+        _run("peer", 64, 2000.0, 0.40, 90.0),
+        _run("bridge", 64, 4000.0, 0.25, 30.0),
+    ]
+    summary = stats.summarize(runs)
+    return {
+        "started_at": "2026-01-01T00:00:00+00:00",
+        "machine": {
+            "cpu": "test cpu",
+            "cores": 2,
+            "memory_gib": 24,
+            "kernel": "6",
+            "python": "3.11",
+            "wrk": "wrk 4",
+            "broker": "tansu",
+            "bridge_commit": "abc",
+        },
+        "layout": {"server": [0]},
+        "settings": {"repeats": 1, "duration_s": 8.0, "body_bytes": [900, 1000]},
+        "summary": summary,
+        "ratios": stats.ratios(summary),
+        "saturation_rps": 4000.0,
+        "open_loop": [
+            {
+                "offered_rps": 2000,
+                "fraction_of_saturation": 0.5,
+                "achieved_rps": 2000.0,
+                "answered": 100,
+                "ok": 100,
+                "unanswered_within_5s": 0,
+                "server_cpu_util": 0.5,
+                "latency_ms": {"p50": 2.0, "p99": 8.0, "p999": 12.0},
+            }
+        ],
+    }
+
+
+def test_target_check_and_markdown_report_the_issues_targets() -> None:
+    results = _results()
+    checks = {c["target"]: c for c in report.check_targets(results)}
+    assert checks["throughput vs minimal aiohttp (64 conn)"]["met"] is False
+    assert checks["throughput vs peer (64 conn)"]["met"] is True
+    assert checks["CPU per callback vs minimal (64 conn)"]["value"] == pytest.approx(4.167)
+    assert checks["p99 ms at half the saturation rate (open loop)"]["met"] is True
+    results["targets_check"] = list(checks.values())
+    text = report.markdown(results)
+    assert "| luma-kafka-bridge (defaults) | 64 | 4,000 |" in text
+    assert "| throughput vs peer (64 conn) | 2.00 | >= 1.1 | yes |" in text
+
+
+def test_sanitize_makes_standard_json() -> None:
+    assert report.sanitize({"a": [math.nan, 1.0], "b": (2, math.nan)}) == {
+        "a": [None, 1.0],
+        "b": [2, None],
+    }
