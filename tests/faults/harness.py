@@ -102,6 +102,25 @@ class BridgeProcess:
                 await asyncio.sleep(0.05)
         raise AssertionError(f"bridge not ready after {timeout}s: {self.log_text()}")
 
+    async def metric(self, name: str) -> float:
+        """The current value of an unlabelled metric, from the admin listener."""
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"http://127.0.0.1:{self.admin_port}/metrics") as response,
+        ):
+            text = await response.text()
+        for line in text.splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+        raise AssertionError(f"{name} not exported")
+
+    async def wait_for_metric(self, name: str, at_least: float, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while await self.metric(name) < at_least:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{name} stayed below {at_least} for {timeout}s")
+            await asyncio.sleep(0.05)
+
     def signal(self, signum: int) -> None:
         assert self.process is not None
         self.process.send_signal(signum)

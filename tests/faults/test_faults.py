@@ -132,7 +132,8 @@ async def test_sigkill_with_a_full_spool_then_restart_loses_nothing(
 ) -> None:
     with frozen(broker):
         load = asyncio.create_task(run_simulate(bridge.url, 2000, rate=300, concurrency=32))
-        await asyncio.sleep(min(OUTAGE, 3))
+        # Killed while callbacks are being spooled (each one fsynced before its 200).
+        await bridge.wait_for_metric("luma_bridge_spool_records", 200)
         bridge.signal(signal.SIGKILL)
         summary, acked = await load
     assert len(acked) > 0
