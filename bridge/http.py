@@ -2,11 +2,18 @@
 
 Every status code the callback endpoint can answer is decided in `_answer`,
 from the pipeline's `Outcome`. No request gets a 500: anything unexpected is
-logged and answered 503, which Luma retries.
+logged and answered 503, which Luma retries. Refusals before the pipeline (429,
+413, 415, 408) are all the `rejected` outcome, so the metric's label set (which
+the dashboard and alerts use) does not grow.
+
+The order: rate limit (429), then authentication (401), then content type (415)
+and body (413, 408). When signatures are configured the body is read first
+(bounded by the same limits), since the signature covers it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -16,9 +23,12 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from bridge.auth import TOKEN_MATCH, TokenAuth, masked_path
+from bridge.access import IPAddress
+from bridge.auth import TOKEN_MATCH, Authenticator, TokenAuth, masked_path
+from bridge.limits import mark_body_received, mark_request_started
 from bridge.metrics import Metrics, state_label
 from bridge.pipeline import Outcome, Pipeline, Result
+from bridge.ratelimit import RateLimiter
 
 log = logging.getLogger("bridge.http")
 
@@ -32,8 +42,11 @@ _STATUS = {
 }
 
 
+DEFAULT_BODY_TIMEOUT = 10.0
+
+
 class Rejected(Exception):
-    """The request is refused before its body reaches the pipeline (413, 415)."""
+    """The request is refused before its body reaches the pipeline (408, 413, 415, 429)."""
 
     def __init__(self, status: int, reason: str) -> None:
         super().__init__(reason)
@@ -62,20 +75,25 @@ class CallbackHandler:
         self,
         *,
         pipeline: Pipeline,
-        auth: TokenAuth,
+        auth: Authenticator | TokenAuth,
         metrics: Metrics,
         max_body_bytes: int,
         max_inflight: int,
+        body_timeout: float = DEFAULT_BODY_TIMEOUT,
+        rate_limiter: RateLimiter | None = None,
     ) -> None:
         self._pipeline = pipeline
-        self._auth = auth
+        self._auth = auth if isinstance(auth, Authenticator) else Authenticator(auth)
         self._metrics = metrics
         self._max_body_bytes = max_body_bytes
         self._max_inflight = max_inflight
+        self._body_timeout = body_timeout
+        self._rate_limiter = rate_limiter
         self._inflight = 0
 
     async def handle(self, request: web.Request) -> web.Response:
         started = time.perf_counter()
+        source = self._auth.sources.source(request)
         if self._inflight >= self._max_inflight:
             self._metrics.shed.labels(reason="inflight_limit").inc()
             result, status = Result(Outcome.UNAVAILABLE, "too many callbacks in flight"), None
@@ -83,39 +101,59 @@ class CallbackHandler:
             self._inflight += 1
             self._metrics.inflight.inc()
             try:
-                result, status = await self._handle(request)
+                result, status = await self._handle(request, source)
+            except Rejected as exc:
+                result, status = Result(Outcome.REJECTED, exc.reason), exc.status
             finally:
                 self._inflight -= 1
                 self._metrics.inflight.dec()
         response = self._answer(result, status)
-        self._observe(request, result, response.status, started)
+        self._observe(request, source, result, response.status, started)
         return response
 
-    async def _handle(self, request: web.Request) -> tuple[Result, int | None]:
-        if not self._auth.is_authorized(request):
-            return Result(Outcome.UNAUTHORIZED, "missing or wrong token"), None
-        try:
-            body = await self._read_body(request)
-        except Rejected as exc:
-            return Result(Outcome.REJECTED, exc.reason), exc.status
-        return await self._pipeline.handle(body, datetime.now(UTC)), None
-
-    async def _read_body(self, request: web.Request) -> bytes:
+    async def _handle(
+        self, request: web.Request, source: IPAddress | None
+    ) -> tuple[Result, int | None]:
+        if self._rate_limiter is not None and not self._rate_limiter.allow(source):
+            raise Rejected(429, "too many requests from this source")
+        body = await self._read_body(request) if self._auth.needs_body else None
+        decision = self._auth.authenticate(request, body, source=source)
+        if not decision.authorized:
+            # One answer whatever was wrong: source, token, signature or a replay.
+            return Result(Outcome.UNAUTHORIZED, "missing or wrong credentials"), None
         if not is_json_content_type(request):
             raise Rejected(415, "content type must be application/json")
+        if body is None:
+            body = await self._read_body(request)
+        result = await self._pipeline.handle(body, datetime.now(UTC))
+        if result.outcome is Outcome.UNAVAILABLE:
+            self._auth.release(decision)  # the sender will retry the same signed request
+        return result, None
+
+    async def _read_body(self, request: web.Request) -> bytes:
         too_large = Rejected(413, f"body larger than {self._max_body_bytes} bytes")
         if (request.content_length or 0) > self._max_body_bytes:
             raise too_large
         try:
-            # Streams and stops as soon as client_max_size (= max_body_bytes) is passed.
-            return await request.read()
+            async with asyncio.timeout(self._body_timeout):
+                # Streams and stops as soon as client_max_size (= max_body_bytes) is passed.
+                body = await request.read()
         except web.HTTPRequestEntityTooLarge:
             raise too_large from None
+        except TimeoutError:
+            raise Rejected(408, "body not received in time") from None
+        except ConnectionError:
+            # The client went away, or its connection was closed to make room (bridge.limits).
+            raise Rejected(400, "connection closed before the body was received") from None
+        mark_body_received(request)
+        return body
 
     def _answer(self, result: Result, status: int | None) -> web.Response:
         status = status or _STATUS[result.outcome]
         body: dict[str, Any]
         headers = {}
+        if status == 429 and self._rate_limiter is not None:
+            headers["Retry-After"] = str(self._rate_limiter.retry_after)
         if status == 200 and result.callback is not None:
             body = {"status": "accepted", "event_id": result.callback.event_id}
             if result.outcome is Outcome.DUPLICATE:
@@ -127,7 +165,14 @@ class CallbackHandler:
             headers["Retry-After"] = RETRY_AFTER_SECONDS
         return web.json_response(body, status=status, headers=headers)
 
-    def _observe(self, request: web.Request, result: Result, status: int, started: float) -> None:
+    def _observe(
+        self,
+        request: web.Request,
+        source: IPAddress | None,
+        result: Result,
+        status: int,
+        started: float,
+    ) -> None:
         elapsed = time.perf_counter() - started
         callback = result.callback
         state = state_label(callback.state if callback else None)
@@ -138,6 +183,7 @@ class CallbackHandler:
             "status": status,
             "latency_ms": round(elapsed * 1000, 3),
             "path": masked_path(request),
+            "source": str(source) if source is not None else "unknown",
         }
         if callback is not None:
             fields.update(
@@ -162,6 +208,7 @@ def json_errors(metrics: Metrics) -> Middleware:
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        mark_request_started(request)  # the head deadline is met (bridge.limits)
         try:
             return await handler(request)
         except web.HTTPException as exc:

@@ -11,6 +11,10 @@ Shutdown reverses it: /readyz turns 503, the listener keeps serving for the
 drain delay, then stops accepting and finishes in-flight callbacks; the
 producer is flushed and what Kafka takes of the spool is drained, all within
 SHUTDOWN_TIMEOUT.
+
+The callback listener is built by `callback_app` and `open_callback_listener`,
+which the tests also use with an in-memory publisher: what they exercise is what
+serves.
 """
 
 from __future__ import annotations
@@ -20,24 +24,31 @@ import contextlib
 import logging
 import os
 import signal
+import ssl
 import time
 from collections.abc import Callable
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from bridge.access import SourcePolicy
 from bridge.admin import Readiness, create_admin_app
-from bridge.auth import TokenAuth
+from bridge.auth import Authenticator, TokenAuth, TokenFileError
 from bridge.http import CallbackHandler, create_app
+from bridge.limits import ConnectionGuard, GuardedSite, raise_fd_limit
 from bridge.metrics import Metrics
 from bridge.pipeline import DedupeWindow, Pipeline
-from bridge.publisher import KafkaPublisher, KafkaUnavailable
-from bridge.settings import Settings
+from bridge.publisher import KafkaPublisher, KafkaUnavailable, Publisher
+from bridge.ratelimit import RateLimiter
+from bridge.settings import MIN_TOKEN_LENGTH, Settings
+from bridge.signing import SignatureCheck
 from bridge.spool import Spool, SpoolDrainer
+from bridge.tls import ReloadingTLS, TLSError
 from bridge.topics import missing_topics, topics_of
 
 log = logging.getLogger("bridge.server")
 
+AUTHENTICATOR = web.AppKey("authenticator", Authenticator)
 CONNECT_RETRY_SECONDS = 2.0
 HEALTH_CHECK_SECONDS = 5.0
 PHASE_STARTING, PHASE_SERVING, PHASE_DRAINING, PHASE_STOPPING = range(4)
@@ -66,6 +77,8 @@ class BridgeServer:
             create_admin_app(self.metrics, self.readiness), access_log=None
         )
         self._callback_runner: web.AppRunner | None = None
+        self.auth: Authenticator | None = None
+        self.tls: ReloadingTLS | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._drainer = SpoolDrainer(self.spool, self.publisher) if self.spool else None
         self.callback_port = 0
@@ -74,12 +87,15 @@ class BridgeServer:
     async def start(self, stopping: asyncio.Event | None = None) -> None:
         """Open the listeners, the spool and the Kafka connection.
 
-        Raises `StartupError` when tokens are not configured, topics are missing or a
-        port is taken. Without a spool, waits for Kafka (retrying, with a message each
-        time) and returns without serving if `stopping` is set meanwhile.
+        Raises `StartupError` when no credential is configured, the tokens file or the
+        TLS files cannot be read, topics are missing or a port is taken. Without a
+        spool, waits for Kafka (retrying, with a message each time) and returns without
+        serving if `stopping` is set meanwhile.
         """
         self.metrics.phase.set(PHASE_STARTING)
         self._check_auth_configured()
+        self.auth = build_authenticator(self.settings)
+        self.tls = build_tls(self.settings)
         await self._admin_runner.setup()
         self.admin_port = await _open_site(
             self._admin_runner, self.settings.host, self.settings.admin_port
@@ -99,6 +115,8 @@ class BridgeServer:
             self._tasks.append(asyncio.create_task(self._connect_in_background()))
         await self._open_callback_listener()
         self._tasks.append(asyncio.create_task(self._watch_kafka()))
+        if self.settings.auth_tokens_file is not None or self.tls is not None:
+            self._tasks.append(asyncio.create_task(self._watch_files()))
         if self._drainer is not None:
             self._tasks.append(asyncio.create_task(self._drainer.run()))
         self.readiness.update(accepting=True)
@@ -135,20 +153,26 @@ class BridgeServer:
         await self._admin_runner.cleanup()
 
     async def _open_callback_listener(self) -> None:
-        self._callback_runner = web.AppRunner(
-            self._callback_app(),
-            access_log=None,  # it would log the token in the path; http.py logs a masked line
-            shutdown_timeout=self.settings.shutdown_timeout,
+        app = callback_app(
+            self.settings,
+            publisher=self.publisher,
+            metrics=self.metrics,
+            spool=self.spool,
+            auth=self.auth,
         )
-        await self._callback_runner.setup()
-        self.callback_port = await _open_site(
-            self._callback_runner, self.settings.host, self.settings.port
+        self._callback_runner, site = await open_callback_listener(
+            app,
+            self.settings,
+            metrics=self.metrics,
+            ssl_context=self.tls.context if self.tls else None,
         )
+        self.callback_port = site.port
+        scheme = "https" if self.tls else "http"
         log.info(
             "serving",
             extra={
                 "fields": {
-                    "callback": f"http://{self.settings.host}:{self.callback_port}"
+                    "callback": f"{scheme}://{self.settings.host}:{self.callback_port}"
                     f"{self.settings.callback_path}/<token>",
                     "admin": f"http://{self.settings.host}:{self.admin_port}",
                     "kafka": self.settings.kafka_bootstrap_servers,
@@ -167,11 +191,32 @@ class BridgeServer:
         await runner.cleanup()
 
     def _check_auth_configured(self) -> None:
-        if not self.settings.auth_tokens and not self.settings.allow_unauthenticated:
+        settings = self.settings
+        configured = settings.auth_tokens or settings.auth_tokens_file or settings.hmac_secrets
+        if not configured and not settings.allow_unauthenticated:
             raise StartupError(
                 "no tokens configured: set LUMA_BRIDGE_AUTH_TOKENS (or --auth-tokens) to one "
-                "or more secrets, or LUMA_BRIDGE_ALLOW_UNAUTHENTICATED=true for local experiments"
+                "or more secrets (or LUMA_BRIDGE_AUTH_TOKENS_FILE to a file of them), "
+                "or LUMA_BRIDGE_ALLOW_UNAUTHENTICATED=true for local experiments"
             )
+        if any(len(token) < MIN_TOKEN_LENGTH for token in settings.token_values()):
+            log.warning(
+                "a token in LUMA_BRIDGE_AUTH_TOKENS is short enough to guess; use "
+                "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`",
+                extra={"fields": {"min_length": MIN_TOKEN_LENGTH}},
+            )
+
+    async def _watch_files(self) -> None:
+        """Re-read the tokens file and the TLS files when they change."""
+        while True:
+            await asyncio.sleep(self.settings.file_reload_seconds)
+            try:
+                if self.auth is not None:
+                    self.auth.tokens.reload()
+                if self.tls is not None:
+                    self.tls.reload()
+            except Exception:
+                log.exception("reloading the tokens or TLS files failed")
 
     async def _try_connect(self) -> bool:
         try:
@@ -223,35 +268,6 @@ class BridgeServer:
                 "or set LUMA_BRIDGE_CHECK_TOPICS=false if the cluster auto-creates topics"
             )
 
-    def _callback_app(self) -> web.Application:
-        settings = self.settings
-        pipeline = Pipeline(
-            publisher=self.publisher,
-            topics=topics_of(settings),
-            metrics=self.metrics,
-            ack_timeout=settings.kafka_ack_timeout,
-            lifecycle=settings.lifecycle_topic,
-            dedupe=DedupeWindow(
-                size=settings.dedupe_window_size, ttl=settings.dedupe_window_seconds
-            ),
-            spool=self.spool,
-        )
-        handler = CallbackHandler(
-            pipeline=pipeline,
-            auth=TokenAuth(
-                settings.token_values(), allow_unauthenticated=settings.allow_unauthenticated
-            ),
-            metrics=self.metrics,
-            max_body_bytes=settings.max_body_bytes,
-            max_inflight=settings.max_inflight_requests,
-        )
-        return create_app(
-            handler=handler,
-            metrics=self.metrics,
-            callback_path=settings.callback_path,
-            max_body_bytes=settings.max_body_bytes,
-        )
-
     async def _watch_kafka(self) -> None:
         while True:
             await asyncio.sleep(HEALTH_CHECK_SECONDS)
@@ -259,6 +275,114 @@ class BridgeServer:
             if reachable != self.readiness.kafka_reachable:
                 log.warning("Kafka reachable" if reachable else "Kafka unreachable")
             self.readiness.update(kafka_reachable=reachable)
+
+
+def build_authenticator(settings: Settings) -> Authenticator:
+    """Source allow-list, tokens and signatures as configured; `StartupError` if unreadable."""
+    try:
+        tokens = TokenAuth(
+            settings.token_values(),
+            # With signatures and no tokens, the signature is the credential.
+            allow_unauthenticated=settings.allow_unauthenticated or bool(settings.hmac_secrets),
+            tokens_file=settings.auth_tokens_file,
+        )
+    except TokenFileError as exc:
+        raise StartupError(str(exc)) from None
+    signatures = (
+        SignatureCheck(settings.hmac_keys(), tolerance=settings.hmac_tolerance_seconds)
+        if settings.hmac_secrets
+        else None
+    )
+    sources = SourcePolicy(allowed=settings.allowed_cidrs, trusted_proxies=settings.trusted_proxies)
+    return Authenticator(tokens, sources=sources, signatures=signatures)
+
+
+def build_tls(settings: Settings) -> ReloadingTLS | None:
+    """The HTTPS context when TLS files are configured; `StartupError` if they do not load."""
+    if settings.tls_cert_file is None or settings.tls_key_file is None:
+        return None
+    try:
+        return ReloadingTLS(settings.tls_cert_file, settings.tls_key_file)
+    except TLSError as exc:
+        raise StartupError(str(exc)) from None
+
+
+def callback_app(
+    settings: Settings,
+    *,
+    publisher: Publisher,
+    metrics: Metrics,
+    spool: Spool | None = None,
+    auth: Authenticator | None = None,
+) -> web.Application:
+    """The public application as `serve` runs it, on any publisher."""
+    pipeline = Pipeline(
+        publisher=publisher,
+        topics=topics_of(settings),
+        metrics=metrics,
+        ack_timeout=settings.kafka_ack_timeout,
+        lifecycle=settings.lifecycle_topic,
+        dedupe=DedupeWindow(size=settings.dedupe_window_size, ttl=settings.dedupe_window_seconds),
+        spool=spool,
+    )
+    rate_limiter = (
+        RateLimiter(rate=settings.rate_limit_per_second, burst=settings.rate_limit_burst)
+        if settings.rate_limit_per_second > 0
+        else None
+    )
+    auth = auth or build_authenticator(settings)
+    handler = CallbackHandler(
+        pipeline=pipeline,
+        auth=auth,
+        metrics=metrics,
+        max_body_bytes=settings.max_body_bytes,
+        max_inflight=settings.max_inflight_requests,
+        body_timeout=settings.body_timeout,
+        rate_limiter=rate_limiter,
+    )
+    app = create_app(
+        handler=handler,
+        metrics=metrics,
+        callback_path=settings.callback_path,
+        max_body_bytes=settings.max_body_bytes,
+    )
+    app[AUTHENTICATOR] = auth
+    return app
+
+
+async def open_callback_listener(
+    app: web.Application,
+    settings: Settings,
+    *,
+    metrics: Metrics,
+    ssl_context: ssl.SSLContext | None = None,
+) -> tuple[web.AppRunner, GuardedSite]:
+    """Serve `app` on HOST:PORT with the connection and header limits of `settings`."""
+    raise_fd_limit(settings.max_connections)
+    runner = web.AppRunner(app, shutdown_timeout=settings.shutdown_timeout)
+    await runner.setup()
+    guard = ConnectionGuard(
+        max_connections=settings.max_connections,
+        header_timeout=settings.header_timeout,
+        metrics=metrics,
+    )
+    site = GuardedSite(
+        runner,
+        settings.host,
+        settings.port,
+        guard=guard,
+        max_header_bytes=settings.max_header_bytes,
+        max_headers=settings.max_headers,
+        ssl_context=ssl_context,
+    )
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise StartupError(
+            f"cannot listen on {settings.host}:{settings.port}: {exc.strerror}"
+        ) from None
+    return runner, site
 
 
 async def _open_site(runner: web.AppRunner, host: str, port: int) -> int:

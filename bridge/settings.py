@@ -7,10 +7,19 @@ before the first callback instead of failing one later.
 
 from __future__ import annotations
 
+import base64
+import binascii
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    Field,
+    IPvAnyNetwork,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ENV_PREFIX = "LUMA_BRIDGE_"
@@ -20,6 +29,12 @@ SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
 LogFormat = Literal["auto", "json", "text"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+
+# Standard Webhooks secrets: `whsec_` and the base64 of 24 to 64 random bytes.
+HMAC_SECRET_PREFIX = "whsec_"  # noqa: S105 - a format marker, not a secret
+HMAC_SECRET_BYTES = (24, 64)
+# Shorter tokens are warned about at start-up (guessable); generate 32 random bytes.
+MIN_TOKEN_LENGTH = 16
 
 
 def _split_commas(value: Any) -> Any:
@@ -72,6 +87,83 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         1024 * 1024, ge=1024, description="Largest callback body accepted, in bytes."
     )
+
+    # Access control beyond the token (see docs/security.md)
+    auth_tokens_file: Path | None = Field(
+        None,
+        description="File of accepted tokens (one per line or comma-separated), re-read "
+        "when it changes: rotation without a restart. Adds to AUTH_TOKENS.",
+    )
+    allowed_cidrs: Annotated[tuple[IPvAnyNetwork, ...], NoDecode] = Field(
+        (),
+        description="Comma-separated networks callbacks may come from (empty: any source).",
+    )
+    trusted_proxies: Annotated[tuple[IPvAnyNetwork, ...], NoDecode] = Field(
+        (),
+        description="Comma-separated networks of proxies whose X-Forwarded-For is believed "
+        "(empty: never believed).",
+    )
+    hmac_secrets: Annotated[tuple[SecretStr, ...], NoDecode] = Field(
+        (),
+        description="Comma-separated Standard Webhooks secrets (whsec_...); when set, every "
+        "callback must carry a valid webhook-signature.",
+    )
+    hmac_tolerance_seconds: int = Field(
+        300,
+        ge=1,
+        le=3600,
+        description="How far webhook-timestamp may be from now; a webhook-id is refused "
+        "twice within it.",
+    )
+    file_reload_seconds: float = Field(
+        5.0,
+        gt=0,
+        le=300,
+        description="How often AUTH_TOKENS_FILE and the TLS files are checked for changes.",
+    )
+
+    # Limits on what a client may send or hold
+    max_header_bytes: int = Field(
+        8190,
+        ge=1024,
+        le=65536,
+        description="Longest request line or header line, in bytes; beyond it, 431.",
+    )
+    max_headers: int = Field(
+        64, ge=8, le=1024, description="Most header fields in one request; beyond it, 431."
+    )
+    header_timeout: float = Field(
+        10.0,
+        gt=0,
+        le=300,
+        description="Seconds a connection may take to send a request's headers (from "
+        "connecting, or from the previous answer); then it is closed.",
+    )
+    body_timeout: float = Field(
+        10.0, gt=0, le=300, description="Seconds to receive a whole body; then 408."
+    )
+    max_connections: int = Field(
+        1024,
+        ge=1,
+        description="Open connections on the callback port; beyond it the longest-idle one "
+        "is closed, or the new one answered 503.",
+    )
+    rate_limit_per_second: float = Field(
+        0.0,
+        ge=0,
+        description="Requests per second from one source address; beyond it, 429 (0: off).",
+    )
+    rate_limit_burst: int = Field(
+        20, ge=1, description="Requests one source may send at once above its rate."
+    )
+
+    # Direct HTTPS
+    tls_cert_file: Path | None = Field(
+        None,
+        description="Certificate chain (PEM) for HTTPS on the callback port; reloaded "
+        "when it changes. Needs TLS_KEY_FILE.",
+    )
+    tls_key_file: Path | None = Field(None, description="Private key (PEM) for TLS_CERT_FILE.")
 
     # Kafka
     kafka_bootstrap_servers: str = Field(
@@ -166,10 +258,19 @@ class Settings(BaseSettings):
         "auto", description="json, text, or auto (text on a terminal, else json)."
     )
 
-    @field_validator("auth_tokens", mode="before")
+    @field_validator(
+        "auth_tokens", "allowed_cidrs", "trusted_proxies", "hmac_secrets", mode="before"
+    )
     @classmethod
-    def _tokens_from_commas(cls, value: Any) -> Any:
+    def _lists_from_commas(cls, value: Any) -> Any:
         return _split_commas(value)
+
+    @field_validator("hmac_secrets")
+    @classmethod
+    def _hmac_secrets_are_standard(cls, value: tuple[SecretStr, ...]) -> tuple[SecretStr, ...]:
+        for secret in value:
+            hmac_key(secret)  # raises a ValueError that never quotes the secret
+        return value
 
     @field_validator("topic_configs", mode="before")
     @classmethod
@@ -193,9 +294,38 @@ class Settings(BaseSettings):
             )
         return self
 
+    @model_validator(mode="after")
+    def _tls_is_complete(self) -> Settings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError(
+                f"HTTPS needs both {env_name('tls_cert_file')} and {env_name('tls_key_file')}"
+            )
+        return self
+
     def token_values(self) -> tuple[bytes, ...]:
         """The accepted tokens as bytes, for constant-time comparison."""
         return tuple(token.get_secret_value().encode() for token in self.auth_tokens)
+
+    def hmac_keys(self) -> tuple[bytes, ...]:
+        """The HMAC keys (decoded Standard Webhooks secrets)."""
+        return tuple(hmac_key(secret) for secret in self.hmac_secrets)
+
+
+def hmac_key(secret: SecretStr) -> bytes:
+    """The key of a `whsec_<base64>` secret; the ValueError never quotes the secret."""
+    text = secret.get_secret_value()
+    low, high = HMAC_SECRET_BYTES
+    problem = f"each secret must be {HMAC_SECRET_PREFIX} followed by the base64 of {low} to "
+    problem += f"{high} bytes"
+    if not text.startswith(HMAC_SECRET_PREFIX):
+        raise ValueError(problem)
+    try:
+        key = base64.b64decode(text[len(HMAC_SECRET_PREFIX) :], validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError(problem) from None
+    if not low <= len(key) <= high:
+        raise ValueError(problem)
+    return key
 
 
 class SettingsError(Exception):

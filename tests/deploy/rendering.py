@@ -7,6 +7,7 @@ ABI), so what the tests see is what `helm install` would send, without a cluster
 
 from __future__ import annotations
 
+import base64
 import importlib
 import os
 from collections.abc import Iterator
@@ -120,10 +121,11 @@ def container_env(
 ) -> dict[str, str]:
     """The environment a container would get: envFrom ConfigMaps, then env entries.
 
-    Secret references resolve to `secrets[key]` (a placeholder when absent), so the result
-    can be fed to the bridge's Settings.
+    Secret references resolve to `secrets[key]`, else to what the chart's own Secret holds,
+    else to a placeholder, so the result can be fed to the bridge's Settings.
     """
     configmaps = {m["metadata"]["name"]: m.get("data", {}) for m in of_kind(manifests, "ConfigMap")}
+    rendered = {m["metadata"]["name"]: m.get("data") or {} for m in of_kind(manifests, "Secret")}
     env: dict[str, str] = {}
     for source in container.get("envFrom", []):
         ref = source["configMapRef"]["name"]
@@ -133,6 +135,9 @@ def container_env(
         if "value" in entry:
             env[entry["name"]] = entry["value"]
         else:
-            key = entry["valueFrom"]["secretKeyRef"]["key"]
-            env[entry["name"]] = (secrets or {}).get(key, f"placeholder-{key}-0123456789")
+            ref = entry["valueFrom"]["secretKeyRef"]
+            key = ref["key"]
+            own = rendered.get(ref["name"], {}).get(key)
+            fallback = base64.b64decode(own).decode() if own else f"placeholder-{key}-0123456789"
+            env[entry["name"]] = (secrets or {}).get(key, fallback)
     return env

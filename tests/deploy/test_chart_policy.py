@@ -218,8 +218,9 @@ def test_topics_job_gets_the_same_settings(value_set: str, monkeypatch: pytest.M
     pod = workload(manifests)["spec"]["template"]["spec"]
     bridge_env = container_env(manifests, pod["containers"][0])
     job_env = container_env(manifests, job_container)
-    # Everything but the callback tokens, which `topics create` does not need.
-    assert {k: v for k, v in bridge_env.items() if k != "LUMA_BRIDGE_AUTH_TOKENS"} == job_env
+    # Everything but the callback credentials, which `topics create` does not need.
+    callback_only = {"LUMA_BRIDGE_AUTH_TOKENS", "LUMA_BRIDGE_HMAC_SECRETS"}
+    assert {k: v for k, v in bridge_env.items() if k not in callback_only} == job_env
     bridge_settings(monkeypatch, manifests, job_container)
 
 
@@ -491,6 +492,8 @@ CHART_MANAGED_SETTINGS = {
     "kafka_sasl_password", "kafka_ssl_cafile", "kafka_ssl_certfile", "kafka_ssl_keyfile",
     "topic_prefix", "topic_partitions", "topic_replication_factor", "topic_configs",
     "spool_enabled", "spool_dir", "drain_delay", "shutdown_timeout",
+    # Secrets and secret files: from the chart's (or an existing) Secret, never the ConfigMap.
+    "auth_tokens_file", "hmac_secrets", "tls_cert_file", "tls_key_file",
 }  # fmt: skip
 
 

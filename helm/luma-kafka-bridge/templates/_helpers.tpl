@@ -80,10 +80,25 @@ app.kubernetes.io/component: bridge
 {{- if .Values.kafka.sasl.existingSecret }}{{ .Values.kafka.sasl.existingSecretPasswordKey }}{{ else }}kafka-sasl-password{{ end }}
 {{- end }}
 
-{{/* Whether the chart writes a Secret of its own (tokens and/or the SASL password). */}}
+{{/* Whether the chart writes a Secret of its own (tokens, HMAC secrets, SASL password). */}}
 {{- define "luma-kafka-bridge.ownSecret" -}}
-{{- if or (not .Values.auth.existingSecret) (and (include "luma-kafka-bridge.saslEnabled" .) (not .Values.kafka.sasl.existingSecret)) }}true{{ end }}
+{{- if or (not .Values.auth.existingSecret) (and (include "luma-kafka-bridge.saslEnabled" .) (not .Values.kafka.sasl.existingSecret)) (and .Values.auth.hmacSecrets (not .Values.auth.hmacExistingSecret)) }}true{{ end }}
 {{- end }}
+
+{{- define "luma-kafka-bridge.hmacEnabled" -}}
+{{- if or .Values.auth.hmacSecrets .Values.auth.hmacExistingSecret }}true{{ end }}
+{{- end }}
+
+{{- define "luma-kafka-bridge.hmacSecretName" -}}
+{{- default (include "luma-kafka-bridge.fullname" .) .Values.auth.hmacExistingSecret }}
+{{- end }}
+
+{{- define "luma-kafka-bridge.hmacSecretKey" -}}
+{{- if .Values.auth.hmacExistingSecret }}{{ .Values.auth.hmacExistingSecretKey }}{{ else }}hmac-secrets{{ end }}
+{{- end }}
+
+{{- define "luma-kafka-bridge.authMountPath" -}}/etc/luma-bridge/auth{{- end }}
+{{- define "luma-kafka-bridge.serverTlsMountPath" -}}/etc/luma-bridge/tls{{- end }}
 
 {{- define "luma-kafka-bridge.tlsMountPath" -}}/etc/luma-bridge/kafka-tls{{- end }}
 
@@ -117,7 +132,7 @@ app.kubernetes.io/component: bridge
 {{- fail "podDisruptionBudget: set only one of minAvailable and maxUnavailable (null the other)" }}
 {{- end }}
 {{- range $key, $_ := .Values.settings }}
-{{- if has ($key | snakecase) (list "host" "port" "admin_port" "callback_path" "auth_tokens" "kafka_bootstrap_servers" "kafka_security_protocol" "kafka_sasl_mechanism" "kafka_sasl_username" "kafka_sasl_password" "kafka_ssl_cafile" "kafka_ssl_certfile" "kafka_ssl_keyfile" "topic_prefix" "topic_partitions" "topic_replication_factor" "topic_configs" "spool_enabled" "spool_dir" "drain_delay" "shutdown_timeout") }}
+{{- if has ($key | snakecase) (list "host" "port" "admin_port" "callback_path" "auth_tokens" "kafka_bootstrap_servers" "kafka_security_protocol" "kafka_sasl_mechanism" "kafka_sasl_username" "kafka_sasl_password" "kafka_ssl_cafile" "kafka_ssl_certfile" "kafka_ssl_keyfile" "topic_prefix" "topic_partitions" "topic_replication_factor" "topic_configs" "spool_enabled" "spool_dir" "drain_delay" "shutdown_timeout" "auth_tokens_file" "hmac_secrets" "tls_cert_file" "tls_key_file") }}
 {{- fail (printf "settings.%s is set by a dedicated chart value; see values.yaml" $key) }}
 {{- end }}
 {{- end }}
@@ -133,6 +148,13 @@ LUMA_BRIDGE_HOST: "0.0.0.0"
 LUMA_BRIDGE_PORT: {{ .Values.server.port | quote }}
 LUMA_BRIDGE_ADMIN_PORT: {{ .Values.server.adminPort | quote }}
 LUMA_BRIDGE_CALLBACK_PATH: {{ .Values.server.callbackPath | quote }}
+{{- if .Values.auth.tokensFromFile }}
+LUMA_BRIDGE_AUTH_TOKENS_FILE: {{ printf "%s/tokens" (include "luma-kafka-bridge.authMountPath" .) | quote }}
+{{- end }}
+{{- if .Values.server.tlsSecret }}
+LUMA_BRIDGE_TLS_CERT_FILE: {{ printf "%s/tls.crt" (include "luma-kafka-bridge.serverTlsMountPath" .) | quote }}
+LUMA_BRIDGE_TLS_KEY_FILE: {{ printf "%s/tls.key" (include "luma-kafka-bridge.serverTlsMountPath" .) | quote }}
+{{- end }}
 LUMA_BRIDGE_KAFKA_BOOTSTRAP_SERVERS: {{ .Values.kafka.bootstrapServers | quote }}
 LUMA_BRIDGE_KAFKA_SECURITY_PROTOCOL: {{ .Values.kafka.securityProtocol | quote }}
 {{- if include "luma-kafka-bridge.saslEnabled" . }}
@@ -181,11 +203,20 @@ LUMA_BRIDGE_SHUTDOWN_TIMEOUT: {{ .Values.lifecycle.shutdownTimeoutSeconds | quot
 
 {{/* The secret variables, as container env entries. */}}
 {{- define "luma-kafka-bridge.secretEnv" -}}
+{{- if not .Values.auth.tokensFromFile }}
 - name: LUMA_BRIDGE_AUTH_TOKENS
   valueFrom:
     secretKeyRef:
       name: {{ include "luma-kafka-bridge.authSecretName" . }}
       key: {{ include "luma-kafka-bridge.authSecretKey" . }}
+{{- end }}
+{{- if include "luma-kafka-bridge.hmacEnabled" . }}
+- name: LUMA_BRIDGE_HMAC_SECRETS
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "luma-kafka-bridge.hmacSecretName" . }}
+      key: {{ include "luma-kafka-bridge.hmacSecretKey" . }}
+{{- end }}
 {{- if include "luma-kafka-bridge.saslEnabled" . }}
 - name: LUMA_BRIDGE_KAFKA_SASL_PASSWORD
   valueFrom:
@@ -220,6 +251,38 @@ LUMA_BRIDGE_SHUTDOWN_TIMEOUT: {{ .Values.lifecycle.shutdownTimeoutSeconds | quot
 {{- if .Values.kafka.tls.clientSecret.name }}
 - name: kafka-client
   mountPath: {{ include "luma-kafka-bridge.tlsMountPath" . }}/client
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{/* The bridge pods' own secret files: the tokens file and the HTTPS certificate. */}}
+{{- define "luma-kafka-bridge.bridgeVolumes" -}}
+{{- if .Values.auth.tokensFromFile }}
+- name: auth-tokens
+  secret:
+    secretName: {{ include "luma-kafka-bridge.authSecretName" . }}
+    defaultMode: 0440
+    items:
+      - key: {{ include "luma-kafka-bridge.authSecretKey" . }}
+        path: tokens
+{{- end }}
+{{- with .Values.server.tlsSecret }}
+- name: server-tls
+  secret:
+    secretName: {{ . }}
+    defaultMode: 0440
+{{- end }}
+{{- end }}
+
+{{- define "luma-kafka-bridge.bridgeMounts" -}}
+{{- if .Values.auth.tokensFromFile }}
+- name: auth-tokens
+  mountPath: {{ include "luma-kafka-bridge.authMountPath" . }}
+  readOnly: true
+{{- end }}
+{{- if .Values.server.tlsSecret }}
+- name: server-tls
+  mountPath: {{ include "luma-kafka-bridge.serverTlsMountPath" . }}
   readOnly: true
 {{- end }}
 {{- end }}
