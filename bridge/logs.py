@@ -6,11 +6,12 @@ request bodies are never among them.
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from datetime import UTC, datetime
 from typing import Any
+
+import orjson
 
 from bridge.settings import LogFormat, LogLevel
 
@@ -30,7 +31,8 @@ class JsonFormatter(logging.Formatter):
         entry.update(getattr(record, FIELDS, {}))
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=False, default=str)
+        # orjson: the per-callback line is on the hot path (~25x faster than json.dumps).
+        return orjson.dumps(entry, default=str).decode()
 
 
 class TextFormatter(logging.Formatter):

@@ -170,7 +170,20 @@ class Metrics:
             "Spooled callbacks later acknowledged by Kafka and removed from the spool.",
             registry=registry,
         )
+        self._callback_children: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
         self._pre_create_series()
+
+    def observe_callback(self, state: str, outcome: str, seconds: float) -> None:
+        """Count one answered callback and its answer time (labelled children cached)."""
+        children = self._callback_children.get((state, outcome))
+        if children is None:
+            children = (
+                self.callbacks.labels(state=state, outcome=outcome),
+                self.callback_duration.labels(outcome=outcome),
+            )
+            self._callback_children[(state, outcome)] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def _pre_create_series(self) -> None:
         """Export zeros for every label combination, so rates and alerts have data from start."""

@@ -17,6 +17,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from aiokafka.helpers import create_ssl_context
 from aiokafka.partitioner import DefaultPartitioner, murmur2
+from prometheus_client import Histogram
 
 from bridge.metrics import Metrics
 from bridge.settings import Settings
@@ -129,6 +130,7 @@ class KafkaPublisher:
         self._metrics = metrics
         self._started = False
         self._producer: AIOKafkaProducer | None = None
+        self._produce_timers: dict[str, Histogram] = {}
 
     async def start(self) -> None:
         """Connect to the cluster; raises `KafkaUnavailable` when it cannot be reached."""
@@ -191,8 +193,14 @@ class KafkaPublisher:
             placements.append(Placement(record.topic, metadata.partition, metadata.offset))
         elapsed = time.perf_counter() - started
         for record in records:
-            self._metrics.produce_duration.labels(topic=record.topic).observe(elapsed)
+            self._produce_timer(record.topic).observe(elapsed)
         return placements
+
+    def _produce_timer(self, topic: str) -> Histogram:
+        timer = self._produce_timers.get(topic)
+        if timer is None:
+            timer = self._produce_timers[topic] = self._metrics.produce_duration.labels(topic=topic)
+        return timer
 
     def _failed(self, reason: str) -> KafkaUnavailable:
         self._metrics.produce_errors.labels(reason=reason).inc()
