@@ -268,7 +268,11 @@ class GenerationConsumer:
             request_timeout_ms=self._settings.kafka_request_timeout_ms,
             **{**security_options(self._settings), **self._consumer_options},
         )
-        await consumer.start()
+        try:
+            await consumer.start()
+        except BaseException:
+            await consumer.stop()  # start() leaves its connections half-open on failure
+            raise
         listener = _Rebalance(self) if self.group_id is not None else None
         consumer.subscribe(list(self.topics), listener=listener)
         self._consumer = consumer

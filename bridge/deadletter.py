@@ -124,7 +124,11 @@ async def replay_dead_letters(
         **security_options(settings),
     )
     publisher = KafkaPublisher(settings, metrics=Metrics(CollectorRegistry()))
-    await consumer.start()
+    try:
+        await consumer.start()
+    except BaseException:
+        await consumer.stop()  # start() leaves its connections half-open on failure
+        raise
     try:
         if not dry_run:
             await publisher.start()

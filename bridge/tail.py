@@ -120,7 +120,9 @@ async def tail_command(settings: Settings, options: TailOptions, out: TextIO = s
         await tail(settings, options, out)
     except KafkaError as exc:
         print(
-            f"luma-kafka-bridge: cannot read from {settings.kafka_bootstrap_servers}: {exc!r}",
+            f"luma-kafka-bridge: cannot read from {settings.kafka_bootstrap_servers}: {exc!r}; "
+            "check --kafka-bootstrap-servers (LUMA_BRIDGE_KAFKA_BOOTSTRAP_SERVERS) and that "
+            "the brokers are up",
             file=sys.stderr,
         )
         return 1
