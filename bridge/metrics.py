@@ -98,6 +98,11 @@ class Metrics:
             ["reason"],
             registry=registry,
         )
+        self.produce_retries = Counter(
+            "luma_bridge_kafka_produce_retries",
+            "Produce requests the Kafka producer retried after a retriable error.",
+            registry=registry,
+        )
         self.duplicate_deliveries = Counter(
             "luma_bridge_duplicate_deliveries",
             "Callbacks whose luma-event-id was seen within the window: the sender's retries.",

@@ -28,6 +28,28 @@ log = logging.getLogger("bridge.publisher")
 _RECORD_OVERHEAD_BYTES = 64 * 1024
 
 
+class RetryCounter(logging.Filter):
+    """Counts the producer's retries from aiokafka's own retry warnings.
+
+    aiokafka retries retriable produce errors internally and exposes no counter or
+    hook for them; its sender logs one warning per retried request or batch. The
+    messages are matched by their fixed openings, tested against the installed
+    aiokafka so an upgrade that rewords them fails a test rather than the metric.
+    """
+
+    LOGGER = "aiokafka.producer.sender"
+    OPENINGS = ("Got error produce response", "Cannot send", "Could not send")
+
+    def __init__(self, metrics: Metrics) -> None:
+        super().__init__()
+        self._retries = metrics.produce_retries
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.WARNING and str(record.msg).startswith(self.OPENINGS):
+            self._retries.inc()
+        return True
+
+
 class Record(NamedTuple):
     """One Kafka record to write."""
 
@@ -131,6 +153,7 @@ class KafkaPublisher:
         self._started = False
         self._producer: AIOKafkaProducer | None = None
         self._produce_timers: dict[str, Histogram] = {}
+        self._retry_counter = RetryCounter(metrics)
 
     async def start(self) -> None:
         """Connect to the cluster; raises `KafkaUnavailable` when it cannot be reached."""
@@ -143,6 +166,7 @@ class KafkaPublisher:
             await self._producer.stop()
             raise KafkaUnavailable(type(exc).__name__) from exc
         self._started = True
+        logging.getLogger(RetryCounter.LOGGER).addFilter(self._retry_counter)
 
     @property
     def connected(self) -> bool:
@@ -152,6 +176,7 @@ class KafkaPublisher:
     async def stop(self) -> None:
         """Flush what is buffered and disconnect. Safe to call twice."""
         if self._started and self._producer is not None:
+            logging.getLogger(RetryCounter.LOGGER).removeFilter(self._retry_counter)
             self._started = False
             await self._producer.stop()
 

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
-from aiokafka.partitioner import DefaultPartitioner
+import inspect
+import logging
 
-from bridge.publisher import keyed_partitioner
+from aiokafka.partitioner import DefaultPartitioner
+from aiokafka.producer import sender
+from prometheus_client import CollectorRegistry
+
+from bridge.metrics import Metrics
+from bridge.publisher import RetryCounter, keyed_partitioner
 
 
 def test_the_cached_partitioner_places_keys_as_the_java_client_does() -> None:
@@ -14,3 +20,25 @@ def test_the_cached_partitioner_places_keys_as_the_java_client_does() -> None:
         expected = DefaultPartitioner()(key, partitions, partitions)
         assert keyed_partitioner(key, partitions, partitions) == expected
     assert keyed_partitioner(None, partitions, [4]) == 4
+
+
+def test_the_producers_retry_warnings_are_counted() -> None:
+    metrics = Metrics(CollectorRegistry())
+    counter = RetryCounter(metrics)
+    sender_log = logging.getLogger(RetryCounter.LOGGER)
+    sender_log.addFilter(counter)
+    try:
+        sender_log.warning(
+            "Got error produce response on topic-partition %s, retrying. Error: %s", "t-0", "x"
+        )
+        sender_log.warning("Cannot send %r to %s: %r", "ProduceRequest", 1, "timeout")
+        sender_log.warning("something else")
+    finally:
+        sender_log.removeFilter(counter)
+    assert metrics.registry.get_sample_value("luma_bridge_kafka_produce_retries_total") == 2
+
+
+def test_the_retry_openings_are_aiokafkas_own_words() -> None:
+    source = inspect.getsource(sender)
+    for opening in RetryCounter.OPENINGS:
+        assert f'"{opening}' in source
