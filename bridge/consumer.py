@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict, deque
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, Literal
 
@@ -353,17 +353,8 @@ class GenerationConsumer:
         if self._wanted and event.state not in self._wanted:
             return None
         if duplicate or furthest:
-            event = GenerationEvent(
-                generation=event.generation,
-                state=event.state,
-                event_id=event.event_id,
-                received_at=event.received_at,
-                topic=event.topic,
-                partition=event.partition,
-                offset=event.offset,
-                stale=furthest is not None,
-                furthest_state=furthest,
-                duplicate=duplicate,
+            event = replace(
+                event, stale=furthest is not None, furthest_state=furthest, duplicate=duplicate
             )
         return event
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -38,16 +38,9 @@ OUTAGE = float(os.environ.get("FAULT_OUTAGE_SECONDS", "5"))
 
 
 @pytest.fixture
-def broker() -> Iterator[EmbeddedBroker]:
-    try:
-        running = EmbeddedBroker().start()
-    except EmbeddedBrokerError as exc:
-        unavailable(f"no embedded broker for fault tests: {exc}")
-        return
-    try:
-        yield running
-    finally:
-        running.stop()
+def broker(own_broker: EmbeddedBroker) -> EmbeddedBroker:
+    """A broker of the scenario's own: it gets frozen."""
+    return own_broker
 
 
 @pytest.fixture
