@@ -25,7 +25,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from bridge.access import IPAddress
-from bridge.auth import TOKEN_MATCH, Authenticator, TokenAuth, masked_path
+from bridge.auth import TOKEN_MATCH, Authenticator, masked_path
 from bridge.limits import mark_body_received, mark_request_started
 from bridge.metrics import Metrics, state_label
 from bridge.pipeline import Outcome, Pipeline, Result
@@ -77,7 +77,7 @@ class CallbackHandler:
         self,
         *,
         pipeline: Pipeline,
-        auth: Authenticator | TokenAuth,
+        auth: Authenticator,
         metrics: Metrics,
         max_body_bytes: int,
         max_inflight: int,
@@ -85,7 +85,7 @@ class CallbackHandler:
         rate_limiter: RateLimiter | None = None,
     ) -> None:
         self._pipeline = pipeline
-        self._auth = auth if isinstance(auth, Authenticator) else Authenticator(auth)
+        self._auth = auth
         self._metrics = metrics
         self._max_body_bytes = max_body_bytes
         self._max_inflight = max_inflight

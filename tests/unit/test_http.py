@@ -12,7 +12,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client import CollectorRegistry
 
-from bridge.auth import TokenAuth
+from bridge.auth import Authenticator, TokenAuth
 from bridge.contract import Topics
 from bridge.http import CallbackHandler, create_app
 from bridge.metrics import Metrics
@@ -46,7 +46,7 @@ async def make_edge(**options: Any) -> Edge:
     )
     handler = CallbackHandler(
         pipeline=pipeline,
-        auth=TokenAuth((TOKEN.encode(),), allow_unauthenticated=False),
+        auth=Authenticator(TokenAuth((TOKEN.encode(),), allow_unauthenticated=False)),
         metrics=metrics,
         max_body_bytes=4096,
         max_inflight=options.get("max_inflight", 100),
