@@ -32,8 +32,9 @@ from aiokafka.errors import KafkaError
 from prometheus_client import CollectorRegistry
 
 from bridge.contract import InvalidCallback, Topics, parse_callback, parse_timestamp
+from bridge.dedupe import DedupeWindow
 from bridge.metrics import Metrics
-from bridge.pipeline import DedupeWindow, Outcome, Pipeline
+from bridge.pipeline import Outcome, Pipeline
 from bridge.publisher import KafkaPublisher, security_options
 from bridge.settings import Settings
 

@@ -10,9 +10,6 @@ import asyncio
 import enum
 import hashlib
 import logging
-import time
-from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -24,6 +21,7 @@ from bridge.contract import (
     parse_callback,
     record_headers,
 )
+from bridge.dedupe import DedupeWindow
 from bridge.metrics import Metrics, model_label, state_label
 from bridge.publisher import KafkaUnavailable, Placement, Publisher, Record
 from bridge.spool import Spool, SpoolFull
@@ -51,40 +49,6 @@ class Result:
     callback: Callback | None = None
     placements: tuple[Placement, ...] = field(default=())
     spooled: bool = False
-
-
-class DedupeWindow:
-    """Event ids acknowledged recently, bounded in count and age.
-
-    A plain ordered dict: insertion order is expiry order because every entry
-    lives for the same time.
-    """
-
-    def __init__(
-        self, *, size: int, ttl: float, clock: Callable[[], float] = time.monotonic
-    ) -> None:
-        self._size = size
-        self._ttl = ttl
-        self._clock = clock
-        self._expiries: OrderedDict[str, float] = OrderedDict()
-
-    def __contains__(self, event_id: str) -> bool:
-        expiry = self._expiries.get(event_id)
-        return expiry is not None and expiry > self._clock()
-
-    def __len__(self) -> int:
-        return len(self._expiries)
-
-    def add(self, event_id: str) -> None:
-        if self._size == 0:
-            return
-        now = self._clock()
-        self._expiries.pop(event_id, None)
-        self._expiries[event_id] = now + self._ttl
-        while self._expiries and (
-            len(self._expiries) > self._size or next(iter(self._expiries.values())) <= now
-        ):
-            self._expiries.popitem(last=False)
 
 
 class Pipeline:

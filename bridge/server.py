@@ -34,10 +34,11 @@ from prometheus_client import CollectorRegistry
 from bridge.access import SourcePolicy
 from bridge.admin import Readiness, create_admin_app
 from bridge.auth import Authenticator, TokenAuth, TokenFileError
+from bridge.dedupe import DedupeWindow
 from bridge.http import CallbackHandler, create_app
 from bridge.limits import ConnectionGuard, GuardedSite, raise_fd_limit
 from bridge.metrics import Metrics
-from bridge.pipeline import DedupeWindow, Pipeline
+from bridge.pipeline import Pipeline
 from bridge.publisher import KafkaPublisher, KafkaUnavailable, Publisher
 from bridge.ratelimit import RateLimiter
 from bridge.settings import MIN_TOKEN_LENGTH, Settings

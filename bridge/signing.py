@@ -18,9 +18,10 @@ import base64
 import hashlib
 import hmac
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+
+from bridge.dedupe import DedupeWindow
 
 ID_HEADER = "webhook-id"
 TIMESTAMP_HEADER = "webhook-timestamp"
@@ -73,26 +74,18 @@ class ReplayGuard:
     def __init__(
         self, *, ttl: float, size: int = REMEMBERED_IDS, clock: Callable[[], float] = time.monotonic
     ) -> None:
-        self._ttl = ttl
-        self._size = size
-        self._clock = clock
-        self._expiries: OrderedDict[str, float] = OrderedDict()
+        self._used = DedupeWindow(size=size, ttl=ttl, clock=clock)
 
     def claim(self, webhook_id: str) -> bool:
         """Record `webhook_id` as used; False if it already was (a replay)."""
-        now = self._clock()
-        while self._expiries and (
-            len(self._expiries) >= self._size or next(iter(self._expiries.values())) <= now
-        ):
-            self._expiries.popitem(last=False)
-        if webhook_id in self._expiries:
+        if webhook_id in self._used:
             return False
-        self._expiries[webhook_id] = now + self._ttl
+        self._used.add(webhook_id)
         return True
 
     def release(self, webhook_id: str) -> None:
         """Forget `webhook_id`, so the sender may retry it (after an answer it should retry)."""
-        self._expiries.pop(webhook_id, None)
+        self._used.discard(webhook_id)
 
 
 class SignatureCheck:

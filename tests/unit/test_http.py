@@ -14,9 +14,10 @@ from prometheus_client import CollectorRegistry
 
 from bridge.auth import Authenticator, TokenAuth
 from bridge.contract import Topics
+from bridge.dedupe import DedupeWindow
 from bridge.http import CallbackHandler, create_app
 from bridge.metrics import Metrics
-from bridge.pipeline import DedupeWindow, Pipeline
+from bridge.pipeline import Pipeline
 from tests.helpers import SEED_COMPLETED_VIDEO, TOKEN, MemoryPublisher, wait_until
 
 PATH = f"/luma/callback/{TOKEN}"
