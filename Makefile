@@ -18,7 +18,7 @@ bootstrap:
 	@./scripts/bootstrap
 
 lint: bootstrap
-	ruff check . && ruff format --check . && mypy
+	ruff check . && ruff format --check . && mypy && lint-imports
 
 bench: bootstrap
 	$(VENV)/bin/python -m pip install -q -e '.[bench]'

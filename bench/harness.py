@@ -28,7 +28,7 @@ from typing import Any
 import psutil
 
 from bench.layout import Layout
-from bridge.embedded import find_broker_binary, free_port, wait_for_port
+from bridge.devtools.embedded import find_broker_binary, free_port, wait_for_port
 
 ROOT = Path(__file__).resolve().parent.parent
 WRK_SCRIPT = ROOT / "bench" / "wrk" / "callbacks.lua"

@@ -1,6 +1,6 @@
 """The callback bodies every target receives: Luma-shaped, about 1 KB, one id placeholder.
 
-Built from `bridge.simulate`'s generation lifecycle (queued, dreaming, completed) with
+Built from `bridge.devtools.simulate`'s generation lifecycle (queued, dreaming, completed) with
 a prompt of typical length, so the sizes match what Luma sends for a real generation.
 The generation id is a placeholder each load generator replaces per request.
 """
@@ -12,7 +12,7 @@ import random
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bridge.simulate import generation_lifecycle
+from bridge.devtools.simulate import generation_lifecycle
 
 PLACEHOLDER = "00000000-0000-4000-8000-000000000000"
 PROMPT = (

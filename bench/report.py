@@ -221,13 +221,13 @@ def plot(results: Mapping[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-# py-spy raw frames look like "handle (bridge/http.py:81)".
+# py-spy raw frames look like "handle (bridge/edge/http.py:81)".
 _FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^:()]*)(?::(?P<line>\d+))?\)$")
 # A sample's cost goes to the category of its innermost frame (so the shares add up
 # to 100 %); stdlib helpers called by a category (json, datetime, hashlib) count for
 # the first category found walking outwards.
 CATEGORIES = (
-    ("logging (bridge.logs + stdlib logging)", ("bridge/logs.py", "logging/")),
+    ("logging (bridge.ops.logs + stdlib logging)", ("bridge/ops/logs.py", "logging/")),
     ("prometheus metrics", ("prometheus_client/",)),
     ("pydantic validation", ("pydantic",)),
     ("aiokafka (producer, client, conn)", ("aiokafka/",)),

@@ -21,16 +21,16 @@ from typing import Any, TypeVar
 from aiokafka.errors import KafkaError
 
 from bridge import __version__
-from bridge.asyncapi import schema_command
-from bridge.consumer import FOLLOWABLE_STATES
-from bridge.deadletter import replay_command
-from bridge.embedded import EmbeddedBroker, EmbeddedBrokerError
-from bridge.logs import configure_logging
+from bridge.consume.consumer import FOLLOWABLE_STATES
+from bridge.consume.deadletter import replay_command
+from bridge.consume.tail import TailOptions, tail_command
+from bridge.contract.asyncapi import schema_command
+from bridge.delivery.topics import create_topics
+from bridge.devtools.embedded import EmbeddedBroker, EmbeddedBrokerError
+from bridge.devtools.simulate import SimulateOptions, simulate
+from bridge.ops.logs import configure_logging
 from bridge.server import BridgeServer, StartupError, serve
 from bridge.settings import ENV_PREFIX, Settings, SettingsError, env_name, flag_name, load_settings
-from bridge.simulate import SimulateOptions, simulate
-from bridge.tail import TailOptions, tail_command
-from bridge.topics import create_topics
 
 PROG = "luma-kafka-bridge"
 EXIT_USAGE = 2

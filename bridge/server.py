@@ -31,21 +31,21 @@ from collections.abc import Callable
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from bridge.access import SourcePolicy
-from bridge.admin import Readiness, create_admin_app
-from bridge.auth import Authenticator, TokenAuth, TokenFileError
-from bridge.dedupe import DedupeWindow
-from bridge.http import CallbackHandler, create_app
-from bridge.limits import ConnectionGuard, GuardedSite, raise_fd_limit
-from bridge.metrics import Metrics
-from bridge.pipeline import Pipeline
-from bridge.publisher import KafkaPublisher, KafkaUnavailable, Publisher
-from bridge.ratelimit import RateLimiter
+from bridge.delivery.dedupe import DedupeWindow
+from bridge.delivery.pipeline import Pipeline
+from bridge.delivery.publisher import KafkaPublisher, KafkaUnavailable, Publisher
+from bridge.delivery.spool import Spool, SpoolDrainer
+from bridge.delivery.topics import missing_topics, topics_of
+from bridge.edge.access import SourcePolicy
+from bridge.edge.auth import Authenticator, TokenAuth, TokenFileError
+from bridge.edge.http import CallbackHandler, create_app
+from bridge.edge.limits import ConnectionGuard, GuardedSite, raise_fd_limit
+from bridge.edge.ratelimit import RateLimiter
+from bridge.edge.signing import SignatureCheck
+from bridge.edge.tls import ReloadingTLS, TLSError
+from bridge.ops.admin import Readiness, create_admin_app
+from bridge.ops.metrics import Metrics
 from bridge.settings import MIN_TOKEN_LENGTH, Settings
-from bridge.signing import SignatureCheck
-from bridge.spool import Spool, SpoolDrainer
-from bridge.tls import ReloadingTLS, TLSError
-from bridge.topics import missing_topics, topics_of
 
 log = logging.getLogger("bridge.server")
 

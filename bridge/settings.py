@@ -12,6 +12,7 @@ import binascii
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+from aiokafka.helpers import create_ssl_context
 from pydantic import (
     Field,
     IPvAnyNetwork,
@@ -21,6 +22,12 @@ from pydantic import (
     model_validator,
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from bridge.contract.callback import (
+    DEFAULT_BOOTSTRAP_SERVERS,
+    DEFAULT_CLIENT_ID,
+    DEFAULT_TOPIC_PREFIX,
+)
 
 ENV_PREFIX = "LUMA_BRIDGE_"
 
@@ -167,7 +174,9 @@ class Settings(BaseSettings):
 
     # Kafka
     kafka_bootstrap_servers: str = Field(
-        "localhost:9092", min_length=1, description="Comma-separated host:port of Kafka brokers."
+        DEFAULT_BOOTSTRAP_SERVERS,
+        min_length=1,
+        description="Comma-separated host:port of Kafka brokers.",
     )
     kafka_ack_timeout: float = Field(
         4.0,
@@ -176,7 +185,7 @@ class Settings(BaseSettings):
         description="Seconds to wait for Kafka's acknowledgement before answering 503 "
         "(below Luma's 5 s timeout).",
     )
-    kafka_client_id: str = Field("luma-kafka-bridge", description="Kafka client id.")
+    kafka_client_id: str = Field(DEFAULT_CLIENT_ID, description="Kafka client id.")
     kafka_enable_idempotence: bool = Field(
         True, description="Idempotent producer. Turn off only for brokers without it."
     )
@@ -202,7 +211,7 @@ class Settings(BaseSettings):
 
     # Topics
     topic_prefix: str = Field(
-        "luma.generation",
+        DEFAULT_TOPIC_PREFIX,
         pattern=r"^[A-Za-z0-9._-]{1,200}$",
         description="Prefix of every topic the bridge writes.",
     )
@@ -326,6 +335,23 @@ def hmac_key(secret: SecretStr) -> bytes:
     if not low <= len(key) <= high:
         raise ValueError(problem)
     return key
+
+
+def security_options(settings: Settings) -> dict[str, Any]:
+    """TLS and SASL keyword arguments shared by every aiokafka client the bridge makes."""
+    options: dict[str, Any] = {"security_protocol": settings.kafka_security_protocol}
+    if settings.kafka_security_protocol in ("SSL", "SASL_SSL"):
+        options["ssl_context"] = create_ssl_context(
+            cafile=settings.kafka_ssl_cafile,
+            certfile=settings.kafka_ssl_certfile,
+            keyfile=settings.kafka_ssl_keyfile,
+        )
+    if settings.kafka_sasl_mechanism:
+        password = settings.kafka_sasl_password
+        options["sasl_mechanism"] = settings.kafka_sasl_mechanism
+        options["sasl_plain_username"] = settings.kafka_sasl_username
+        options["sasl_plain_password"] = password.get_secret_value() if password else None
+    return options
 
 
 class SettingsError(Exception):

@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 
-from bridge.consumer import GenerationConsumer, GenerationEvent
+from bridge.consume import GenerationConsumer, GenerationEvent
 
 log = logging.getLogger("downstream")
 

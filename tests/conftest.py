@@ -14,7 +14,7 @@ from typing import NoReturn
 
 import pytest
 
-from bridge.embedded import EmbeddedBroker, EmbeddedBrokerError
+from bridge.devtools.embedded import EmbeddedBroker, EmbeddedBrokerError
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 

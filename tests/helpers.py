@@ -13,10 +13,10 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, ConsumerRecord
 from prometheus_client import CollectorRegistry
 
-from bridge.publisher import KafkaUnavailable, Placement, Record
+from bridge.delivery.publisher import KafkaUnavailable, Placement, Record
+from bridge.delivery.topics import create_topics
 from bridge.server import BridgeServer
 from bridge.settings import Settings, load_settings
-from bridge.topics import create_topics
 
 TOKEN = "test-token-0123456789"
 

@@ -157,23 +157,27 @@ def test_wrk_script_uses_the_same_placeholder() -> None:
     assert f'"{PLACEHOLDER}"' in script.read_text()
 
 
-COLLAPSED = """\
-MainThread;run (uvloop/__init__.py:96);handle (bridge/http.py:81);info (logging/__init__.py:1489) 30
-MainThread;handle (bridge/http.py:81);dumps (json/__init__.py:238) 10
-MainThread;publish (bridge/publisher.py:150);send (aiokafka/producer/producer.py:450) 40
-MainThread;data_received (aiohttp/web_protocol.py:380) 20
-"""
+COLLAPSED = "".join(
+    (
+        "MainThread;run (uvloop/__init__.py:96);"
+        "handle (bridge/edge/http.py:81);info (logging/__init__.py:1489) 30\n",
+        "MainThread;handle (bridge/edge/http.py:81);dumps (json/__init__.py:238) 10\n",
+        "MainThread;publish (bridge/delivery/publisher.py:150);"
+        "send (aiokafka/producer/producer.py:450) 40\n",
+        "MainThread;data_received (aiohttp/web_protocol.py:380) 20\n",
+    )
+)
 
 
 def test_profile_summary_attributes_samples_to_the_innermost_category() -> None:
     summary = report.collapse_summary(COLLAPSED)
     assert summary["samples"] == 100
     categories = dict(summary["categories"])
-    assert categories["logging (bridge.logs + stdlib logging)"] == 30.0
+    assert categories["logging (bridge.ops.logs + stdlib logging)"] == 30.0
     assert categories["aiokafka (producer, client, conn)"] == 40.0
     assert categories["aiohttp (web protocol, request, response)"] == 20.0
     assert categories["bridge code (own frames)"] == 10.0  # json.dumps called from bridge/
-    assert dict(summary["inclusive"])["handle (bridge/http.py)"] == 40.0
+    assert dict(summary["inclusive"])["handle (bridge/edge/http.py)"] == 40.0
     assert sum(categories.values()) == pytest.approx(100.0)
 
 

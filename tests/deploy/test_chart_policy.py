@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
-from bridge.contract import Topics
+from bridge.contract.callback import Topics
 from bridge.settings import Settings, load_settings
 from tests.deploy.rendering import (
     CHART_DIR,

@@ -26,7 +26,7 @@ from typing import Any
 import aiohttp
 from aiokafka import ConsumerRecord
 
-from bridge.embedded import EmbeddedBroker, free_port
+from bridge.devtools.embedded import EmbeddedBroker, free_port
 from tests.helpers import consume
 
 TOKEN = "fault-token-0123456789"

@@ -18,9 +18,9 @@ from typing import Any
 
 import pytest
 
-from bridge.embedded import EmbeddedBroker, EmbeddedBrokerError, free_port
+from bridge.delivery.topics import create_topics
+from bridge.devtools.embedded import EmbeddedBroker, EmbeddedBrokerError, free_port
 from bridge.settings import load_settings
-from bridge.topics import create_topics
 from tests.conftest import unavailable
 from tests.faults.harness import (
     BridgeProcess,

@@ -34,17 +34,19 @@ except ImportError:  # the fallback runner below still exercises the target
 
 if atheris is not None:
     with atheris.instrument_imports(include=["bridge"]):
-        from bridge import contract, http, pipeline  # noqa: F401
-        from bridge.metrics import Metrics
+        from bridge.contract import callback  # noqa: F401
+        from bridge.delivery import pipeline  # noqa: F401
+        from bridge.edge import http  # noqa: F401
+        from bridge.ops.metrics import Metrics
         from bridge.server import callback_app, open_callback_listener
         from bridge.settings import load_settings
 else:
-    from bridge.metrics import Metrics
+    from bridge.ops.metrics import Metrics
     from bridge.server import callback_app, open_callback_listener
     from bridge.settings import load_settings
 
+from tests.edge.support import DOCUMENTED_STATUSES, send_raw
 from tests.helpers import SEED_COMPLETED_VIDEO, TOKEN, MemoryPublisher
-from tests.security.support import DOCUMENTED_STATUSES, send_raw
 
 SKIPPED_HEADERS = {"content-length", "transfer-encoding", "host", "connection", "expect"}
 HEADER_NAME = re.compile(rb"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,40}$")

@@ -11,7 +11,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bridge import __version__
-from bridge.embedded import EmbeddedBroker
+from bridge.devtools.embedded import EmbeddedBroker
 from bridge.server import BridgeServer
 from bridge.settings import Settings
 from tests.helpers import SEED_COMPLETED_VIDEO, bridge_settings, callback_url, running_bridge

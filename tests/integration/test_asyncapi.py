@@ -19,7 +19,8 @@ from typing import Any
 import pytest
 import yaml
 
-from bridge.asyncapi import (
+from bridge.cli import main as cli_main
+from bridge.contract.asyncapi import (
     EXAMPLE_RECEIVED_AT,
     EXAMPLES,
     asyncapi_document,
@@ -27,11 +28,10 @@ from bridge.asyncapi import (
     render_yaml,
     value_schema,
 )
-from bridge.cli import main as cli_main
-from bridge.contract import parse_callback, record_headers
-from bridge.topics import existing_topics
+from bridge.contract.callback import parse_callback, record_headers
+from bridge.delivery.topics import existing_topics
 from tests.conftest import KafkaBroker, unavailable
-from tests.consumer.support import generation, send
+from tests.consume.support import generation, send
 from tests.helpers import (
     SEED_COMPLETED_VIDEO,
     SEED_FAILED_VIDEO,

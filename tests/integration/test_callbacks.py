@@ -12,10 +12,10 @@ import aiohttp
 import pytest
 from lumaai.types import Generation as LumaGeneration
 
-from bridge.contract import KNOWN_STATES
-from bridge.embedded import EmbeddedBroker
+from bridge.contract.callback import KNOWN_STATES
+from bridge.delivery.topics import create_topics
+from bridge.devtools.embedded import EmbeddedBroker
 from bridge.server import BridgeServer, StartupError
-from bridge.topics import create_topics
 from tests.conftest import KafkaBroker
 from tests.helpers import (
     SEED_COMPLETED_VIDEO,

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from bridge.consumer import GenerationConsumer
+from bridge.consume.consumer import GenerationConsumer
 from bridge.server import BridgeServer
 from bridge.settings import Settings
 from tests.conftest import KafkaBroker
-from tests.consumer.support import follow, generation, new_group, nothing_more, send, take
+from tests.consume.support import follow, generation, new_group, nothing_more, send, take
 from tests.helpers import SEED_COMPLETED_VIDEO, SEED_FAILED_VIDEO, running_bridge
 
 pytestmark = pytest.mark.integration

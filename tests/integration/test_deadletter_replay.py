@@ -11,11 +11,11 @@ from datetime import UTC, datetime
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from bridge.contract import deadletter_headers, parse_callback, record_headers
-from bridge.deadletter import replay_dead_letters
+from bridge.consume.deadletter import replay_dead_letters
+from bridge.contract.callback import deadletter_headers, parse_callback, record_headers
 from bridge.settings import Settings
 from tests.conftest import KafkaBroker
-from tests.consumer.support import send
+from tests.consume.support import send
 from tests.helpers import (
     SEED_COMPLETED_VIDEO,
     SEED_FAILED_VIDEO,

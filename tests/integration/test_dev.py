@@ -11,7 +11,7 @@ import sys
 import aiohttp
 import pytest
 
-from bridge.embedded import EmbeddedBrokerError, find_broker_binary
+from bridge.devtools.embedded import EmbeddedBrokerError, find_broker_binary
 from tests.conftest import unavailable
 from tests.helpers import SEED_COMPLETED_VIDEO, read_topic
 

@@ -50,9 +50,9 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from bridge.embedded import EmbeddedBroker, free_port
-from bridge.simulate import SimulateOptions, simulate
-from tests.observability.support import (
+from bridge.devtools.embedded import EmbeddedBroker, free_port
+from bridge.devtools.simulate import SimulateOptions, simulate
+from tests.ops.support import (
     RULES_PATH,
     alert_rules,
     alert_signals,

@@ -10,7 +10,7 @@ import pytest
 
 from bridge.server import BridgeServer
 from bridge.settings import Settings
-from tests.consumer.support import generation, send
+from tests.consume.support import generation, send
 from tests.helpers import SEED_COMPLETED_VIDEO, SEED_FAILED_VIDEO
 
 pytestmark = pytest.mark.integration

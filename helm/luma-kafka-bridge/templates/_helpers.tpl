@@ -287,7 +287,7 @@ LUMA_BRIDGE_SHUTDOWN_TIMEOUT: {{ .Values.lifecycle.shutdownTimeoutSeconds | quot
 {{- end }}
 {{- end }}
 
-{{/* The topics the bridge writes; keep in step with bridge.contract.Topics.all(). */}}
+{{/* The topics the bridge writes; keep in step with bridge.contract.callback.Topics.all(). */}}
 {{- define "luma-kafka-bridge.topicNames" -}}
 {{- $prefix := .Values.topics.prefix }}
 {{- $names := list }}

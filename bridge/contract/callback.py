@@ -1,0 +1,295 @@
+"""What a callback is and what record it becomes: validation, event id, topics, headers.
+
+Pure functions only, no I/O, so the whole contract is testable without a network.
+The record value is the received JSON object re-encoded compactly: every member
+is kept, unknown ones included, so consumers can parse it with the `lumaai`
+SDK's `Generation` model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+KNOWN_STATES = ("queued", "dreaming", "completed", "failed")
+KNOWN_MODELS = ("ray-2", "ray-flash-2", "ray-1-6", "photon-1", "photon-flash-1")
+CONTENT_TYPE = b"application/json"
+#: Where topic names start unless the operator chooses another prefix.
+DEFAULT_TOPIC_PREFIX = "luma.generation"
+#: The Kafka client id the bridge announces unless configured otherwise.
+DEFAULT_CLIENT_ID = "luma-kafka-bridge"
+#: The cluster a bridge without configuration looks for (what the AsyncAPI server names).
+DEFAULT_BOOTSTRAP_SERVERS = "localhost:9092"
+# Bounds on what a body may hold, far above any Generation: nesting, number literals, strings.
+MAX_JSON_DEPTH = 32
+MAX_NUMBER_CHARS = 100
+MAX_STRING_CHARS = 1024 * 1024  # the default body limit: a long prompt must pass
+
+
+class InvalidCallback(ValueError):
+    """The body is not a valid Generation; `reason` never echoes the input."""
+
+    def __init__(self, reason: str, kind: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.kind = kind  # a closed set, used as a metrics label: json, shape, schema
+
+
+class Assets(BaseModel):
+    """The documented members of `assets`; others pass through untouched."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    video: str | None = None
+    image: str | None = None
+    progress_video: str | None = None
+
+
+class Generation(BaseModel):
+    """The documented members of a Luma `Generation`, with their documented types.
+
+    Used only to validate: the record value is the original object, not a dump of
+    this model, so nothing is renamed, reformatted or dropped.
+    """
+
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    id: str = Field(min_length=1)
+    state: str = Field(min_length=1)
+    failure_reason: str | None = None
+    created_at: str | None = None
+    assets: Assets | None = None
+    generation_type: str | None = None
+    model: str | None = None
+    version: str | None = None
+    request: dict[str, Any] | None = None
+
+    @field_validator("created_at")
+    @classmethod
+    def _created_at_is_datetime(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                parse_timestamp(value)
+            except ValueError:
+                # datetime's own message quotes the input; ours must not.
+                raise ValueError("must be an RFC 3339 date-time") from None
+        return value
+
+
+@dataclass(frozen=True, slots=True)
+class Callback:
+    """A validated callback, ready to become records."""
+
+    generation_id: str
+    state: str
+    value: bytes
+    event_id: str
+    generation_type: str | None
+    model: str | None
+    created_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class Topics:
+    """The names of every topic the bridge writes, derived from one prefix."""
+
+    prefix: str
+
+    def for_state(self, state: str) -> str:
+        """`{prefix}.{state}` for a known state, `{prefix}.unknown` for any other."""
+        return f"{self.prefix}.{state if state in KNOWN_STATES else 'unknown'}"
+
+    @property
+    def lifecycle(self) -> str:
+        return f"{self.prefix}.lifecycle"
+
+    @property
+    def deadletter(self) -> str:
+        return f"{self.prefix}.deadletter"
+
+    def all(self, *, lifecycle: bool = True) -> tuple[str, ...]:
+        """Every topic the bridge may write, in a stable order."""
+        names = [f"{self.prefix}.{state}" for state in KNOWN_STATES]
+        names.append(f"{self.prefix}.unknown")
+        if lifecycle:
+            names.append(self.lifecycle)
+        names.append(self.deadletter)
+        return tuple(names)
+
+
+def parse_timestamp(value: str) -> datetime:
+    """Parse an RFC 3339 / ISO 8601 date-time; a naive one is taken as UTC."""
+    parsed = datetime.fromisoformat(value)
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _bounded_int(text: str) -> int:
+    if len(text) > MAX_NUMBER_CHARS:
+        raise ValueError("number too long")
+    return int(text)
+
+
+def _finite_float(text: str) -> float:
+    if len(text) > MAX_NUMBER_CHARS:
+        raise ValueError("number too long")
+    number = float(text)
+    if not math.isfinite(number):
+        raise ValueError("number out of range")
+    return number
+
+
+def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # A repeated member would be silently dropped by re-encoding; refuse it instead
+    # so the raw body survives intact on the dead-letter topic.
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        raise ValueError("duplicate member name")
+    return obj
+
+
+_decoder = json.JSONDecoder(
+    parse_constant=_reject_constant,
+    parse_float=_finite_float,
+    parse_int=_bounded_int,
+    object_pairs_hook=_object_without_duplicates,
+)
+
+
+def _within_bounds(document: Any) -> bool:
+    """Nesting at most MAX_JSON_DEPTH, strings and member names at most MAX_STRING_CHARS.
+
+    Walked without recursion, after decoding: the decoder itself stops at Python's
+    recursion limit (a RecursionError, refused like any other bad JSON).
+    """
+    pending: list[tuple[Any, int]] = [(document, 1)]
+    while pending:
+        container, depth = pending.pop()
+        if depth > MAX_JSON_DEPTH:
+            return False
+        if isinstance(container, dict):
+            if any(len(name) > MAX_STRING_CHARS for name in container):
+                return False
+            members = container.values()
+        else:
+            members = container
+        for member in members:
+            kind = type(member)
+            if kind is dict or kind is list:
+                pending.append((member, depth + 1))
+            elif kind is str and len(member) > MAX_STRING_CHARS:
+                return False
+    return True
+
+
+def decode_object(body: bytes) -> dict[str, Any]:
+    """Decode strict UTF-8 JSON whose top level is an object, or raise `InvalidCallback`."""
+    try:
+        document = _decoder.decode(body.decode("utf-8"))
+    except (ValueError, RecursionError):
+        # json.JSONDecodeError, UnicodeDecodeError and our own hooks' errors are ValueErrors;
+        # int() refuses over 4300 digits with one too.
+        raise InvalidCallback("body is not valid UTF-8 JSON", "json") from None
+    if not isinstance(document, dict):
+        raise InvalidCallback("body is not a JSON object", "shape")
+    if not _within_bounds(document):
+        raise InvalidCallback(
+            f"body nests deeper than {MAX_JSON_DEPTH} or holds a string longer than "
+            f"{MAX_STRING_CHARS} characters",
+            "json",
+        )
+    return document
+
+
+def encode_compact(document: dict[str, Any]) -> bytes:
+    """Re-encode compactly as UTF-8, members in the order received."""
+    try:
+        # orjson is ~25x faster; it refuses integers beyond 64 bits and lone surrogates,
+        # which the standard library then handles (or refuses) below.
+        return orjson.dumps(document)
+    except orjson.JSONEncodeError:
+        pass
+    try:
+        return json.dumps(
+            document, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+        ).encode("utf-8")
+    except UnicodeEncodeError:
+        # A lone surrogate escape (\\ud800) decodes but has no UTF-8 form.
+        raise InvalidCallback("body is not valid UTF-8 JSON", "json") from None
+
+
+def describe_schema_error(exc: ValidationError) -> str:
+    """Name the offending members and what was expected, never their values."""
+    parts = []
+    for error in exc.errors(include_input=False, include_url=False)[:5]:
+        where = ".".join(str(part) for part in error["loc"]) or "body"
+        parts.append(f"{where}: {error['msg']}")
+    return "not a valid Generation: " + "; ".join(parts)
+
+
+def event_id_for(generation_id: str, state: str, value: bytes) -> str:
+    """Deterministic from id, state and body, so a redelivery carries the same id."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(generation_id.encode())
+    digest.update(b"\0")
+    digest.update(state.encode())
+    digest.update(b"\0")
+    digest.update(value)
+    return digest.hexdigest()
+
+
+def parse_callback(body: bytes) -> Callback:
+    """Validate a raw callback body and derive everything its records need."""
+    document = decode_object(body)
+    value = encode_compact(document)
+    try:
+        generation = Generation.model_validate(document)
+    except ValidationError as exc:
+        raise InvalidCallback(describe_schema_error(exc), "schema") from None
+    request_model = generation.request.get("model") if generation.request else None
+    model = generation.model or (request_model if isinstance(request_model, str) else None)
+    return Callback(
+        generation_id=generation.id,
+        state=generation.state,
+        value=value,
+        event_id=event_id_for(generation.id, generation.state, value),
+        generation_type=generation.generation_type,
+        model=model,
+        created_at=parse_timestamp(generation.created_at) if generation.created_at else None,
+    )
+
+
+def rfc3339(moment: datetime) -> str:
+    """UTC, millisecond precision, `Z` suffix."""
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def record_headers(callback: Callback, received_at: datetime) -> list[tuple[str, bytes]]:
+    """The headers of a callback's records (per-state and lifecycle alike)."""
+    headers = [
+        ("content-type", CONTENT_TYPE),
+        ("luma-event-id", callback.event_id.encode()),
+        ("luma-state", callback.state.encode()),
+        ("luma-received-at", rfc3339(received_at).encode()),
+    ]
+    if callback.generation_type is not None:
+        headers.append(("luma-generation-type", callback.generation_type.encode()))
+    return headers
+
+
+def deadletter_headers(reason: str, received_at: datetime) -> list[tuple[str, bytes]]:
+    """The headers of a dead letter: why it was refused and when it came."""
+    return [
+        ("luma-error", reason.encode()),
+        ("luma-received-at", rfc3339(received_at).encode()),
+    ]

@@ -1,0 +1,176 @@
+"""From an authenticated body to acknowledged records: validate, dedupe, route, publish.
+
+The pipeline knows nothing of HTTP. It returns a `Result` whose `outcome` the
+HTTP edge maps to a status code, in one place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from bridge.contract.callback import (
+    Callback,
+    InvalidCallback,
+    Topics,
+    deadletter_headers,
+    parse_callback,
+    record_headers,
+)
+from bridge.delivery.dedupe import DedupeWindow
+from bridge.delivery.publisher import KafkaUnavailable, Placement, Publisher, Record
+from bridge.delivery.spool import Spool, SpoolFull
+from bridge.ops.metrics import Metrics, model_label, state_label
+
+log = logging.getLogger("bridge.delivery.pipeline")
+
+
+class Outcome(enum.StrEnum):
+    """How a callback ended. The values are the `outcome` metric label."""
+
+    ACCEPTED = "accepted"
+    DUPLICATE = "duplicate"
+    INVALID = "invalid"
+    UNAUTHORIZED = "unauthorized"
+    REJECTED = "rejected"
+    UNAVAILABLE = "unavailable"
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """What happened to one callback, for the response, the metrics and the log line."""
+
+    outcome: Outcome
+    reason: str = ""
+    callback: Callback | None = None
+    placements: tuple[Placement, ...] = field(default=())
+    spooled: bool = False
+
+
+class Pipeline:
+    """Turns a callback body into acknowledged Kafka records."""
+
+    def __init__(
+        self,
+        *,
+        publisher: Publisher,
+        topics: Topics,
+        metrics: Metrics,
+        ack_timeout: float,
+        lifecycle: bool,
+        dedupe: DedupeWindow,
+        spool: Spool | None = None,
+    ) -> None:
+        self._publisher = publisher
+        self._topics = topics
+        self._metrics = metrics
+        self._ack_timeout = ack_timeout
+        self._lifecycle = lifecycle
+        self._dedupe = dedupe
+        self._spool = spool
+        self._in_flight: dict[str, asyncio.Future[Result]] = {}
+
+    async def handle(self, body: bytes, received_at: datetime) -> Result:
+        """Validate `body` and write it; never raises for anything the sender did."""
+        try:
+            callback = parse_callback(body)
+        except InvalidCallback as exc:
+            return await self._dead_letter(body, exc, received_at)
+        if callback.event_id in self._dedupe:
+            return self._duplicate(callback)
+        first = self._in_flight.get(callback.event_id)
+        if first is not None:
+            # Luma retried while the first delivery is still being written: share its fate.
+            outcome = await asyncio.shield(first)
+            if outcome.outcome is Outcome.ACCEPTED:
+                return self._duplicate(callback)
+            return outcome
+        return await self._publish_once(callback, received_at)
+
+    async def _publish_once(self, callback: Callback, received_at: datetime) -> Result:
+        future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        self._in_flight[callback.event_id] = future
+        result = Result(Outcome.UNAVAILABLE, "interrupted", callback)
+        try:
+            result = await self._publish(callback, received_at)
+            return result
+        finally:
+            del self._in_flight[callback.event_id]
+            future.set_result(result)
+
+    async def _publish(self, callback: Callback, received_at: datetime) -> Result:
+        records = self.records_for(callback, received_at)
+        placements, failure = await self._write(records)
+        if failure is not None:
+            return Result(Outcome.UNAVAILABLE, failure, callback)
+        self._dedupe.add(callback.event_id)
+        self._observe_age(callback, received_at)
+        return Result(Outcome.ACCEPTED, "", callback, placements, spooled=not placements)
+
+    async def _write(self, records: list[Record]) -> tuple[tuple[Placement, ...], str | None]:
+        """Kafka-acknowledged placements, or () when spooled, or the reason for neither."""
+        if self._spool is not None and self._spool.has_backlog():
+            # Queue behind what is already spooled, so arrival order is kept.
+            return (), await self._append_to_spool(records)
+        try:
+            return tuple(await self._publisher.publish(records, self._ack_timeout)), None
+        except KafkaUnavailable as exc:
+            if self._spool is None:
+                return (), f"Kafka unavailable: {exc.reason}"
+        return (), await self._append_to_spool(records)
+
+    async def _append_to_spool(self, records: list[Record]) -> str | None:
+        assert self._spool is not None
+        try:
+            await self._spool.append(records)
+        except SpoolFull:
+            self._metrics.shed.labels(reason="spool_full").inc()
+            return "Kafka unavailable and the spool is full"
+        except Exception:
+            log.exception("spool write failed")
+            return "Kafka unavailable and the spool cannot be written"
+        return None
+
+    def records_for(self, callback: Callback, received_at: datetime) -> list[Record]:
+        """The per-state record and, when enabled, the lifecycle record."""
+        key = callback.generation_id.encode()
+        headers = record_headers(callback, received_at)
+        records = [Record(self._topics.for_state(callback.state), key, callback.value, headers)]
+        if self._lifecycle:
+            records.append(Record(self._topics.lifecycle, key, callback.value, headers))
+        return records
+
+    def _duplicate(self, callback: Callback) -> Result:
+        self._metrics.duplicate_deliveries.labels(state=state_label(callback.state)).inc()
+        return Result(Outcome.DUPLICATE, "", callback)
+
+    def _observe_age(self, callback: Callback, received_at: datetime) -> None:
+        if callback.created_at is None:
+            return
+        age = (received_at - callback.created_at).total_seconds()
+        if age >= 0:
+            self._metrics.generation_age.labels(
+                state=state_label(callback.state), model=model_label(callback.model)
+            ).observe(age)
+
+    async def _dead_letter(
+        self, body: bytes, error: InvalidCallback, received_at: datetime
+    ) -> Result:
+        # Luma retries a 400 three times; one dead letter per body is enough.
+        body_id = "deadletter:" + hashlib.blake2b(body, digest_size=16).hexdigest()
+        if body_id in self._dedupe:
+            return Result(Outcome.INVALID, error.reason)
+        headers = deadletter_headers(error.reason, received_at)
+        record = Record(self._topics.deadletter, None, body, headers)
+        placements, failure = await self._write([record])
+        if failure is not None:
+            # The raw body must be kept before we say "invalid": otherwise Luma would not
+            # retry and the evidence would be gone.
+            return Result(Outcome.UNAVAILABLE, failure)
+        self._dedupe.add(body_id)
+        self._metrics.deadletters.labels(reason=error.kind).inc()
+        return Result(Outcome.INVALID, error.reason, None, placements, spooled=not placements)

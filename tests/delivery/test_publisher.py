@@ -1,0 +1,44 @@
+"""The producer's partitioning: the same placement as every other Kafka client."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+
+from aiokafka.partitioner import DefaultPartitioner
+from aiokafka.producer import sender
+from prometheus_client import CollectorRegistry
+
+from bridge.delivery.publisher import RetryCounter, keyed_partitioner
+from bridge.ops.metrics import Metrics
+
+
+def test_the_cached_partitioner_places_keys_as_the_java_client_does() -> None:
+    partitions = list(range(6))
+    for n in range(200):
+        key = f"generation-{n}".encode()
+        expected = DefaultPartitioner()(key, partitions, partitions)
+        assert keyed_partitioner(key, partitions, partitions) == expected
+    assert keyed_partitioner(None, partitions, [4]) == 4
+
+
+def test_the_producers_retry_warnings_are_counted() -> None:
+    metrics = Metrics(CollectorRegistry())
+    counter = RetryCounter(metrics)
+    sender_log = logging.getLogger(RetryCounter.LOGGER)
+    sender_log.addFilter(counter)
+    try:
+        sender_log.warning(
+            "Got error produce response on topic-partition %s, retrying. Error: %s", "t-0", "x"
+        )
+        sender_log.warning("Cannot send %r to %s: %r", "ProduceRequest", 1, "timeout")
+        sender_log.warning("something else")
+    finally:
+        sender_log.removeFilter(counter)
+    assert metrics.registry.get_sample_value("luma_bridge_kafka_produce_retries_total") == 2
+
+
+def test_the_retry_openings_are_aiokafkas_own_words() -> None:
+    source = inspect.getsource(sender)
+    for opening in RetryCounter.OPENINGS:
+        assert f'"{opening}' in source

@@ -1,0 +1,89 @@
+"""The spool on its own: durable across reopen, FIFO, bounded, grouped commits."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from bridge.delivery.publisher import Record
+from bridge.delivery.spool import Spool, SpoolDrainer, SpoolFull, record_size
+from bridge.ops.metrics import Metrics
+from tests.helpers import MemoryPublisher
+
+
+def record(n: int, size: int = 100) -> Record:
+    return Record("t.queued", f"g{n}".encode(), b"x" * size, [("luma-state", b"queued")])
+
+
+async def open_spool(path: Path, max_bytes: int = 1 << 20) -> tuple[Spool, Metrics]:
+    metrics = Metrics(CollectorRegistry())
+    spool = Spool(path, max_bytes=max_bytes, metrics=metrics)
+    await spool.open()
+    return spool, metrics
+
+
+async def test_records_survive_a_reopen_in_arrival_order(tmp_path: Path) -> None:
+    spool, _ = await open_spool(tmp_path)
+    await asyncio.gather(*(spool.append([record(n)]) for n in range(50)))
+    await spool.close()
+
+    reopened, metrics = await open_spool(tmp_path)
+    assert reopened.records == 50
+    assert metrics.registry.get_sample_value("luma_bridge_spool_records") == 50
+    batch = await reopened.oldest(1000)
+    assert batch is not None
+    assert [r.key for r in batch.records] == [f"g{n}".encode() for n in range(50)]
+    assert batch.records[0].headers == [("luma-state", b"queued")]
+    await reopened.close()
+
+
+async def test_concurrent_appends_share_commits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool, metrics = await open_spool(tmp_path)
+    commits = 0
+    insert = spool._insert_sync
+
+    def counting_insert(*args: object) -> None:
+        nonlocal commits
+        commits += 1
+        insert(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(spool, "_insert_sync", counting_insert)
+    await asyncio.gather(*(spool.append([record(n)]) for n in range(200)))
+    assert spool.records == 200
+    assert commits < 200
+    assert metrics.registry.get_sample_value("luma_bridge_spooled_total") == 200
+    await spool.close()
+
+
+async def test_a_full_spool_refuses_more(tmp_path: Path) -> None:
+    one = record(0, size=100_000)
+    spool, _ = await open_spool(tmp_path, max_bytes=1 << 20)
+    for _ in range((1 << 20) // record_size(one)):
+        await spool.append([one])
+    with pytest.raises(SpoolFull):
+        await spool.append([one])
+    assert spool.records == (1 << 20) // record_size(one)
+    await spool.close()
+
+
+async def test_the_drainer_removes_only_what_kafka_acknowledged(tmp_path: Path) -> None:
+    spool, metrics = await open_spool(tmp_path)
+    for n in range(10):
+        await spool.append([record(n)])
+    publisher = MemoryPublisher()
+    drainer = SpoolDrainer(spool, publisher)
+    publisher.failing = "KafkaTimeoutError"
+    assert not await drainer.drain_once()
+    assert spool.records == 10
+    publisher.failing = None
+    assert await drainer.drain_once()
+    assert spool.records == 0
+    assert [r.key for r in publisher.records] == [f"g{n}".encode() for n in range(10)]
+    assert metrics.registry.get_sample_value("luma_bridge_spool_drained_total") == 10
+    assert spool.oldest_age() == 0.0
+    await spool.close()

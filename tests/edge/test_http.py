@@ -1,0 +1,196 @@
+"""The HTTP edge and pipeline with an in-memory publisher: statuses, duplicates, limits, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from prometheus_client import CollectorRegistry
+
+from bridge.contract.callback import Topics
+from bridge.delivery.dedupe import DedupeWindow
+from bridge.delivery.pipeline import Pipeline
+from bridge.edge.auth import Authenticator, TokenAuth
+from bridge.edge.http import CallbackHandler, create_app
+from bridge.ops.metrics import Metrics
+from tests.helpers import SEED_COMPLETED_VIDEO, TOKEN, MemoryPublisher, wait_until
+
+PATH = f"/luma/callback/{TOKEN}"
+
+
+@dataclass
+class Edge:
+    client: TestClient[Any, Any]
+    publisher: MemoryPublisher
+    metrics: Metrics
+
+    def sample(self, name: str, **labels: str) -> float:
+        value = self.metrics.registry.get_sample_value(name, labels)
+        return 0.0 if value is None else value
+
+
+async def make_edge(**options: Any) -> Edge:
+    publisher = MemoryPublisher()
+    metrics = Metrics(CollectorRegistry())
+    pipeline = Pipeline(
+        publisher=publisher,
+        topics=Topics("t"),
+        metrics=metrics,
+        ack_timeout=options.get("ack_timeout", 1.0),
+        lifecycle=options.get("lifecycle", True),
+        dedupe=DedupeWindow(size=100, ttl=60),
+    )
+    handler = CallbackHandler(
+        pipeline=pipeline,
+        auth=Authenticator(TokenAuth((TOKEN.encode(),), allow_unauthenticated=False)),
+        metrics=metrics,
+        max_body_bytes=4096,
+        max_inflight=options.get("max_inflight", 100),
+    )
+    app = create_app(
+        handler=handler, metrics=metrics, callback_path="/luma/callback", max_body_bytes=4096
+    )
+    client = TestClient(TestServer(app))
+    await client.start_server()
+    return Edge(client, publisher, metrics)
+
+
+@pytest.fixture
+async def edge() -> AsyncIterator[Edge]:
+    made = await make_edge()
+    try:
+        yield made
+    finally:
+        await made.client.close()
+
+
+async def post(edge: Edge, body: object, path: str = PATH) -> tuple[int, dict[str, Any]]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    response = await edge.client.post(path, data=data, headers={"Content-Type": "application/json"})
+    return response.status, await response.json()
+
+
+async def test_accepted_callback_writes_per_state_and_lifecycle_records(edge: Edge) -> None:
+    status, answer = await post(edge, SEED_COMPLETED_VIDEO)
+    assert status == 200
+    assert answer["status"] == "accepted"
+    assert [r.topic for r in edge.publisher.records] == ["t.completed", "t.lifecycle"]
+    assert edge.sample("luma_bridge_callbacks_total", state="completed", outcome="accepted") == 1
+    assert edge.sample("luma_bridge_callback_duration_seconds_count", outcome="accepted") == 1
+    assert (
+        edge.sample("luma_bridge_generation_age_seconds_count", state="completed", model="none")
+        == 1
+    )
+
+
+async def test_lifecycle_topic_can_be_turned_off() -> None:
+    edge = await make_edge(lifecycle=False)
+    try:
+        await post(edge, SEED_COMPLETED_VIDEO)
+        assert [r.topic for r in edge.publisher.records] == ["t.completed"]
+    finally:
+        await edge.client.close()
+
+
+async def test_a_redelivery_after_success_is_answered_200_without_a_second_write(
+    edge: Edge,
+) -> None:
+    first = await post(edge, SEED_COMPLETED_VIDEO)
+    second = await post(edge, SEED_COMPLETED_VIDEO)
+    assert second[0] == 200
+    assert second[1]["event_id"] == first[1]["event_id"]
+    assert second[1]["duplicate"] is True
+    assert len(edge.publisher.records) == 2
+    assert edge.sample("luma_bridge_duplicate_deliveries_total", state="completed") == 1
+    assert edge.sample("luma_bridge_callbacks_total", state="completed", outcome="duplicate") == 1
+
+
+async def test_a_redelivery_while_the_first_is_in_flight_waits_for_its_outcome(
+    edge: Edge,
+) -> None:
+    edge.publisher.gate = asyncio.Event()
+    first = asyncio.create_task(post(edge, SEED_COMPLETED_VIDEO))
+    await wait_until(lambda: edge.publisher.calls == 1, what="first write started")
+    second = asyncio.create_task(post(edge, SEED_COMPLETED_VIDEO))
+    await wait_until(
+        lambda: edge.sample("luma_bridge_inflight_requests") == 2, what="both in flight"
+    )
+    edge.publisher.gate.set()
+    assert (await first)[0] == 200
+    assert (await second)[0] == 200
+    assert edge.publisher.calls == 1
+    assert len(edge.publisher.records) == 2
+
+
+async def test_kafka_unavailable_gives_503_with_retry_after(edge: Edge) -> None:
+    edge.publisher.failing = "KafkaTimeoutError"
+    response = await edge.client.post(PATH, json=SEED_COMPLETED_VIDEO)
+    assert response.status == 503
+    assert response.headers["Retry-After"] == "1"
+    assert (await response.json())["status"] == "unavailable"
+    edge.publisher.failing = None
+    assert (await post(edge, SEED_COMPLETED_VIDEO))[0] == 200  # nothing remembered the failure
+
+
+async def test_an_invalid_body_is_dead_lettered_once_however_often_it_is_retried(
+    edge: Edge,
+) -> None:
+    for _ in range(4):
+        status, answer = await post(edge, b'{"id": 5}')
+        assert (status, answer["status"]) == (400, "invalid")
+    assert [r.topic for r in edge.publisher.records] == ["t.deadletter"]
+    assert edge.publisher.records[0].value == b'{"id": 5}'
+    assert edge.sample("luma_bridge_deadletters_total", reason="schema") == 1
+    assert edge.sample("luma_bridge_callbacks_total", state="none", outcome="invalid") == 4
+
+
+async def test_beyond_the_inflight_bound_callbacks_are_shed_with_503() -> None:
+    edge = await make_edge(max_inflight=1)
+    try:
+        edge.publisher.gate = asyncio.Event()
+        first = asyncio.create_task(post(edge, SEED_COMPLETED_VIDEO))
+        await wait_until(lambda: edge.publisher.calls == 1, what="first write started")
+        status, answer = await post(edge, {**SEED_COMPLETED_VIDEO, "id": "other"})
+        assert (status, answer["status"]) == (503, "unavailable")
+        assert edge.sample("luma_bridge_shed_total", reason="inflight_limit") == 1
+        edge.publisher.gate.set()
+        assert (await first)[0] == 200
+    finally:
+        await edge.client.close()
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "headers", "body", "status"),
+    [
+        ("POST", "/luma/callback/wrong", {}, b"{}", 401),
+        ("POST", "/luma/callback", {}, b"{}", 401),
+        ("POST", "/other", {}, b"{}", 404),
+        ("PUT", PATH, {}, b"{}", 405),
+        ("POST", PATH, {"Content-Type": "text/csv"}, b"{}", 415),
+        ("POST", PATH, {"Content-Type": "application/json"}, b"x" * 5000, 413),
+        ("POST", PATH, {"Content-Type": "application/json"}, b"{", 400),
+        ("POST", PATH, {"Content-Type": "application/problem+json"}, b"[]", 400),
+    ],
+)
+async def test_every_status_has_a_json_body(
+    edge: Edge, method: str, path: str, headers: dict[str, str], body: bytes, status: int
+) -> None:
+    response = await edge.client.request(method, path, data=body, headers=headers)
+    assert response.status == status
+    answer = await response.json()
+    assert set(answer) == {"status", "error"}
+    assert TOKEN not in json.dumps(answer)
+    if status == 401:
+        assert edge.publisher.records == []
+    assert (
+        sum(
+            edge.sample("luma_bridge_callbacks_total", state="none", outcome=outcome)
+            for outcome in ("unauthorized", "rejected", "invalid")
+        )
+        == 1
+    )
