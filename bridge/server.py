@@ -26,15 +26,17 @@ import os
 import signal
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from bridge.delivery.dedupe import DedupeWindow
+from bridge.delivery.lanes import Lanes
 from bridge.delivery.pipeline import Pipeline
 from bridge.delivery.publisher import KafkaPublisher, KafkaUnavailable, Publisher
-from bridge.delivery.spool import Spool, SpoolDrainer
+from bridge.delivery.spool import Spool
 from bridge.delivery.topics import missing_topics, topics_of
 from bridge.edge.access import SourcePolicy
 from bridge.edge.auth import Authenticator, TokenAuth, TokenFileError
@@ -71,8 +73,16 @@ class BridgeServer:
             if settings.spool_enabled
             else None
         )
+        self.lanes = Lanes(
+            publisher=self.publisher,
+            spool=self.spool,
+            metrics=self.metrics,
+            stall_seconds=settings.spool_stall_seconds,
+        )
         self.readiness = Readiness(
-            self.metrics, spool_has_room=self.spool.has_room if self.spool else None
+            self.metrics,
+            spool_has_room=self.spool.has_room if self.spool else None,
+            spool_stalled=self.lanes.stalled,
         )
         self._admin_runner = web.AppRunner(
             create_admin_app(self.metrics, self.readiness), access_log=None
@@ -81,7 +91,7 @@ class BridgeServer:
         self.auth: Authenticator | None = None
         self.tls: ReloadingTLS | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._drainer = SpoolDrainer(self.spool, self.publisher) if self.spool else None
+        self._stalled = False
         self.callback_port = 0
         self.admin_port = 0
 
@@ -103,6 +113,7 @@ class BridgeServer:
         )
         if self.spool is not None:
             await self.spool.open()
+            self.lanes.open()
             self.metrics.spool_oldest_age.set_function(self.spool.oldest_age)
         connected = await self._try_connect()
         if not connected and self.spool is None:
@@ -113,37 +124,41 @@ class BridgeServer:
             await self._check_topics()
         else:
             log.warning("starting without Kafka: callbacks are spooled until it is reachable")
-            self._tasks.append(asyncio.create_task(self._connect_in_background()))
+            self._supervise("connect", self._connect_in_background)
         await self._open_callback_listener()
-        self._tasks.append(asyncio.create_task(self._watch_kafka()))
+        self._supervise("kafka_health", self._watch_kafka)
         if self.settings.auth_tokens_file is not None or self.tls is not None:
-            self._tasks.append(asyncio.create_task(self._watch_files()))
-        if self._drainer is not None:
-            self._tasks.append(asyncio.create_task(self._drainer.run()))
+            self._supervise("file_reload", self._watch_files)
+        if self.spool is not None:
+            self._supervise("drainer", self.lanes.run)
         self.readiness.update(accepting=True)
         self.metrics.phase.set(PHASE_SERVING)
 
     async def stop(self) -> None:
-        """Drain and stop everything that was started, in reverse order. Safe to call twice."""
+        """Drain and stop everything that was started, in reverse order. Safe to call twice.
+
+        Bounded: everything, the drain delay included, ends within SHUTDOWN_TIMEOUT (plus
+        a fraction of a second for closing files). What Kafka has not acknowledged by
+        then stays in the spool for the next start.
+        """
         deadline = time.monotonic() + self.settings.shutdown_timeout
         self.metrics.phase.set(PHASE_DRAINING)
         self.readiness.update(accepting=False)
         try:
-            async with asyncio.timeout(self.settings.shutdown_timeout):
+            async with asyncio.timeout(_left(deadline, margin=1.0)):
                 await self._close_callback_listener()
         except TimeoutError:
             log.warning("shutdown timeout reached before in-flight callbacks finished")
         self.metrics.phase.set(PHASE_STOPPING)
+        if self.spool is not None and self.publisher.connected:
+            # The drainer is still running: what Kafka takes now is not left behind.
+            await self.lanes.settle(deadline - 1.0)
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
-        if self._drainer is not None and self.publisher.connected:
-            await self._drainer.drain_until(deadline - 1.0)
-        # Flushes whatever the producer still buffers.
-        await self.publisher.stop()
+        # Flushes whatever the producer still buffers, if Kafka takes it in time.
+        await self.publisher.stop(timeout=_left(deadline, margin=0.5))
         if self.spool is not None:
             if self.spool.records:
                 log.warning(
@@ -153,6 +168,11 @@ class BridgeServer:
             await self.spool.close()
         await self._admin_runner.cleanup()
 
+    def _supervise(self, name: str, run: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """Run a background task for good: an unexpected error is logged, counted, and the
+        task started again after a backoff."""
+        self._tasks.append(asyncio.create_task(supervise(name, run, self.metrics)))
+
     async def _open_callback_listener(self) -> None:
         app = callback_app(
             self.settings,
@@ -160,6 +180,7 @@ class BridgeServer:
             metrics=self.metrics,
             spool=self.spool,
             auth=self.auth,
+            lanes=self.lanes,
         )
         self._callback_runner, site = await open_callback_listener(
             app,
@@ -247,6 +268,8 @@ class BridgeServer:
         return False
 
     async def _connect_in_background(self) -> None:
+        if self.publisher.connected:
+            return
         await self._connect_kafka(stopping=asyncio.Event())  # until connected or cancelled
         missing = await missing_topics(self.settings)
         if missing:
@@ -255,8 +278,7 @@ class BridgeServer:
                 "(create them with `luma-kafka-bridge topics create`)",
                 extra={"fields": {"missing": missing}},
             )
-        if self.spool is not None:
-            self.spool.wakeup.set()
+        self.lanes.wakeup.set()
 
     async def _check_topics(self) -> None:
         if not self.settings.check_topics:
@@ -276,6 +298,47 @@ class BridgeServer:
             if reachable != self.readiness.kafka_reachable:
                 log.warning("Kafka reachable" if reachable else "Kafka unreachable")
             self.readiness.update(kafka_reachable=reachable)
+            stalled = reachable and self.lanes.stalled()
+            if stalled and not self._stalled:
+                log.error(
+                    "the spool makes no progress although Kafka answers; /readyz is 503 "
+                    "(see the log lines before, and `luma-kafka-bridge spool inspect`)",
+                    extra={"fields": {"records": self.spool.records if self.spool else 0}},
+                )
+            self._stalled = stalled
+            self.metrics.spool_stalled.set(1 if stalled else 0)
+
+
+SUPERVISOR_MAX_BACKOFF = 30.0
+
+
+async def supervise(
+    name: str, run: Callable[[], Coroutine[Any, Any, None]], metrics: Metrics
+) -> None:
+    """Run `run()` until it returns or is cancelled; restart it after unexpected errors."""
+    backoff = 0.5
+    while True:
+        started = time.monotonic()
+        try:
+            await run()
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception(
+                "background task failed; restarting it (report this with the log above)",
+                extra={"fields": {"task": name, "restart_in_s": backoff}},
+            )
+            metrics.task_restarts.labels(task=name).inc()
+        if time.monotonic() - started > 60:
+            backoff = 0.5
+        await asyncio.sleep(backoff)
+        backoff = min(backoff * 2, SUPERVISOR_MAX_BACKOFF)
+
+
+def _left(deadline: float, *, margin: float) -> float:
+    """Seconds until `deadline` less `margin`, never negative."""
+    return max(0.0, deadline - margin - time.monotonic())
 
 
 def build_authenticator(settings: Settings) -> Authenticator:
@@ -315,6 +378,7 @@ def callback_app(
     metrics: Metrics,
     spool: Spool | None = None,
     auth: Authenticator | None = None,
+    lanes: Lanes | None = None,
 ) -> web.Application:
     """The public application as `serve` runs it, on any publisher."""
     pipeline = Pipeline(
@@ -325,6 +389,7 @@ def callback_app(
         lifecycle=settings.lifecycle_topic,
         dedupe=DedupeWindow(size=settings.dedupe_window_size, ttl=settings.dedupe_window_seconds),
         spool=spool,
+        lanes=lanes,
     )
     rate_limiter = (
         RateLimiter(rate=settings.rate_limit_per_second, burst=settings.rate_limit_burst)

@@ -247,7 +247,15 @@ class Settings(BaseSettings):
         Path("./spool"), description="Directory of the local write-ahead spool."
     )
     spool_max_bytes: int = Field(
-        1024**3, ge=1024 * 1024, description="Spool size bound; when full, 503."
+        1024**3,
+        ge=1024 * 1024,
+        description="Bytes the spool may take on disk (database and WAL); when full, 503.",
+    )
+    spool_stall_seconds: float = Field(
+        120.0,
+        gt=0,
+        description="Seconds spooled records may make no progress while Kafka answers "
+        "before /readyz turns 503.",
     )
 
     # Lifecycle

@@ -10,10 +10,11 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
+import aiokafka.errors
 from aiokafka import AIOKafkaConsumer, ConsumerRecord
 from prometheus_client import CollectorRegistry
 
-from bridge.delivery.publisher import KafkaUnavailable, Placement, Record
+from bridge.delivery.publisher import Placement, Record
 from bridge.delivery.topics import create_topics
 from bridge.server import BridgeServer
 from bridge.settings import Settings, load_settings
@@ -55,32 +56,46 @@ async def wait_until(
 
 
 class MemoryPublisher:
-    """A `Publisher` for unit tests: keeps records in a list; can fail or stall on demand."""
+    """A `Publisher` for unit tests: keeps records in a list; can fail or stall on demand.
+
+    `failing` names an aiokafka error class every send fails with; while `gate` is an
+    unset event, sends stay pending until it is set.
+    """
 
     def __init__(self) -> None:
         self.records: list[Record] = []
         self.failing: str | None = None
         self.gate: asyncio.Event | None = None
         self.calls = 0
+        self.renewals = 0
 
-    async def publish(self, records: Sequence[Record], ack_timeout: float) -> list[Placement]:
+    def send(self, records: Sequence[Record]) -> list[asyncio.Future[Placement]]:
         self.calls += 1
-        if self.gate is not None:
-            try:
-                async with asyncio.timeout(ack_timeout):
-                    await self.gate.wait()
-            except TimeoutError:
-                raise KafkaUnavailable("timeout") from None
-        if self.failing:
-            raise KafkaUnavailable(self.failing)
-        placements = []
-        for record in records:
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[Placement]] = [loop.create_future() for _ in records]
+        if self.gate is not None and not self.gate.is_set():
+            gate = self.gate
+            task = asyncio.ensure_future(gate.wait())
+            task.add_done_callback(lambda _: self._settle(records, futures))
+        else:
+            self._settle(records, futures)
+        return futures
+
+    def _settle(self, records: Sequence[Record], futures: list[asyncio.Future[Placement]]) -> None:
+        for record, future in zip(records, futures, strict=True):
+            if future.done():
+                continue
+            if self.failing:
+                future.set_exception(getattr(aiokafka.errors, self.failing)())
+                continue
             self.records.append(record)
-            placements.append(Placement(record.topic, 0, len(self.records) - 1))
-        return placements
+            future.set_result(Placement(record.topic, 0, len(self.records) - 1))
 
     async def check_connection(self, within: float) -> bool:
         return self.failing is None
+
+    async def renew(self) -> None:
+        self.renewals += 1
 
 
 def bridge_settings(bootstrap: str, idempotence: bool, **overrides: Any) -> Settings:

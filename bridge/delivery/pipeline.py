@@ -22,8 +22,9 @@ from bridge.contract.callback import (
     record_headers,
 )
 from bridge.delivery.dedupe import DedupeWindow
-from bridge.delivery.publisher import KafkaUnavailable, Placement, Publisher, Record
-from bridge.delivery.spool import Spool, SpoolFull
+from bridge.delivery.lanes import Lanes, Refused, Unavailable
+from bridge.delivery.publisher import Placement, Publisher, Record
+from bridge.delivery.spool import Spool
 from bridge.ops.metrics import Metrics, model_label, state_label
 
 log = logging.getLogger("bridge.delivery.pipeline")
@@ -64,14 +65,14 @@ class Pipeline:
         lifecycle: bool,
         dedupe: DedupeWindow,
         spool: Spool | None = None,
+        lanes: Lanes | None = None,
     ) -> None:
-        self._publisher = publisher
+        self._lanes = lanes or Lanes(publisher=publisher, spool=spool, metrics=metrics)
         self._topics = topics
         self._metrics = metrics
         self._ack_timeout = ack_timeout
         self._lifecycle = lifecycle
         self._dedupe = dedupe
-        self._spool = spool
         self._in_flight: dict[str, asyncio.Future[Result]] = {}
 
     async def handle(self, body: bytes, received_at: datetime) -> Result:
@@ -104,36 +105,19 @@ class Pipeline:
 
     async def _publish(self, callback: Callback, received_at: datetime) -> Result:
         records = self.records_for(callback, received_at)
-        placements, failure = await self._write(records)
-        if failure is not None:
-            return Result(Outcome.UNAVAILABLE, failure, callback)
+        try:
+            written = await self._lanes.write(records, self._ack_timeout)
+        except Unavailable as exc:
+            if exc.spool_full:
+                self._metrics.shed.labels(reason="spool_full").inc()
+            return Result(Outcome.UNAVAILABLE, exc.reason, callback)
+        except Refused as exc:
+            return Result(
+                Outcome.REJECTED, f"Kafka refuses this callback for good: {exc.reason}", callback
+            )
         self._dedupe.add(callback.event_id)
         self._observe_age(callback, received_at)
-        return Result(Outcome.ACCEPTED, "", callback, placements, spooled=not placements)
-
-    async def _write(self, records: list[Record]) -> tuple[tuple[Placement, ...], str | None]:
-        """Kafka-acknowledged placements, or () when spooled, or the reason for neither."""
-        if self._spool is not None and self._spool.has_backlog():
-            # Queue behind what is already spooled, so arrival order is kept.
-            return (), await self._append_to_spool(records)
-        try:
-            return tuple(await self._publisher.publish(records, self._ack_timeout)), None
-        except KafkaUnavailable as exc:
-            if self._spool is None:
-                return (), f"Kafka unavailable: {exc.reason}"
-        return (), await self._append_to_spool(records)
-
-    async def _append_to_spool(self, records: list[Record]) -> str | None:
-        assert self._spool is not None
-        try:
-            await self._spool.append(records)
-        except SpoolFull:
-            self._metrics.shed.labels(reason="spool_full").inc()
-            return "Kafka unavailable and the spool is full"
-        except Exception:
-            log.exception("spool write failed")
-            return "Kafka unavailable and the spool cannot be written"
-        return None
+        return Result(Outcome.ACCEPTED, "", callback, written.placements, spooled=written.spooled)
 
     def records_for(self, callback: Callback, received_at: datetime) -> list[Record]:
         """The per-state record and, when enabled, the lifecycle record."""
@@ -166,11 +150,14 @@ class Pipeline:
             return Result(Outcome.INVALID, error.reason)
         headers = deadletter_headers(error.reason, received_at)
         record = Record(self._topics.deadletter, None, body, headers)
-        placements, failure = await self._write([record])
-        if failure is not None:
+        try:
+            written = await self._lanes.write([record], self._ack_timeout)
+        except (Unavailable, Refused) as exc:
             # The raw body must be kept before we say "invalid": otherwise Luma would not
             # retry and the evidence would be gone.
-            return Result(Outcome.UNAVAILABLE, failure)
+            return Result(Outcome.UNAVAILABLE, exc.reason)
         self._dedupe.add(body_id)
         self._metrics.deadletters.labels(reason=error.kind).inc()
-        return Result(Outcome.INVALID, error.reason, None, placements, spooled=not placements)
+        return Result(
+            Outcome.INVALID, error.reason, None, written.placements, spooled=written.spooled
+        )

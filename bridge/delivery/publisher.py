@@ -1,12 +1,15 @@
 """The Kafka side: a small `Publisher` protocol and the aiokafka producer behind it.
 
-Kafka's many errors become one of the bridge's own (`KafkaUnavailable`), so the
-layers above only need to know "acknowledged in time" or "not".
+`send()` hands records to aiokafka and returns a future per record; `classify` sorts
+Kafka's many errors into the four things the layers above can do about them
+(retry, move the record aside, wait for an operator, renew the producer).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import enum
 import functools
 import logging
 import time
@@ -14,6 +17,7 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple, Protocol
 
 from aiokafka import AIOKafkaProducer
+from aiokafka import errors as Errors
 from aiokafka.errors import KafkaError
 from aiokafka.partitioner import DefaultPartitioner, murmur2
 from prometheus_client import Histogram
@@ -67,26 +71,103 @@ class Placement(NamedTuple):
 
 
 class KafkaUnavailable(Exception):
-    """Kafka did not acknowledge in time, or refused; the caller may retry later."""
+    """Kafka cannot be reached; the caller may retry later."""
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason  # a short closed-set label: timeout, or a Kafka error class name
 
 
+class NotConnected(KafkaError):  # type: ignore[misc]  # aiokafka ships no type stubs
+    """The producer is not started (Kafka was unreachable at start-up), or was replaced."""
+
+    retriable = True
+
+
+class Failure(enum.Enum):
+    """What a failed send means for the record, decided from the error alone.
+
+    RETRY: the same record may succeed later (outage, leader change, timeout).
+    RECORD: Kafka refuses this record for good (too large, invalid, corrupt); retrying
+      it would block everything behind it, so it is moved aside.
+    TOPIC: the topic or the client is refused (authorization, a topic that does not
+      exist, a policy); no record is at fault, so nothing is moved aside: the rows wait
+      and an operator must act.
+    PRODUCER: the producer itself is unusable (idempotence sequence or epoch lost); a
+      new one must be made, then the record is retried.
+    """
+
+    RETRY = "retry"
+    RECORD = "record"
+    TOPIC = "topic"
+    PRODUCER = "producer"
+
+
+_RECORD_ERRORS: tuple[type[BaseException], ...] = (
+    Errors.MessageSizeTooLargeError,
+    Errors.RecordTooLargeError,
+    Errors.RecordListTooLargeError,
+    Errors.CorruptRecordException,
+    Errors.InvalidTimestampError,
+    Errors.UnsupportedForMessageFormatError,
+)
+_PRODUCER_ERRORS: tuple[type[BaseException], ...] = (
+    Errors.OutOfOrderSequenceNumber,
+    Errors.ProducerFenced,
+    Errors.InvalidProducerEpoch,
+    Errors.InvalidProducerIdMapping,
+    Errors.InvalidTxnState,
+    Errors.ProducerClosed,
+    Errors.IllegalStateError,
+)
+_TOPIC_ERRORS: tuple[type[BaseException], ...] = (
+    Errors.TopicAuthorizationFailedError,
+    Errors.ClusterAuthorizationFailedError,
+    Errors.UnknownTopicOrPartitionError,
+    Errors.InvalidTopicError,
+    Errors.PolicyViolationError,
+)
+
+
+def classify(error: BaseException) -> Failure:
+    """What `error`, the outcome of one send, means for its record (see `Failure`)."""
+    if isinstance(error, _RECORD_ERRORS):
+        return Failure.RECORD
+    if isinstance(error, _PRODUCER_ERRORS):
+        return Failure.PRODUCER
+    if isinstance(error, _TOPIC_ERRORS):
+        return Failure.TOPIC
+    if isinstance(error, KafkaError) and not error.retriable:
+        # aiokafka's own "Unexpected error during batch delivery" ends its sender task:
+        # that producer will never deliver again.
+        return Failure.PRODUCER if type(error) is KafkaError else Failure.TOPIC
+    return Failure.RETRY
+
+
+def failure_reason(error: BaseException) -> str:
+    """A short closed-set label for logs and metrics: the error's class name."""
+    return type(error).__name__
+
+
 class Publisher(Protocol):
-    """Writes records and returns once every one is acknowledged, or raises `KafkaUnavailable`."""
+    """Hands records to Kafka; one future per record says how it ended."""
 
-    async def publish(self, records: Sequence[Record], ack_timeout: float) -> list[Placement]:
-        """Write `records`; all are acknowledged when this returns.
+    def send(self, records: Sequence[Record]) -> list[asyncio.Future[Placement]]:
+        """Hand `records` to the producer, in this order, and return at once.
 
-        Raises `KafkaUnavailable` when not all are acknowledged within `ack_timeout`
-        seconds. Records may still land later: delivery is at-least-once.
+        Each future resolves with the record's placement once Kafka acknowledged it, or
+        with the error that ended it (see `classify`). Every future resolves eventually:
+        a producer that is stopped or replaced fails what it still holds. Cancelling a
+        future does not unsend its record.
         """
         ...
 
     async def check_connection(self, within: float) -> bool:
         """True when the cluster answered a metadata request within `within` seconds."""
+        ...
+
+    async def renew(self) -> None:
+        """Replace an unusable producer (after a `Failure.PRODUCER` error) with a new one."""
         ...
 
 
@@ -127,7 +208,13 @@ def producer_options(settings: Settings) -> dict[str, Any]:
 
 
 class KafkaPublisher:
-    """`Publisher` on an `AIOKafkaProducer`. Use `async with` or `start()`/`stop()`."""
+    """`Publisher` on an `AIOKafkaProducer`. Use `async with` or `start()`/`stop()`.
+
+    aiokafka keeps a partition's batches in order and sends one at a time, so records
+    handed to one producer in order land in order, retries included, as long as none
+    fails for good; the layer above never hands a generation's next record before the
+    previous one ended.
+    """
 
     def __init__(self, settings: Settings, *, metrics: Metrics) -> None:
         self._options = producer_options(settings)
@@ -136,31 +223,71 @@ class KafkaPublisher:
         self._producer: AIOKafkaProducer | None = None
         self._produce_timers: dict[str, Histogram] = {}
         self._retry_counter = RetryCounter(metrics)
+        # Futures handed out and not yet resolved: a producer that is stopped or
+        # replaced may leave aiokafka's own futures pending forever, so ours are failed.
+        self._outstanding: set[asyncio.Future[Placement]] = set()
+        self._handing: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         """Connect to the cluster; raises `KafkaUnavailable` when it cannot be reached."""
         # Made here, not in __init__: aiokafka warns about producers never started.
-        self._producer = AIOKafkaProducer(**self._options)
+        producer = AIOKafkaProducer(**self._options)
         try:
-            await self._producer.start()
+            await producer.start()
         except KafkaError as exc:
             # start() leaves its connections half-open on failure.
-            await self._producer.stop()
+            await producer.stop()
             raise KafkaUnavailable(type(exc).__name__) from exc
+        self._producer = producer
+        if not self._started:
+            logging.getLogger(RetryCounter.LOGGER).addFilter(self._retry_counter)
         self._started = True
-        logging.getLogger(RetryCounter.LOGGER).addFilter(self._retry_counter)
 
     @property
     def connected(self) -> bool:
         """Started and not stopped (the cluster may still be unreachable meanwhile)."""
         return self._started
 
-    async def stop(self) -> None:
-        """Flush what is buffered and disconnect. Safe to call twice."""
-        if self._started and self._producer is not None:
-            logging.getLogger(RetryCounter.LOGGER).removeFilter(self._retry_counter)
-            self._started = False
-            await self._producer.stop()
+    async def stop(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 - a flush bound, not a call timeout
+        """Flush what is buffered and disconnect, within `timeout` seconds. Safe to call twice.
+
+        When the flush does not finish in time (Kafka unreachable), the producer is
+        abandoned and every record it still holds is failed with `ProducerClosed`: the
+        caller keeps those in the spool for the next start.
+        """
+        if not self._started or self._producer is None:
+            return
+        logging.getLogger(RetryCounter.LOGGER).removeFilter(self._retry_counter)
+        self._started = False
+        producer, self._producer = self._producer, None
+        await self._close(producer, timeout)
+
+    async def renew(self) -> None:
+        """Replace the producer: close the old one at once and start a new one."""
+        old = self._producer
+        self._producer = None
+        if old is not None:
+            log.warning("renewing the Kafka producer after an error that left it unusable")
+            await self._close(old, timeout=0)
+        self._metrics.producer_renewals.inc()
+        await self.start()
+
+    async def _close(self, producer: AIOKafkaProducer, timeout: float | None) -> None:  # noqa: ASYNC109
+        for task in list(self._handing):
+            task.cancel()
+        try:
+            async with asyncio.timeout(timeout if timeout is None or timeout > 0 else 0.001):
+                await producer.stop()
+        except TimeoutError:
+            log.warning("the Kafka producer did not flush in time; its records stay spooled")
+            await _abandon(producer)
+        self._fail_outstanding()
+
+    def _fail_outstanding(self) -> None:
+        for future in list(self._outstanding):
+            if not future.done():
+                future.set_exception(Errors.ProducerClosed())
+        self._outstanding.clear()
 
     async def __aenter__(self) -> KafkaPublisher:
         await self.start()
@@ -169,49 +296,84 @@ class KafkaPublisher:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
 
-    async def publish(self, records: Sequence[Record], ack_timeout: float) -> list[Placement]:
+    def send(self, records: Sequence[Record]) -> list[asyncio.Future[Placement]]:
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[Placement]] = [loop.create_future() for _ in records]
         producer = self._producer
         if producer is None or not self._started:
-            raise self._failed("not_connected")
-        deadline = time.monotonic() + ack_timeout
+            for future in futures:
+                future.set_exception(NotConnected("not_connected"))
+            self._count_failures(futures)
+            return futures
+        self._outstanding.update(futures)
+        for future in futures:
+            future.add_done_callback(self._outstanding.discard)
+        # Handing over may wait (metadata, a full buffer): it runs on its own so the
+        # caller's deadline never cancels it half-way, which would unsend records.
+        task = asyncio.create_task(self._hand_over(producer, records, futures))
+        self._handing.add(task)
+        task.add_done_callback(self._handing.discard)
+        return futures
+
+    async def _hand_over(
+        self,
+        producer: AIOKafkaProducer,
+        records: Sequence[Record],
+        futures: list[asyncio.Future[Placement]],
+    ) -> None:
         started = time.perf_counter()
-        try:
-            async with asyncio.timeout(ack_timeout):
-                # send() only waits when metadata is missing or the buffer is full.
-                pending = [
-                    await producer.send(r.topic, r.value, key=r.key, headers=r.headers)
-                    for r in records
-                ]
-        except TimeoutError:
-            raise self._failed("timeout") from None
-        except KafkaError as exc:
-            raise self._failed(type(exc).__name__) from exc
-        # wait() rather than a timeout around gather(): cancelling aiokafka's futures
-        # would not unsend the records, and their late results are still wanted.
-        _, not_done = await asyncio.wait(pending, timeout=max(0.0, deadline - time.monotonic()))
-        if not_done:
-            raise self._failed("timeout")
-        placements = []
-        for record, future in zip(records, pending, strict=True):
+        for record, future in zip(records, futures, strict=True):
+            try:
+                sent = await producer.send(
+                    record.topic, record.value, key=record.key, headers=record.headers
+                )
+            except asyncio.CancelledError:
+                _fail(future, Errors.ProducerClosed())
+                continue
+            except Exception as exc:
+                _fail(future, exc)
+                self._count_failure(exc)
+                continue
+            sent.add_done_callback(
+                functools.partial(self._acknowledged, record.topic, future, started)
+            )
+
+    def _acknowledged(
+        self,
+        topic: str,
+        future: asyncio.Future[Placement],
+        started: float,
+        sent: asyncio.Future[Any],
+    ) -> None:
+        if future.done():
+            return
+        if sent.cancelled():
+            future.set_exception(Errors.ProducerClosed())
+            return
+        error = sent.exception()
+        if error is not None:
+            future.set_exception(error)
+            self._count_failure(error)
+            return
+        metadata = sent.result()
+        self._produce_timer(topic).observe(time.perf_counter() - started)
+        future.set_result(Placement(topic, metadata.partition, metadata.offset))
+
+    def _count_failures(self, futures: list[asyncio.Future[Placement]]) -> None:
+        for future in futures:
             error = future.exception()
             if error is not None:
-                raise self._failed(type(error).__name__) from error
-            metadata = future.result()
-            placements.append(Placement(record.topic, metadata.partition, metadata.offset))
-        elapsed = time.perf_counter() - started
-        for record in records:
-            self._produce_timer(record.topic).observe(elapsed)
-        return placements
+                self._count_failure(error)
+
+    def _count_failure(self, error: BaseException) -> None:
+        reason = "not_connected" if isinstance(error, NotConnected) else failure_reason(error)
+        self._metrics.produce_errors.labels(reason=reason).inc()
 
     def _produce_timer(self, topic: str) -> Histogram:
         timer = self._produce_timers.get(topic)
         if timer is None:
             timer = self._produce_timers[topic] = self._metrics.produce_duration.labels(topic=topic)
         return timer
-
-    def _failed(self, reason: str) -> KafkaUnavailable:
-        self._metrics.produce_errors.labels(reason=reason).inc()
-        return KafkaUnavailable(reason)
 
     async def check_connection(self, within: float) -> bool:
         if self._producer is None or not self._started:
@@ -222,3 +384,19 @@ class KafkaPublisher:
         except (TimeoutError, KafkaError):
             return False
         return True
+
+
+def _fail(future: asyncio.Future[Placement], error: BaseException) -> None:
+    if not future.done():
+        future.set_exception(error)
+
+
+async def _abandon(producer: AIOKafkaProducer) -> None:
+    """Close a producer whose flush hangs: stop its sender and its connections, briefly."""
+    # aiokafka has no public "close without flushing"; these are its own close steps.
+    sender = getattr(producer, "_sender", None)
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(1.0):
+            if sender is not None:
+                await sender.close()
+            await producer.client.close()

@@ -1,11 +1,23 @@
-"""The local write-ahead spool: callbacks Kafka did not acknowledge in time, kept on disk.
+"""The local write-ahead spool: records Kafka did not acknowledge in time, kept on disk.
 
 SQLite from the standard library, in WAL mode with `synchronous=FULL`, is the
 engine: a committed row has been fsynced, so a callback answered 200 from the
 spool survives SIGKILL and power loss. Appends from concurrent requests are
-grouped into one transaction (one fsync) while the previous one commits. A
-`SpoolDrainer` sends the rows to Kafka in arrival order and deletes them only
-after Kafka has acknowledged them.
+grouped into one transaction (one fsync) while the previous one commits.
+
+Each row carries the arrival number (`seq`) its record got when its callback
+arrived, not when it was written: a record whose direct send timed out is
+spooled after later arrivals may have been, and still sorts before them. The
+`Lanes` send rows in `seq` order and delete each one once Kafka acknowledged it.
+A row Kafka refuses for good is moved to the `quarantine` table.
+
+`SPOOL_MAX_BYTES` bounds the disk: live pages of the database plus its WAL. The
+WAL is checkpointed often enough and truncated after drains so that a drained
+spool is small again. A full disk (`database or disk is full`) fails the write,
+which the caller answers 503; the next write simply tries again.
+
+Schema versions: 1 (the first release: `spool` only) and 2 (adds `quarantine`).
+A version-1 file opens as it is and is upgraded in place.
 
 All SQLite work runs on one dedicated thread, never on the event loop.
 """
@@ -13,23 +25,26 @@ All SQLite work runs on one dedicated thread, never on the event loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import os
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
-from bridge.delivery.publisher import KafkaUnavailable, Publisher, Record
+from bridge.delivery.publisher import Record
 from bridge.ops.metrics import Metrics
 
 log = logging.getLogger("bridge.delivery.spool")
 T = TypeVar("T")
 
-SCHEMA = """
+SCHEMA_VERSION = 2
+SPOOL_TABLE = """
 CREATE TABLE IF NOT EXISTS spool (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     spooled_at REAL NOT NULL,
@@ -40,14 +55,37 @@ CREATE TABLE IF NOT EXISTS spool (
     size INTEGER NOT NULL
 )
 """
+QUARANTINE_TABLE = """
+CREATE TABLE IF NOT EXISTS quarantine (
+    seq INTEGER PRIMARY KEY,
+    spooled_at REAL NOT NULL,
+    quarantined_at REAL NOT NULL,
+    reason TEXT NOT NULL,
+    topic TEXT NOT NULL,
+    key BLOB,
+    value BLOB NOT NULL,
+    headers TEXT NOT NULL,
+    size INTEGER NOT NULL
+)
+"""
+# SQLite's own bytes per row beyond the payload (row header, cell pointers, index).
+ROW_OVERHEAD_BYTES = 64
+# A record is written twice before a checkpoint: into the WAL, then into the database.
+WAL_FACTOR = 2
+
+Lane = tuple[str, bytes | None]
 
 
 class SpoolFull(Exception):
-    """The spool has reached SPOOL_MAX_BYTES; the caller answers 503."""
+    """The spool has reached SPOOL_MAX_BYTES on disk; the caller answers 503."""
+
+
+class SpoolUnwritable(Exception):
+    """SQLite could not write (a full disk, an I/O error); the caller answers 503."""
 
 
 def record_size(record: Record) -> int:
-    """Bytes a record counts against SPOOL_MAX_BYTES."""
+    """Payload bytes of a record (topic, key, value, headers)."""
     return (
         len(record.topic)
         + len(record.key or b"")
@@ -56,24 +94,29 @@ def record_size(record: Record) -> int:
     )
 
 
+def lane_of(record: Record) -> Lane:
+    """The ordered path a record belongs to: its topic and key (so its partition)."""
+    return (record.topic, record.key)
+
+
+@dataclass(frozen=True, slots=True)
+class SpooledRecord:
+    """One row of the spool."""
+
+    seq: int
+    record: Record
+    size: int
+
+
 @dataclass
 class _Append:
-    records: Sequence[Record]
-    size: int
+    rows: Sequence[tuple[int, Record]]
+    estimate: int
     done: asyncio.Future[None]
 
 
-@dataclass(frozen=True)
-class SpooledBatch:
-    """The oldest rows of the spool, in arrival order."""
-
-    last_seq: int
-    records: list[Record]
-    size: int
-
-
 class Spool:
-    """A durable FIFO of Kafka records. `await open()` before use; `close()` after."""
+    """A durable store of records ordered by arrival. `await open()` before use; `close()` after."""
 
     def __init__(self, directory: Path, *, max_bytes: int, metrics: Metrics) -> None:
         self._path = directory / "spool.sqlite3"
@@ -83,38 +126,51 @@ class Spool:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool")
         self._db: sqlite3.Connection | None = None
         self._pending: list[_Append] = []
-        self._pending_bytes = 0
+        self._pending_estimate = 0
         self._writer: asyncio.Task[None] | None = None
         self._records = 0
-        self._bytes = 0
+        self._disk_bytes = 0
+        self._quarantined = 0
         self._oldest: float | None = None
-        self.wakeup = asyncio.Event()
+        self._next_seq = 1
+        self.lanes_at_open: dict[Lane, int] = {}
+
+    @property
+    def path(self) -> Path:
+        return self._path
 
     @property
     def records(self) -> int:
+        """Records waiting in the spool (committed rows)."""
         return self._records
 
     @property
-    def size(self) -> int:
-        return self._bytes
+    def disk_bytes(self) -> int:
+        """Bytes the spool takes on disk: live database pages plus the WAL."""
+        return self._disk_bytes
 
-    def has_backlog(self) -> bool:
-        """Records wait (or are being written): new ones must queue behind to keep order."""
-        return self._records > 0 or bool(self._pending)
+    @property
+    def quarantined(self) -> int:
+        return self._quarantined
 
     def has_room(self) -> bool:
-        return self._bytes + self._pending_bytes < self._max_bytes
+        return self._disk_bytes + self._pending_estimate < self._max_bytes
+
+    def next_seqs(self, count: int) -> int:
+        """Reserve `count` consecutive arrival numbers; returns the first."""
+        first = self._next_seq
+        self._next_seq += count
+        return first
 
     async def open(self) -> None:
-        """Create or reopen the spool; what a previous process left is kept, to be drained."""
+        """Create, upgrade or reopen the spool; rows a previous process left are kept."""
         await self._run(self._open_sync)
         self._update_gauges()
         if self._records:
             log.warning(
                 "spool holds records from a previous run; draining them to Kafka first",
-                extra={"fields": {"records": self._records, "bytes": self._bytes}},
+                extra={"fields": {"records": self._records, "disk_bytes": self._disk_bytes}},
             )
-            self.wakeup.set()
 
     def _open_sync(self) -> None:
         self._directory.mkdir(parents=True, exist_ok=True)
@@ -122,28 +178,68 @@ class Spool:
         db.execute("PRAGMA journal_mode=WAL")
         # FULL: every commit is fsynced, so an answered 200 survives power loss too.
         db.execute("PRAGMA synchronous=FULL")
-        db.execute(SCHEMA)
-        count, size, oldest = db.execute(
-            "SELECT count(*), coalesce(sum(size), 0), min(spooled_at) FROM spool"
+        page_size = int(db.execute("PRAGMA page_size").fetchone()[0])
+        # Checkpoint (and cut the WAL back) often enough that the WAL stays a small
+        # share of SPOOL_MAX_BYTES.
+        db.execute(
+            f"PRAGMA wal_autocheckpoint={max(16, min(1000, self._max_bytes // page_size // 16))}"
+        )
+        db.execute(f"PRAGMA journal_size_limit={max(64 * 1024, self._max_bytes // 16)}")
+        version = int(db.execute("PRAGMA user_version").fetchone()[0])
+        if version > SCHEMA_VERSION:
+            raise RuntimeError(
+                f"{self._path} was written by a newer release (schema {version}); run that "
+                "release to drain it, or `luma-kafka-bridge spool drain` of that release"
+            )
+        db.execute(SPOOL_TABLE)
+        db.execute(QUARANTINE_TABLE)
+        db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        count, oldest, last = db.execute(
+            "SELECT count(*), min(spooled_at), coalesce(max(seq), 0) FROM spool"
         ).fetchone()
-        self._db, self._records, self._bytes, self._oldest = db, count, size, oldest
+        quarantined, last_quarantined = db.execute(
+            "SELECT count(*), coalesce(max(seq), 0) FROM quarantine"
+        ).fetchone()
+        issued = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'spool'").fetchone()
+        self.lanes_at_open = {
+            (topic, key): n
+            for topic, key, n in db.execute(
+                "SELECT topic, key, count(*) FROM spool GROUP BY topic, key"
+            )
+        }
+        self._db, self._records, self._oldest = db, count, oldest
+        self._quarantined = quarantined
+        self._next_seq = max(last, last_quarantined, issued[0] if issued else 0) + 1
+        self._disk_bytes = self._measure_sync()
 
     async def close(self) -> None:
         if self._writer is not None:
-            await self._writer
+            await asyncio.gather(self._writer, return_exceptions=True)
         if self._db is not None:
             db, self._db = self._db, None
-            await self._run(db.close)
+            await self._run(self._close_sync, db)
         self._executor.shutdown(wait=True)
 
-    async def append(self, records: Sequence[Record]) -> None:
-        """Store `records` durably (fsynced) or raise `SpoolFull`."""
-        size = sum(record_size(record) for record in records)
-        if self._bytes + self._pending_bytes + size > self._max_bytes:
+    @staticmethod
+    def _close_sync(db: sqlite3.Connection) -> None:
+        try:
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error:
+            log.warning("could not checkpoint the spool at close; it is kept as it is")
+        db.close()
+
+    async def append(self, rows: Sequence[tuple[int, Record]]) -> None:
+        """Store `rows` (arrival number, record) durably, fsynced.
+
+        Raises `SpoolFull` when they would take the spool past SPOOL_MAX_BYTES on disk,
+        `SpoolUnwritable` when SQLite cannot write them (a full disk).
+        """
+        estimate = sum(WAL_FACTOR * (record_size(r) + ROW_OVERHEAD_BYTES) for _, r in rows)
+        if self._disk_bytes + self._pending_estimate + estimate > self._max_bytes:
             raise SpoolFull
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Append(records, size, done))
-        self._pending_bytes += size
+        self._pending.append(_Append(rows, estimate, done))
+        self._pending_estimate += estimate
         if self._writer is None or self._writer.done():
             self._writer = asyncio.create_task(self._write_pending())
         await asyncio.shield(done)
@@ -152,80 +248,170 @@ class Spool:
         # Whatever arrives while one transaction commits goes into the next one.
         while self._pending:
             batch, self._pending = self._pending, []
-            batch_bytes = sum(item.size for item in batch)
+            estimate = sum(item.estimate for item in batch)
             try:
-                await self._run(self._insert_sync, batch, time.time())
+                self._disk_bytes = await self._run(self._insert_sync, batch, time.time())
             except Exception as exc:
-                self._pending_bytes -= batch_bytes
+                self._pending_estimate -= estimate
+                error = _unwritable(exc)
+                self._metrics.spool_write_errors.inc()
+                log.error(
+                    "the spool cannot be written; answering 503 until it can "
+                    "(check the free space and health of SPOOL_DIR's volume)",
+                    extra={"fields": {"error": str(exc), "dir": str(self._directory)}},
+                )
                 for item in batch:
-                    item.done.set_exception(exc)
+                    item.done.set_exception(error)
                 continue
-            self._pending_bytes -= batch_bytes
-            self._records += sum(len(item.records) for item in batch)
-            self._bytes += batch_bytes
-            self._metrics.spooled.inc(len(batch))
+            self._pending_estimate -= estimate
+            written = sum(len(item.rows) for item in batch)
+            self._records += written
+            self._metrics.spooled.inc(written)
             self._update_gauges()
             for item in batch:
                 item.done.set_result(None)
-            self.wakeup.set()
 
-    def _insert_sync(self, batch: list[_Append], spooled_at: float) -> None:
+    def _insert_sync(self, batch: list[_Append], spooled_at: float) -> int:
         db = self._require_db()
         rows = [
-            (spooled_at, r.topic, r.key, r.value, _encode_headers(r.headers), record_size(r))
+            (seq, spooled_at, r.topic, r.key, r.value, _encode_headers(r.headers), record_size(r))
             for item in batch
-            for r in item.records
+            for seq, r in item.rows
         ]
-        with db:  # one transaction, one fsync
-            db.execute("BEGIN IMMEDIATE")
-            db.executemany(
-                "INSERT INTO spool (spooled_at, topic, key, value, headers, size) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                rows,
-            )
+        try:
+            with db:  # one transaction, one fsync
+                db.execute("BEGIN IMMEDIATE")
+                db.executemany(
+                    "INSERT INTO spool (seq, spooled_at, topic, key, value, headers, size) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    rows,
+                )
+        except sqlite3.Error:
+            # A failed commit may leave a grown WAL behind: give the space back.
+            self._checkpoint_sync()
+            raise
         if self._oldest is None:
             self._oldest = spooled_at
+        return self._measure_sync()
 
-    async def oldest(self, limit: int) -> SpooledBatch | None:
-        """Up to `limit` of the oldest records, or None when the spool is empty."""
-        return await self._run(self._oldest_sync, limit)
+    async def oldest(self, after: int = 0, limit: int = 500) -> list[SpooledRecord]:
+        """Up to `limit` rows with a `seq` above `after`, in arrival order."""
+        return await self._run(self._oldest_sync, after, limit)
 
-    def _oldest_sync(self, limit: int) -> SpooledBatch | None:
+    def _oldest_sync(self, after: int, limit: int) -> list[SpooledRecord]:
         rows = (
             self._require_db()
             .execute(
-                "SELECT seq, topic, key, value, headers, size FROM spool ORDER BY seq LIMIT ?",
-                (limit,),
+                "SELECT seq, topic, key, value, headers, size FROM spool WHERE seq > ? "
+                "ORDER BY seq LIMIT ?",
+                (after, limit),
             )
             .fetchall()
         )
-        if not rows:
-            return None
-        records = [
-            Record(topic, key, value, _decode_headers(headers))
-            for _, topic, key, value, headers, _ in rows
+        return [
+            SpooledRecord(seq, Record(topic, key, value, _decode_headers(headers)), size)
+            for seq, topic, key, value, headers, size in rows
         ]
-        return SpooledBatch(rows[-1][0], records, sum(row[5] for row in rows))
 
-    async def remove_through(self, batch: SpooledBatch) -> None:
-        """Delete the rows of `batch` (acknowledged by Kafka)."""
-        self._oldest = await self._run(self._remove_sync, batch.last_seq)
-        self._records -= len(batch.records)
-        self._bytes -= batch.size
-        self._metrics.spool_drained.inc(len(batch.records))
+    async def remove(self, seqs: Iterable[int]) -> None:
+        """Delete the rows `seqs` (acknowledged by Kafka). Raises `SpoolUnwritable`."""
+        batch = list(seqs)
+        if not batch:
+            return
+        try:
+            removed, self._oldest, self._disk_bytes = await self._run(self._remove_sync, batch)
+        except Exception as exc:
+            self._metrics.spool_write_errors.inc()
+            raise _unwritable(exc) from exc
+        self._records -= removed
+        self._metrics.spool_drained.inc(removed)
         self._update_gauges()
 
-    def _remove_sync(self, last_seq: int) -> float | None:
+    def _remove_sync(self, seqs: list[int]) -> tuple[int, float | None, int]:
         db = self._require_db()
         with db:
             db.execute("BEGIN IMMEDIATE")
-            db.execute("DELETE FROM spool WHERE seq <= ?", (last_seq,))
-        oldest: float | None = db.execute("SELECT min(spooled_at) FROM spool").fetchone()[0]
-        return oldest
+            removed = sum(
+                db.execute("DELETE FROM spool WHERE seq = ?", (seq,)).rowcount for seq in seqs
+            )
+        oldest, left = db.execute("SELECT min(spooled_at), count(*) FROM spool").fetchone()
+        if not left:
+            # Drained: cut the WAL back so that an empty spool is small on disk again.
+            self._checkpoint_sync()
+        return removed, oldest, self._measure_sync()
+
+    async def quarantine(self, seq: int, reason: str) -> None:
+        """Move row `seq` aside: Kafka refuses it for good (`reason`, an error class name)."""
+        moved, self._oldest, self._disk_bytes = await self._run(self._quarantine_sync, seq, reason)
+        if moved:
+            self._records -= 1
+            self._quarantined += 1
+            self._metrics.spool_quarantined.labels(reason=reason).inc()
+            self._update_gauges()
+
+    def _quarantine_sync(self, seq: int, reason: str) -> tuple[int, float | None, int]:
+        db = self._require_db()
+        with db:
+            db.execute("BEGIN IMMEDIATE")
+            db.execute(
+                "INSERT OR REPLACE INTO quarantine (seq, spooled_at, quarantined_at, reason, "
+                "topic, key, value, headers, size) SELECT seq, spooled_at, ?, ?, topic, key, "
+                "value, headers, size FROM spool WHERE seq = ?",
+                (time.time(), reason, seq),
+            )
+            moved = db.execute("DELETE FROM spool WHERE seq = ?", (seq,)).rowcount
+        oldest = db.execute("SELECT min(spooled_at) FROM spool").fetchone()[0]
+        return moved, oldest, self._measure_sync()
+
+    async def describe(self) -> dict[str, Any]:
+        """What the spool holds, for `spool inspect`."""
+        return await self._run(self._describe_sync)
+
+    def _describe_sync(self) -> dict[str, Any]:
+        db = self._require_db()
+        topics = {
+            topic: {"records": n, "bytes": size}
+            for topic, n, size in db.execute(
+                "SELECT topic, count(*), sum(size) FROM spool GROUP BY topic ORDER BY topic"
+            )
+        }
+        quarantine = [
+            {"seq": seq, "topic": topic, "reason": reason, "bytes": size}
+            for seq, topic, reason, size in db.execute(
+                "SELECT seq, topic, reason, size FROM quarantine ORDER BY seq LIMIT 100"
+            )
+        ]
+        return {
+            "path": str(self._path),
+            "schema_version": SCHEMA_VERSION,
+            "records": self._records,
+            "disk_bytes": self._disk_bytes,
+            "oldest_age_seconds": round(self.oldest_age(), 3),
+            "topics": topics,
+            "quarantined": self._quarantined,
+            "quarantine": quarantine,
+        }
+
+    def _checkpoint_sync(self) -> None:
+        # A busy or full disk: the next drain tries again.
+        with contextlib.suppress(sqlite3.Error):
+            self._require_db().execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    def _measure_sync(self) -> int:
+        db = self._require_db()
+        page_size = db.execute("PRAGMA page_size").fetchone()[0]
+        pages = db.execute("PRAGMA page_count").fetchone()[0]
+        free = db.execute("PRAGMA freelist_count").fetchone()[0]
+        try:
+            wal = os.path.getsize(f"{self._path}-wal")
+        except OSError:
+            wal = 0
+        return int((pages - free) * page_size + wal)
 
     def _update_gauges(self) -> None:
         self._metrics.spool_records.set(self._records)
-        self._metrics.spool_bytes.set(self._bytes)
+        self._metrics.spool_bytes.set(self._disk_bytes)
+        self._metrics.spool_quarantine_records.set(self._quarantined)
 
     def oldest_age(self) -> float:
         """Seconds the oldest record has waited (0 when empty); read at scrape time."""
@@ -240,6 +426,10 @@ class Spool:
         return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
 
 
+def _unwritable(exc: BaseException) -> SpoolUnwritable:
+    return exc if isinstance(exc, SpoolUnwritable) else SpoolUnwritable(str(exc))
+
+
 def _encode_headers(headers: list[tuple[str, bytes]]) -> str:
     # Our header values are UTF-8 text we made ourselves; JSON keeps the row readable.
     return json.dumps([[name, value.decode()] for name, value in headers])
@@ -247,50 +437,3 @@ def _encode_headers(headers: list[tuple[str, bytes]]) -> str:
 
 def _decode_headers(text: str) -> list[tuple[str, bytes]]:
     return [(name, value.encode()) for name, value in json.loads(text)]
-
-
-class SpoolDrainer:
-    """Sends spooled records to Kafka in arrival order, deleting each batch once acknowledged."""
-
-    BATCH = 500
-    ACK_TIMEOUT = 10.0
-    MAX_BACKOFF = 5.0
-
-    def __init__(self, spool: Spool, publisher: Publisher) -> None:
-        self._spool = spool
-        self._publisher = publisher
-
-    async def run(self) -> None:
-        """Drain forever; wakes when records are spooled. Cancel to stop."""
-        backoff = 0.2
-        while True:
-            await self._spool.wakeup.wait()
-            if await self.drain_once():
-                backoff = 0.2
-                continue
-            if self._spool.records:
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, self.MAX_BACKOFF)
-            else:
-                self._spool.wakeup.clear()
-
-    async def drain_once(self, ack_timeout: float = ACK_TIMEOUT) -> bool:
-        """Send the oldest batch; True if it was acknowledged and removed."""
-        batch = await self._spool.oldest(self.BATCH)
-        if batch is None:
-            return False
-        try:
-            await self._publisher.publish(batch.records, ack_timeout)
-        except KafkaUnavailable as exc:
-            log.debug("spool drain waiting for Kafka", extra={"fields": {"reason": exc.reason}})
-            return False
-        await self._spool.remove_through(batch)
-        if not self._spool.records:
-            log.info("spool drained")
-        return True
-
-    async def drain_until(self, deadline: float) -> None:
-        """At shutdown: drain what Kafka takes before `deadline` (monotonic seconds)."""
-        while self._spool.records and (left := deadline - time.monotonic()) > 0:
-            if not await self.drain_once(min(left, self.ACK_TIMEOUT)):
-                await asyncio.sleep(min(0.2, max(0.0, deadline - time.monotonic())))

@@ -40,6 +40,8 @@ _STATUS = {
     Outcome.DUPLICATE: 200,
     Outcome.INVALID: 400,
     Outcome.UNAUTHORIZED: 401,
+    # From the pipeline: Kafka refuses the records for good (too large for the topic).
+    Outcome.REJECTED: 413,
     Outcome.UNAVAILABLE: 503,
 }
 

@@ -14,20 +14,33 @@ class Readiness:
     """Whether the bridge should receive traffic.
 
     Ready when accepting callbacks and able to keep them: Kafka is reachable, or the
-    spool can hold them until it is (`spool_has_room`).
+    spool can hold them until it is (`spool_has_room`). A Kafka outage alone never makes
+    the bridge unready while the spool has room: every replica would go unready at once
+    and the load balancer would drop the callbacks. Unready, too, when the spool makes
+    no progress although Kafka answers (`spool_stalled`): something only this replica
+    or an operator can fix holds its records back.
     """
 
     def __init__(
-        self, metrics: Metrics, *, spool_has_room: Callable[[], bool] | None = None
+        self,
+        metrics: Metrics,
+        *,
+        spool_has_room: Callable[[], bool] | None = None,
+        spool_stalled: Callable[[], bool] | None = None,
     ) -> None:
         self._spool_has_room = spool_has_room or (lambda: False)
+        self._spool_stalled = spool_stalled or (lambda: False)
         self.accepting = False
         self.kafka_reachable = False
         metrics.ready.set_function(lambda: 1.0 if self.ready else 0.0)
 
     @property
     def ready(self) -> bool:
-        return self.accepting and (self.kafka_reachable or self._spool_has_room())
+        if not self.accepting:
+            return False
+        if self.kafka_reachable:
+            return not self._spool_stalled()
+        return self._spool_has_room()
 
     def update(self, *, accepting: bool | None = None, kafka_reachable: bool | None = None) -> None:
         if accepting is not None:
@@ -38,6 +51,11 @@ class Readiness:
     def why_not(self) -> str:
         if not self.accepting:
             return "not accepting callbacks (starting or draining)"
+        if self.kafka_reachable:
+            return (
+                "the spool makes no progress although Kafka answers (see the bridge's log "
+                "and `luma-kafka-bridge spool inspect`)"
+            )
         return "Kafka is not reachable and the spool cannot take callbacks (disabled or full)"
 
 

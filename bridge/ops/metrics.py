@@ -13,6 +13,7 @@ from bridge.contract.callback import KNOWN_MODELS, KNOWN_STATES
 
 DEADLETTER_REASONS = ("json", "shape", "schema")
 SHED_REASONS = ("inflight_limit", "spool_full")
+BACKGROUND_TASKS = ("drainer", "connect", "kafka_health", "file_reload")
 OUTCOMES = ("accepted", "duplicate", "invalid", "unauthorized", "rejected", "unavailable")
 
 # 1 ms to 5 s (Luma's timeout), dense where answers normally land.
@@ -150,14 +151,17 @@ class Metrics:
             ["reason"],
             registry=registry,
         )
+        # The spool's series all count Kafka records (a callback is one record per topic
+        # it is written to: its state topic and, when on, the lifecycle topic).
         self.spool_records = Gauge(
             "luma_bridge_spool_records",
-            "Callbacks held in the local spool, waiting for Kafka.",
+            "Kafka records held in the local spool, waiting for Kafka.",
             registry=registry,
         )
         self.spool_bytes = Gauge(
             "luma_bridge_spool_bytes",
-            "Bytes of records held in the local spool.",
+            "Bytes the local spool takes on disk (live database pages plus the WAL), "
+            "the measure SPOOL_MAX_BYTES bounds.",
             registry=registry,
         )
         self.spool_oldest_age = Gauge(
@@ -166,13 +170,66 @@ class Metrics:
             registry=registry,
         )
         self.spooled = Counter(
-            "luma_bridge_spooled",
-            "Callbacks written to the spool because Kafka did not acknowledge in time.",
+            "luma_bridge_spooled_records",
+            "Kafka records written to the spool (not acknowledged in time, or queued "
+            "behind an earlier record of the same generation).",
             registry=registry,
         )
         self.spool_drained = Counter(
-            "luma_bridge_spool_drained",
-            "Spooled callbacks later acknowledged by Kafka and removed from the spool.",
+            "luma_bridge_spool_drained_records",
+            "Spooled Kafka records acknowledged by Kafka and removed from the spool.",
+            registry=registry,
+        )
+        self.late_acknowledgements = Counter(
+            "luma_bridge_late_acknowledgements",
+            "Kafka records acknowledged after they were spooled: removed, not sent again.",
+            registry=registry,
+        )
+        self.spool_quarantined = Counter(
+            "luma_bridge_spool_quarantined_records",
+            "Spooled Kafka records Kafka refused for good, moved to the spool's quarantine, "
+            "by reason (the Kafka error).",
+            ["reason"],
+            registry=registry,
+        )
+        self.spool_quarantine_records = Gauge(
+            "luma_bridge_spool_quarantine_records",
+            "Kafka records held in the spool's quarantine (see `spool inspect`).",
+            registry=registry,
+        )
+        self.spool_send_failures = Counter(
+            "luma_bridge_spool_send_failures",
+            "Sends of spooled records that failed, by kind: retry (outage), topic "
+            "(authorization, unknown topic), producer (renewed).",
+            ["kind"],
+            registry=registry,
+        )
+        self.spool_write_errors = Counter(
+            "luma_bridge_spool_write_errors",
+            "Spool writes or deletes SQLite refused (a full disk, an I/O error).",
+            registry=registry,
+        )
+        self.spool_stalled = Gauge(
+            "luma_bridge_spool_stalled",
+            "1 when spooled records made no progress for SPOOL_STALL_SECONDS while Kafka "
+            "answers (then /readyz is 503), else 0.",
+            registry=registry,
+        )
+        self.refused = Counter(
+            "luma_bridge_kafka_refused_records",
+            "Callbacks answered 413 because Kafka refuses their records for good, by reason.",
+            ["reason"],
+            registry=registry,
+        )
+        self.producer_renewals = Counter(
+            "luma_bridge_kafka_producer_renewals",
+            "Kafka producers replaced after an error that left them unusable.",
+            registry=registry,
+        )
+        self.task_restarts = Counter(
+            "luma_bridge_task_restarts",
+            "Background tasks restarted after an unexpected error, by task.",
+            ["task"],
             registry=registry,
         )
         self._callback_children: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
@@ -206,3 +263,7 @@ class Metrics:
             self.deadletters.labels(reason=reason)
         for reason in ("timeout", "not_connected"):
             self.produce_errors.labels(reason=reason)
+        for kind in ("retry", "topic", "producer"):
+            self.spool_send_failures.labels(kind=kind)
+        for task in BACKGROUND_TASKS:
+            self.task_restarts.labels(task=task)
