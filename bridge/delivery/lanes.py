@@ -382,41 +382,55 @@ class Lanes:
         loop = asyncio.get_running_loop()
         if not spool.records or loop.time() < self._retry_at or self._renew:
             return
-        blocked: set[Lane] = set(self._direct)
-        blocked.update(self._pinned.values())
-        blocked.update(self._sending.values())
-        chosen: list[tuple[SpooledRecord, Lane]] = []
+        if len(self._pinned) + len(self._sending) + len(self._acked) >= spool.records:
+            return  # every row is accounted for (an outage: all pending in the producer)
+        blocked = self._busy_lanes()
+        chosen: list[int] = []
         room_records = self.WINDOW_RECORDS - len(self._sending)
         room_bytes = self.WINDOW_BYTES - self._sending_bytes
         after, scanned = 0, 0
         while room_records > 0 and scanned < self.SCAN_ROWS:
-            rows = await spool.oldest(after, 500)
-            if not rows:
+            index = await spool.index(after, 1000)
+            if not index:
                 break
-            scanned += len(rows)
-            after = rows[-1].seq
-            for row in rows:
-                lane = lane_of(row.record)
-                if row.seq in self._acked or lane in blocked:
+            scanned += len(index)
+            after = index[-1][0]
+            for seq, lane, size in index:
+                if seq in self._acked or lane in blocked:
                     continue
                 blocked.add(lane)  # one record per lane, and the oldest first
-                if row.seq in self._pinned or row.seq in self._sending:
-                    continue
-                if chosen and row.size > room_bytes:
+                if chosen and size > room_bytes:
                     room_records = 0
                     break
-                chosen.append((row, lane))
+                chosen.append(seq)
                 room_records -= 1
-                room_bytes -= row.size
+                room_bytes -= size
                 if room_records <= 0:
                     break
         if not chosen:
             return
-        futures = self._publisher.send([row.record for row, _ in chosen])
-        for (row, lane), future in zip(chosen, futures, strict=True):
-            self._sending[row.seq] = lane
+        # The reads above awaited: a lane may have become busy meanwhile (a direct send that
+        # timed out and is being spooled with an earlier arrival number). Decide now.
+        busy = self._busy_lanes()
+        rows = [
+            row
+            for row in await spool.rows(chosen)
+            if lane_of(row.record) not in busy and row.seq not in self._acked
+        ]
+        if not rows:
+            return
+        futures = self._publisher.send([row.record for row in rows])
+        for row, future in zip(rows, futures, strict=True):
+            self._sending[row.seq] = lane_of(row.record)
             self._sending_bytes += row.size
             future.add_done_callback(functools.partial(self._send_finished, row))
+
+    def _busy_lanes(self) -> set[Lane]:
+        """Lanes with a record in the producer: nothing more of theirs may be sent."""
+        busy = set(self._direct)
+        busy.update(self._pinned.values())
+        busy.update(self._sending.values())
+        return busy
 
     def _send_finished(self, row: SpooledRecord, future: asyncio.Future[Placement]) -> None:
         self._finished.append((row, future))

@@ -313,6 +313,40 @@ class Spool:
             for seq, topic, key, value, headers, size in rows
         ]
 
+    async def index(self, after: int = 0, limit: int = 500) -> list[tuple[int, Lane, int]]:
+        """Up to `limit` (seq, lane, size) with a `seq` above `after`, in arrival order.
+
+        Cheap: no value is read or decoded; `rows()` fetches the ones chosen.
+        """
+        return await self._run(self._index_sync, after, limit)
+
+    def _index_sync(self, after: int, limit: int) -> list[tuple[int, Lane, int]]:
+        rows = self._require_db().execute(
+            "SELECT seq, topic, key, size FROM spool WHERE seq > ? ORDER BY seq LIMIT ?",
+            (after, limit),
+        )
+        return [(seq, (topic, key), size) for seq, topic, key, size in rows]
+
+    async def rows(self, seqs: Sequence[int]) -> list[SpooledRecord]:
+        """The rows `seqs` (those still spooled), in arrival order."""
+        return await self._run(self._rows_sync, list(seqs))
+
+    def _rows_sync(self, seqs: list[int]) -> list[SpooledRecord]:
+        db = self._require_db()
+        found: list[SpooledRecord] = []
+        for start in range(0, len(seqs), 500):
+            chunk = seqs[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            found.extend(
+                SpooledRecord(seq, Record(topic, key, value, _decode_headers(headers)), size)
+                for seq, topic, key, value, headers, size in db.execute(
+                    f"SELECT seq, topic, key, value, headers, size FROM spool "  # noqa: S608 - only placeholders
+                    f"WHERE seq IN ({marks})",
+                    chunk,
+                )
+            )
+        return sorted(found, key=lambda row: row.seq)
+
     async def remove(self, seqs: Iterable[int]) -> None:
         """Delete the rows `seqs` (acknowledged by Kafka). Raises `SpoolUnwritable`."""
         batch = list(seqs)

@@ -1,5 +1,9 @@
 """Fault-injection harness: the bridge as its own process (the real CLI), a broker process,
-load from `simulate`, and an audit of every event id answered 200 against Kafka.
+load shaped like Luma's (`luma_load`, or `simulate`), and an audit of the lifecycle topic
+against what was answered 200: missing, order violations, duplicates and regressions.
+
+`audit_lifecycle(records, arrivals)` is the audit on its own: give it the records read
+from `{prefix}.lifecycle` and the arrival log of `run_load`; it needs no bridge.
 
 Broker outages are made by freezing the broker (SIGSTOP/SIGCONT) or by a TCP proxy in
 front of it that can delay or cut traffic; never by restarting it, since the embedded
@@ -32,6 +36,16 @@ from tests.helpers import consume
 TOKEN = "fault-token-0123456789"
 
 
+#: How far along its life a state is (as `GenerationConsumer` ranks them).
+PROGRESS = {"queued": 0, "dreaming": 1, "completed": 2, "failed": 2}
+#: The audit judges the order of two callbacks of one generation when their accepted
+#: attempts were sent at least this far apart and the bridge stamped them (its
+#: `luma-received-at`, in ms, taken in the same step that queues them) in that order.
+#: Requests sent close together, or that the client or the loop delayed so that the
+#: bridge read them together, have no arrival order anyone could keep.
+ARRIVAL_MARGIN = 0.1
+
+
 @dataclass
 class Audit:
     """What a scenario sent, what was acknowledged and what Kafka holds."""
@@ -43,10 +57,128 @@ class Audit:
     found_in_kafka: int = 0
     missing: int = 0
     duplicates: int = 0
+    order_violations: int = 0
+    regressions: int = 0
+    ordered_pairs_checked: int = 0
     statuses: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """One callback answered 200: which state of which generation, and when (monotonic)."""
+
+    event_id: str
+    generation: str
+    state: str
+    sent: float
+    answered: float
+
+
+@dataclass(frozen=True)
+class Landed:
+    """One record read from the lifecycle topic."""
+
+    event_id: str
+    generation: str
+    state: str
+    partition: int
+    offset: int
+    received_at: str = ""  # the bridge's luma-received-at stamp (RFC 3339, ms)
+
+
+@dataclass(frozen=True)
+class OrderAudit:
+    """The lifecycle topic judged against the arrivals."""
+
+    missing: int
+    order_violations: int
+    duplicates: int
+    regressions: int
+    found: int
+    ordered_pairs_checked: int
+
+
+def landed_from(records: list[ConsumerRecord]) -> list[Landed]:
+    """Lifecycle records as `Landed` (event id and state from the bridge's headers)."""
+    landed = []
+    for record in records:
+        headers = {name: value.decode() for name, value in record.headers}
+        landed.append(
+            Landed(
+                headers["luma-event-id"],
+                record.key.decode(),
+                headers.get("luma-state", ""),
+                record.partition,
+                record.offset,
+                headers.get("luma-received-at", ""),
+            )
+        )
+    return landed
+
+
+def audit_lifecycle(
+    records: list[ConsumerRecord] | list[Landed], arrivals: list[Arrival]
+) -> OrderAudit:
+    """Judge what the lifecycle topic holds against what was answered 200.
+
+    missing: acknowledged event ids not on the topic.
+    duplicates: records beyond the first per event id.
+    order_violations: pairs of one generation's acknowledged callbacks that certainly
+      arrived in one order (see `ARRIVAL_MARGIN`) where the later one's first copy
+      precedes the earlier one's, or a copy of the earlier one follows the later one's
+      first copy.
+    regressions: records, read in partition order as a plain consumer reads them, whose
+      state is earlier than a state already seen for their generation.
+    """
+    landed = [r if isinstance(r, Landed) else landed_from([r])[0] for r in records]
+    landed.sort(key=lambda r: (r.partition, r.offset))
+    by_generation: dict[str, list[Landed]] = {}
+    for record in landed:
+        by_generation.setdefault(record.generation, []).append(record)
+    ids = [record.event_id for record in landed]
+    acked = {arrival.event_id for arrival in arrivals}
+    regressions = 0
+    for history in by_generation.values():
+        furthest = -1
+        for record in history:
+            rank = PROGRESS.get(record.state, -1)
+            if rank < furthest:
+                regressions += 1
+            furthest = max(furthest, rank)
+    violations, checked = 0, 0
+    arrivals_by_generation: dict[str, list[Arrival]] = {}
+    for arrival in arrivals:
+        arrivals_by_generation.setdefault(arrival.generation, []).append(arrival)
+    for generation, own in arrivals_by_generation.items():
+        positions: dict[str, list[int]] = {}
+        stamps: dict[str, str] = {}
+        for index, record in enumerate(by_generation.get(generation, ())):
+            positions.setdefault(record.event_id, []).append(index)
+            stamps[record.event_id] = record.received_at
+        own.sort(key=lambda a: a.sent)
+        for i, earlier in enumerate(own):
+            for later in own[i + 1 :]:
+                if later.sent - earlier.sent < ARRIVAL_MARGIN:
+                    continue
+                if stamps.get(earlier.event_id, "") >= stamps.get(later.event_id, "~"):
+                    continue  # the bridge read them together, or the other way round
+                first, second = positions.get(earlier.event_id), positions.get(later.event_id)
+                if not first or not second:
+                    continue  # missing: counted as missing
+                checked += 1
+                if max(first) > min(second):
+                    violations += 1
+    return OrderAudit(
+        missing=len(acked - set(ids)),
+        order_violations=violations,
+        duplicates=len(ids) - len(set(ids)),
+        regressions=regressions,
+        found=len(acked & set(ids)),
+        ordered_pairs_checked=checked,
+    )
 
 
 class BridgeProcess:
@@ -210,12 +342,73 @@ def audit(scenario: str, summary: dict[str, Any], acked: list[str], found: list[
         duplicates=len(found) - len(unique),
         statuses=summary["statuses"],
     )
+    _write_report(result)
+    return result
+
+
+async def run_load(
+    url: str, generations: int, *, rate: float = 20.0, gap: float = 0.15, seed: int = 7
+) -> tuple[dict[str, Any], list[Arrival]]:
+    """`luma_load` as a subprocess: Luma's independent state deliveries; the arrival log."""
+    arrivals_file = Path(tempfile.mkdtemp()) / "arrivals.jsonl"
+    argv = [sys.executable, "-m", "tests.faults.luma_load", "--url", url]
+    argv += ["--generations", str(generations), "--rate", str(rate), "--gap", str(gap)]
+    argv += ["--seed", str(seed), "--arrivals", str(arrivals_file)]
+    process = await asyncio.create_subprocess_exec(
+        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await process.communicate()
+    if not out.strip():
+        raise AssertionError(f"luma_load printed nothing: {err.decode()[-2000:]}")
+    summary = json.loads(out.decode().strip().splitlines()[-1])
+    arrivals = [
+        Arrival(e["event_id"], e["generation"], e["state"], e["sent"], e["answered"])
+        for e in map(json.loads, arrivals_file.read_text().splitlines())
+        if e["status"] == "200"
+    ]
+    return summary, arrivals
+
+
+async def lifecycle_records(
+    bootstrap: str, topic: str, *, expect: set[str], timeout: float = 90.0
+) -> list[ConsumerRecord]:
+    """The records of `topic`, read until every id of `expect` is seen and a poll is idle."""
+
+    def seen(records: list[ConsumerRecord]) -> set[str]:
+        return {dict(record.headers)["luma-event-id"].decode() for record in records}
+
+    return await consume(
+        bootstrap, topic, done=lambda rs, idle: idle and expect <= seen(rs), timeout=timeout
+    )
+
+
+def report(
+    scenario: str, summary: dict[str, Any], arrivals: list[Arrival], found: OrderAudit
+) -> Audit:
+    """The scenario's numbers, printed and appended to FAULT_REPORT (the README's table)."""
+    result = Audit(
+        scenario=scenario,
+        sent=summary["sent"],
+        acknowledged=len({a.event_id for a in arrivals}),
+        answered_non_200=sum(n for s, n in summary["statuses"].items() if s != "200"),
+        found_in_kafka=found.found,
+        missing=found.missing,
+        duplicates=found.duplicates,
+        order_violations=found.order_violations,
+        regressions=found.regressions,
+        ordered_pairs_checked=found.ordered_pairs_checked,
+        statuses=summary["statuses"],
+    )
+    _write_report(result)
+    return result
+
+
+def _write_report(result: Audit) -> None:
     report_file = os.environ.get("FAULT_REPORT")
     if report_file:
         with open(report_file, "a") as out:
             out.write(json.dumps(result.as_dict()) + "\n")
     print(json.dumps(result.as_dict()))
-    return result
 
 
 def new_prefix() -> str:
