@@ -200,7 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 settings, group_id=args.group, dry_run=args.dry_run, as_json=args.json
             )
             return run_async(replay)
-        run_async(serve(settings))
+        run_async(serve(settings, exit_when_done=True))
         return 0
     except SettingsError as exc:
         return fail(str(exc), EXIT_USAGE)

@@ -152,13 +152,13 @@ class BridgeServer:
         self.metrics.phase.set(PHASE_STOPPING)
         if self.spool is not None and self.publisher.connected:
             # The drainer is still running: what Kafka takes now is not left behind.
-            await self.lanes.settle(deadline - 1.0)
+            await self.lanes.settle(deadline - 2.0)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
         # Flushes whatever the producer still buffers, if Kafka takes it in time.
-        await self.publisher.stop(timeout=_left(deadline, margin=0.5))
+        await self.publisher.stop(timeout=_left(deadline, margin=1.5))
         if self.spool is not None:
             if self.spool.records:
                 log.warning(
@@ -478,9 +478,17 @@ def install_signal_handlers(stopping: asyncio.Event) -> None:
 
 
 async def serve(
-    settings: Settings, *, on_serving: Callable[[BridgeServer], None] | None = None
+    settings: Settings,
+    *,
+    on_serving: Callable[[BridgeServer], None] | None = None,
+    exit_when_done: bool = False,
 ) -> None:
-    """Run the bridge until SIGTERM or SIGINT, then shut down gracefully."""
+    """Run the bridge until SIGTERM or SIGINT, then shut down gracefully.
+
+    With `exit_when_done` (the `serve` command), the process ends as soon as the bridge
+    is stopped: what is left is the interpreter's teardown of library objects, which a
+    busy node can stretch past SHUTDOWN_TIMEOUT.
+    """
     stopping = asyncio.Event()
     install_signal_handlers(stopping)
     server = BridgeServer(settings)
@@ -491,3 +499,31 @@ async def serve(
         await stopping.wait()
     finally:
         await server.stop()
+        await _leave_promptly(exit_when_done)
+
+
+LEFTOVER_GRACE_SECONDS = 0.5
+
+
+async def _leave_promptly(exit_now: bool) -> None:
+    """After a graceful stop, end what libraries left running, or exit without them.
+
+    aiokafka's tasks may wait on an unresponsive broker long after its producer was
+    abandoned, and `asyncio.run` would wait for them: the exit would no longer be
+    bounded by SHUTDOWN_TIMEOUT. Everything of ours is closed and fsynced by now.
+    """
+    current = asyncio.current_task()
+    leftovers = [task for task in asyncio.all_tasks() if task is not current]
+    for task in leftovers:
+        task.cancel()
+    pending: set[asyncio.Task[Any]] = set()
+    if leftovers:
+        _, pending = await asyncio.wait(leftovers, timeout=LEFTOVER_GRACE_SECONDS)
+    if pending:
+        log.warning(
+            "exiting without waiting for the Kafka client's tasks",
+            extra={"fields": {"tasks": len(pending)}},
+        )
+    if pending or exit_now:
+        logging.shutdown()  # flush the log before leaving
+        os._exit(0)

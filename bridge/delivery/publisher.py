@@ -392,11 +392,16 @@ def _fail(future: asyncio.Future[Placement], error: BaseException) -> None:
 
 
 async def _abandon(producer: AIOKafkaProducer) -> None:
-    """Close a producer whose flush hangs: stop its sender and its connections, briefly."""
+    """Close a producer whose flush hangs: its connections first, so that requests waiting on
+    an unresponsive broker fail at once, then its sender task; each step briefly."""
     # aiokafka has no public "close without flushing"; these are its own close steps.
-    sender = getattr(producer, "_sender", None)
     with contextlib.suppress(Exception):
-        async with asyncio.timeout(1.0):
-            if sender is not None:
-                await sender.close()
+        async with asyncio.timeout(0.25):
             await producer.client.close()
+    sender = getattr(producer, "_sender", None)
+    task = getattr(sender, "sender_task", None)
+    if task is not None and not task.done():
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            async with asyncio.timeout(0.25):
+                await task

@@ -216,7 +216,13 @@ class BridgeProcess:
         argv = [sys.executable, "-m", "bridge", "serve"]
         for name, value in flags.items():
             argv += ["--" + name.replace("_", "-"), str(value)]
-        self.process = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT)
+        env = dict(os.environ)
+        other_build = os.environ.get("FAULT_BRIDGE_SOURCE")
+        if other_build:
+            # Audit another checkout's bridge with the same scenarios (e.g. main's, to show
+            # that a scenario fails there).
+            env["PYTHONPATH"] = other_build
+        self.process = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, env=env)
         return self
 
     async def wait_ready(self, timeout: float = 20.0) -> None:

@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import json
 import random
+import resource
 import time
 from collections import Counter
 from datetime import UTC, datetime, timedelta
@@ -45,6 +46,8 @@ class Load:
 
     async def run(self, generations: int, rate: float, gap: float, concurrency: int) -> None:
         created = datetime.now(UTC) - timedelta(minutes=2)
+        # Luma opens as many connections as it has callbacks in flight; a client-side
+        # connection queue would delay sends and scramble their arrival order.
         connector = aiohttp.TCPConnector(limit=concurrency)
         async with aiohttp.ClientSession(connector=connector) as session:
             tasks = []
@@ -117,10 +120,12 @@ def main() -> None:
     parser.add_argument(
         "--gap", type=float, default=0.15, help="seconds between a generation's states"
     )
-    parser.add_argument("--concurrency", type=int, default=256)
+    parser.add_argument("--concurrency", type=int, default=4000)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--arrivals", type=Path, required=True)
     args = parser.parse_args()
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 8192), hard))
     load = Load(args.url, seed=args.seed)
     asyncio.run(load.run(args.generations, args.rate, args.gap, args.concurrency))
     with args.arrivals.open("w") as out:
