@@ -31,7 +31,6 @@ from tests.faults.harness import (
     BridgeProcess,
     DelayingProxy,
     audit_lifecycle,
-    landed_from,
     frozen,
     lifecycle_records,
     new_prefix,
@@ -96,11 +95,6 @@ async def check(
         bootstrap, f"{prefix}.lifecycle", expect={a.event_id for a in arrivals}
     )
     result = report(scenario, summary, arrivals, audit_lifecycle(records, arrivals))
-    if os.environ.get("FAULT_DEBUG"):
-        import pickle
-
-        with open(os.environ["FAULT_DEBUG"], "wb") as out:
-            pickle.dump((landed_from(records), arrivals, [dict(r.headers) for r in records]), out)
     assert result.acknowledged > 0, result
     assert result.missing == 0, result
     assert result.order_violations == 0, result
