@@ -129,8 +129,16 @@ _TOPIC_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+_RETRY_ERRORS: tuple[type[BaseException], ...] = (
+    # Not marked retriable by aiokafka, but only ever a matter of time.
+    Errors.KafkaTimeoutError,
+)
+
+
 def classify(error: BaseException) -> Failure:
     """What `error`, the outcome of one send, means for its record (see `Failure`)."""
+    if isinstance(error, _RETRY_ERRORS):
+        return Failure.RETRY
     if isinstance(error, _RECORD_ERRORS):
         return Failure.RECORD
     if isinstance(error, _PRODUCER_ERRORS):

@@ -76,6 +76,11 @@ WAL_FACTOR = 2
 Lane = tuple[str, bytes | None]
 
 
+RESERVE_NAME = "spool.reserve"
+# Free space a write leaves on the volume at least (file system and WAL overhead).
+WRITE_MARGIN_BYTES = 64 * 1024
+
+
 class SpoolFull(Exception):
     """The spool has reached SPOOL_MAX_BYTES on disk; the caller answers 503."""
 
@@ -122,6 +127,10 @@ class Spool:
         self._path = directory / "spool.sqlite3"
         self._directory = directory
         self._max_bytes = max_bytes
+        # Bytes kept free on the volume, and held by a reserve file: what deleting rows
+        # needs (their pages go through the WAL) when the disk is full.
+        self._reserve = min(1 << 20, max(64 * 1024, max_bytes // 64))
+        self._reserve_held = False
         self._metrics = metrics
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool")
         self._db: sqlite3.Connection | None = None
@@ -179,12 +188,19 @@ class Spool:
         # FULL: every commit is fsynced, so an answered 200 survives power loss too.
         db.execute("PRAGMA synchronous=FULL")
         page_size = int(db.execute("PRAGMA page_size").fetchone()[0])
-        # Checkpoint (and cut the WAL back) often enough that the WAL stays a small
-        # share of SPOOL_MAX_BYTES.
-        db.execute(
-            f"PRAGMA wal_autocheckpoint={max(16, min(1000, self._max_bytes // page_size // 16))}"
-        )
-        db.execute(f"PRAGMA journal_size_limit={max(64 * 1024, self._max_bytes // 16)}")
+        # Checkpoint (and cut the WAL back) often enough that the WAL stays a small share
+        # of SPOOL_MAX_BYTES, and of the volume: a checkpoint copies the WAL into the
+        # database, which needs that much free space; a WAL as large as the free space
+        # could never be checkpointed on a full disk, nor rows deleted.
+        volume = self._max_bytes
+        with contextlib.suppress(OSError):
+            stat = os.statvfs(self._directory)
+            volume = min(volume, stat.f_blocks * stat.f_frsize)
+        checkpoint_pages = max(16, min(1000, volume // page_size // 16))
+        db.execute(f"PRAGMA wal_autocheckpoint={checkpoint_pages}")
+        db.execute(f"PRAGMA journal_size_limit={checkpoint_pages * page_size}")
+        # Room left free for the WAL to reach its limit and be checkpointed.
+        self._write_margin = 2 * checkpoint_pages * page_size + WRITE_MARGIN_BYTES
         version = int(db.execute("PRAGMA user_version").fetchone()[0])
         if version > SCHEMA_VERSION:
             raise RuntimeError(
@@ -210,7 +226,45 @@ class Spool:
         self._db, self._records, self._oldest = db, count, oldest
         self._quarantined = quarantined
         self._next_seq = max(last, last_quarantined, issued[0] if issued else 0) + 1
+        self._keep_reserve_sync()
         self._disk_bytes = self._measure_sync()
+
+    def _free_bytes(self) -> int:
+        try:
+            stat = os.statvfs(self._directory)
+        except OSError:
+            return 0
+        return stat.f_bavail * stat.f_frsize
+
+    def _keep_reserve_sync(self) -> None:
+        """Hold the reserve file when there is room for it (again)."""
+        reserve = self._directory / RESERVE_NAME
+        if reserve.exists():
+            self._reserve_held = True
+            return
+        with contextlib.suppress(OSError):
+            stat = os.statvfs(self._directory)
+            self._reserve = min(self._reserve, stat.f_blocks * stat.f_frsize // 16)
+        try:
+            with reserve.open("wb") as out:
+                out.truncate(0)
+                out.write(b"\0" * self._reserve)
+                out.flush()
+                os.fsync(out.fileno())
+            self._reserve_held = True
+        except OSError:
+            reserve.unlink(missing_ok=True)
+
+    def _give_up_reserve_sync(self) -> None:
+        reserve = self._directory / RESERVE_NAME
+        if reserve.exists():
+            log.warning(
+                "the spool's volume is full; giving up the reserve so that delivered rows "
+                "can still be deleted",
+                extra={"fields": {"dir": str(self._directory)}},
+            )
+            reserve.unlink(missing_ok=True)
+        self._reserve_held = False
 
     async def close(self) -> None:
         if self._writer is not None:
@@ -237,6 +291,11 @@ class Spool:
         estimate = sum(WAL_FACTOR * (record_size(r) + ROW_OVERHEAD_BYTES) for _, r in rows)
         if self._disk_bytes + self._pending_estimate + estimate > self._max_bytes:
             raise SpoolFull
+        # With the reserve given up (the disk was full), wait until there is room for it.
+        margin = self._write_margin + (0 if self._reserve_held else self._reserve)
+        if self._free_bytes() < self._pending_estimate + estimate + margin:
+            self._metrics.spool_write_errors.inc()
+            raise SpoolUnwritable(f"less than {self._reserve} bytes free on {self._directory}")
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending.append(_Append(rows, estimate, done))
         self._pending_estimate += estimate
@@ -363,16 +422,30 @@ class Spool:
 
     def _remove_sync(self, seqs: list[int]) -> tuple[int, float | None, int]:
         db = self._require_db()
-        with db:
-            db.execute("BEGIN IMMEDIATE")
-            removed = sum(
-                db.execute("DELETE FROM spool WHERE seq = ?", (seq,)).rowcount for seq in seqs
-            )
+        try:
+            removed = self._delete_sync(seqs)
+        except sqlite3.Error as exc:
+            if not _disk_full(exc):
+                raise
+            # Deleting needs WAL space too: give up the reserve, fold the WAL into the
+            # database, and try once more.
+            self._give_up_reserve_sync()
+            self._checkpoint_sync()
+            removed = self._delete_sync(seqs)
         oldest, left = db.execute("SELECT min(spooled_at), count(*) FROM spool").fetchone()
         if not left:
             # Drained: cut the WAL back so that an empty spool is small on disk again.
             self._checkpoint_sync()
+            self._keep_reserve_sync()
         return removed, oldest, self._measure_sync()
+
+    def _delete_sync(self, seqs: list[int]) -> int:
+        db = self._require_db()
+        with db:
+            db.execute("BEGIN IMMEDIATE")
+            return sum(
+                db.execute("DELETE FROM spool WHERE seq = ?", (seq,)).rowcount for seq in seqs
+            )
 
     async def quarantine(self, seq: int, reason: str) -> None:
         """Move row `seq` aside: Kafka refuses it for good (`reason`, an error class name)."""
@@ -436,11 +509,11 @@ class Spool:
         page_size = db.execute("PRAGMA page_size").fetchone()[0]
         pages = db.execute("PRAGMA page_count").fetchone()[0]
         free = db.execute("PRAGMA freelist_count").fetchone()[0]
-        try:
-            wal = os.path.getsize(f"{self._path}-wal")
-        except OSError:
-            wal = 0
-        return int((pages - free) * page_size + wal)
+        extra = 0
+        for name in (f"{self._path.name}-wal", RESERVE_NAME):
+            with contextlib.suppress(OSError):
+                extra += (self._directory / name).stat().st_size
+        return int((pages - free) * page_size + extra)
 
     def _update_gauges(self) -> None:
         self._metrics.spool_records.set(self._records)
@@ -458,6 +531,10 @@ class Spool:
 
     async def _run(self, function: Callable[..., T], *args: object) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
+
+
+def _disk_full(exc: BaseException) -> bool:
+    return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "full" in str(exc)
 
 
 def _unwritable(exc: BaseException) -> SpoolUnwritable:

@@ -5,11 +5,19 @@ from __future__ import annotations
 import inspect
 import logging
 
+import pytest
+from aiokafka import errors
 from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.producer import sender
 from prometheus_client import CollectorRegistry
 
-from bridge.delivery.publisher import RetryCounter, keyed_partitioner
+from bridge.delivery.publisher import (
+    Failure,
+    NotConnected,
+    RetryCounter,
+    classify,
+    keyed_partitioner,
+)
 from bridge.ops.metrics import Metrics
 
 
@@ -42,3 +50,27 @@ def test_the_retry_openings_are_aiokafkas_own_words() -> None:
     source = inspect.getsource(sender)
     for opening in RetryCounter.OPENINGS:
         assert f'"{opening}' in source
+
+
+@pytest.mark.parametrize(
+    ("error", "failure"),
+    [
+        (errors.KafkaTimeoutError(), Failure.RETRY),
+        (errors.RequestTimedOutError(), Failure.RETRY),
+        (errors.KafkaConnectionError(), Failure.RETRY),
+        (errors.NotLeaderForPartitionError(), Failure.RETRY),
+        (errors.MessageSizeTooLargeError(), Failure.RECORD),
+        (errors.RecordTooLargeError(), Failure.RECORD),
+        (errors.CorruptRecordException(), Failure.RECORD),
+        (errors.TopicAuthorizationFailedError(), Failure.TOPIC),
+        (errors.UnknownTopicOrPartitionError(), Failure.TOPIC),
+        (errors.OutOfOrderSequenceNumber(), Failure.PRODUCER),
+        (errors.ProducerFenced(), Failure.PRODUCER),
+        (errors.KafkaError("Unexpected error during batch delivery"), Failure.PRODUCER),
+        (NotConnected(), Failure.RETRY),
+    ],
+)
+def test_errors_are_sorted_by_what_can_be_done_about_them(
+    error: BaseException, failure: Failure
+) -> None:
+    assert classify(error) is failure
