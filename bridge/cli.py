@@ -25,6 +25,8 @@ from bridge.consume.consumer import FOLLOWABLE_STATES
 from bridge.consume.deadletter import replay_command
 from bridge.consume.tail import TailOptions, tail_command
 from bridge.contract.asyncapi import schema_command
+from bridge.delivery.offline import drain_spool, inspect_spool
+from bridge.delivery.publisher import KafkaUnavailable
 from bridge.delivery.topics import create_topics
 from bridge.devtools.embedded import EmbeddedBroker, EmbeddedBrokerError
 from bridge.devtools.simulate import SimulateOptions, simulate
@@ -149,6 +151,18 @@ def build_parser() -> argparse.ArgumentParser:
     tail_cmd.add_argument("--group", default=None, help="consumer group, to resume and commit")
     add_settings_flags(tail_cmd)
 
+    spool_cmd = commands.add_parser("spool", help="a spool left behind: inspect it, drain it")
+    spool_sub = spool_cmd.add_subparsers(dest="spool_command", metavar="ACTION", required=True)
+    inspect_cmd = spool_sub.add_parser("inspect", help="print what SPOOL_DIR holds, as JSON")
+    add_settings_flags(inspect_cmd)
+    drain_cmd = spool_sub.add_parser(
+        "drain", help="send SPOOL_DIR's records to Kafka in order (never on a live bridge's)"
+    )
+    drain_cmd.add_argument(
+        "--timeout", type=float, default=300.0, help="give up after this many seconds (300)"
+    )
+    add_settings_flags(drain_cmd)
+
     dead_cmd = commands.add_parser("deadletter", help="dead-lettered callbacks")
     dead_sub = dead_cmd.add_subparsers(dest="deadletter_command", metavar="ACTION", required=True)
     replay_cmd = dead_sub.add_parser(
@@ -195,6 +209,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 group_id=args.group,
             )
             return run_async(tail_command(settings, options))
+        if args.command == "spool":
+            return run_spool(args, settings)
         if args.command == "deadletter":
             replay = replay_command(
                 settings, group_id=args.group, dry_run=args.dry_run, as_json=args.json
@@ -208,6 +224,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         return fail(str(exc))
     except KeyboardInterrupt:
         return 130
+
+
+def run_spool(args: argparse.Namespace, settings: Settings) -> int:
+    """`spool inspect` and `spool drain`; exit 1 when records are left (or no spool)."""
+    try:
+        if args.spool_command == "inspect":
+            print(json.dumps(run_async(inspect_spool(settings.spool_dir)), indent=2))
+            return 0
+        summary = run_async(drain_spool(settings, within=args.timeout))
+    except FileNotFoundError as exc:
+        return fail(f"{exc}; pass --spool-dir (or LUMA_BRIDGE_SPOOL_DIR)")
+    except KafkaUnavailable as exc:
+        return fail(
+            f"cannot reach Kafka ({exc.reason}); check --kafka-bootstrap-servers and try again"
+        )
+    print(json.dumps(summary.as_dict()))
+    if summary.records_left:
+        return fail(
+            f"{summary.records_left} records are still in the spool; run it again when Kafka "
+            "takes them (the bridge's log and `spool inspect` say why not)"
+        )
+    return 0
 
 
 def run_topics_create(settings: Settings) -> int:
