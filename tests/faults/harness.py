@@ -59,6 +59,7 @@ class Audit:
     duplicates: int = 0
     order_violations: int = 0
     regressions: int = 0
+    regressions_by_bridge: int = 0
     ordered_pairs_checked: int = 0
     statuses: dict[str, int] = field(default_factory=dict)
 
@@ -99,6 +100,7 @@ class OrderAudit:
     regressions: int
     found: int
     ordered_pairs_checked: int
+    regressions_by_bridge: int = 0
 
 
 def landed_from(records: list[ConsumerRecord]) -> list[Landed]:
@@ -132,6 +134,10 @@ def audit_lifecycle(
       first copy.
     regressions: records, read in partition order as a plain consumer reads them, whose
       state is earlier than a state already seen for their generation.
+    regressions_by_bridge: those of them the bridge received before the state they
+      follow (by its `luma-received-at` stamps): a re-send or a reordering of its own. The
+      others arrived in that order (Luma's, or the load's, delivery order), which no
+      bridge can undo; `GenerationConsumer` flags them stale.
     """
     landed = [r if isinstance(r, Landed) else landed_from([r])[0] for r in records]
     landed.sort(key=lambda r: (r.partition, r.offset))
@@ -140,14 +146,17 @@ def audit_lifecycle(
         by_generation.setdefault(record.generation, []).append(record)
     ids = [record.event_id for record in landed]
     acked = {arrival.event_id for arrival in arrivals}
-    regressions = 0
+    regressions, by_bridge = 0, 0
     for history in by_generation.values():
-        furthest = -1
+        furthest: Landed | None = None
         for record in history:
             rank = PROGRESS.get(record.state, -1)
-            if rank < furthest:
+            if furthest is not None and rank < PROGRESS.get(furthest.state, -1):
                 regressions += 1
-            furthest = max(furthest, rank)
+                if record.received_at < furthest.received_at:
+                    by_bridge += 1  # received first, written after: the bridge's doing
+            elif furthest is None or rank > PROGRESS.get(furthest.state, -1):
+                furthest = record
     violations, checked = 0, 0
     arrivals_by_generation: dict[str, list[Arrival]] = {}
     for arrival in arrivals:
@@ -176,6 +185,7 @@ def audit_lifecycle(
         order_violations=violations,
         duplicates=len(ids) - len(set(ids)),
         regressions=regressions,
+        regressions_by_bridge=by_bridge,
         found=len(acked & set(ids)),
         ordered_pairs_checked=checked,
     )
@@ -402,6 +412,7 @@ def report(
         duplicates=found.duplicates,
         order_violations=found.order_violations,
         regressions=found.regressions,
+        regressions_by_bridge=found.regressions_by_bridge,
         ordered_pairs_checked=found.ordered_pairs_checked,
         statuses=summary["statuses"],
     )

@@ -49,7 +49,11 @@ class Load:
         # Luma opens as many connections as it has callbacks in flight; a client-side
         # connection queue would delay sends and scramble their arrival order.
         connector = aiohttp.TCPConnector(limit=concurrency)
-        async with aiohttp.ClientSession(connector=connector) as session:
+        # `sent` is when the request's headers went out, after any connection set-up: two
+        # callbacks due at once can leave in either order, and the audit must know which.
+        trace = aiohttp.TraceConfig()
+        trace.on_request_headers_sent.append(_headers_sent)
+        async with aiohttp.ClientSession(connector=connector, trace_configs=[trace]) as session:
             tasks = []
             start = time.monotonic()
             for n in range(generations):
@@ -69,8 +73,9 @@ class Load:
         for attempt in range(RETRIES + 1):
             if attempt:
                 await asyncio.sleep(RETRY_DELAY)
-            sent, sent_wall = time.monotonic(), time.time()
-            status, event_id = await self._post(session, body)
+            moment: dict[str, float] = {}
+            status, event_id = await self._post(session, body, moment)
+            sent, sent_wall = moment.get("sent", 0.0), moment.get("sent_wall", 0.0)
             self.statuses[status] += 1
             if status == "200":
                 entry.update(
@@ -81,13 +86,16 @@ class Load:
         self.final[status] += 1
         self.arrivals.append(entry)
 
-    async def _post(self, session: aiohttp.ClientSession, body: bytes) -> tuple[str, str | None]:
+    async def _post(
+        self, session: aiohttp.ClientSession, body: bytes, moment: dict[str, float]
+    ) -> tuple[str, str | None]:
         try:
             async with session.post(
                 self.url,
                 data=body,
                 headers={"Content-Type": "application/json"},
                 timeout=aiohttp.ClientTimeout(total=TIMEOUT),
+                trace_request_ctx=moment,
             ) as response:
                 answer = await response.read()
                 if response.status == 200:
@@ -104,6 +112,13 @@ class Load:
             "statuses": dict(self.statuses),
             "final_statuses": dict(self.final),
         }
+
+
+async def _headers_sent(
+    _: aiohttp.ClientSession, context: Any, __: aiohttp.TraceRequestHeadersSentParams
+) -> None:
+    moment = context.trace_request_ctx
+    moment["sent"], moment["sent_wall"] = time.monotonic(), time.time()
 
 
 async def _sleep_until(moment: float) -> None:

@@ -37,6 +37,7 @@ def test_a_later_state_first_is_an_order_violation_and_a_regression() -> None:
     result = audit_lifecycle(topic("d", "q", "c"), ARRIVALS)
     assert result.order_violations == 1
     assert result.regressions == 1
+    assert result.regressions_by_bridge == 1
 
 
 def test_a_late_copy_of_an_earlier_state_is_a_duplicate_a_violation_and_a_regression() -> None:
@@ -56,6 +57,7 @@ def test_callbacks_the_bridge_read_together_are_not_judged() -> None:
     result = audit_lifecycle(together, ARRIVALS[:2])
     assert result.ordered_pairs_checked == 0
     assert result.regressions == 1  # a plain consumer still sees it
+    assert result.regressions_by_bridge == 0  # but the bridge received them that way
 
 
 def test_missing_is_counted_and_close_arrivals_are_not_judged() -> None:

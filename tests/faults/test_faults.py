@@ -41,6 +41,7 @@ from tests.faults.harness import (
 pytestmark = pytest.mark.faults
 
 OUTAGE = float(os.environ.get("FAULT_OUTAGE_SECONDS", "5"))
+REQUEST_TIMEOUT = 30.0  # KAFKA_REQUEST_TIMEOUT_MS's default, in seconds
 
 
 @pytest.fixture
@@ -90,7 +91,8 @@ async def check(
     crashed: bool = False,
 ) -> Audit:
     """The whole promise: nothing missing, each generation in arrival order, and (without a
-    crash) no state going backwards; duplicates are counted and reported."""
+    crash) no state written after a later one the bridge had received after it;
+    duplicates and every regression a plain consumer sees are counted and reported."""
     records = await lifecycle_records(
         bootstrap, f"{prefix}.lifecycle", expect={a.event_id for a in arrivals}
     )
@@ -99,7 +101,8 @@ async def check(
     assert result.missing == 0, result
     assert result.order_violations == 0, result
     if not crashed:
-        assert result.regressions == 0, result
+        # What remains arrived in that order: see `audit_lifecycle`.
+        assert result.regressions_by_bridge == 0, result
     return result
 
 
@@ -119,7 +122,11 @@ async def test_broker_outage_mid_load(
         await asyncio.sleep(OUTAGE)
     summary, arrivals = await load
     result = await check("broker frozen mid-load", broker.bootstrap, prefix, summary, arrivals)
-    assert result.duplicates == 0, result
+    if OUTAGE < REQUEST_TIMEOUT:
+        # Longer outages outlast the producer's request timeout: aiokafka sends again the
+        # request whose answer never came, and without idempotence (Tansu) the broker keeps
+        # both copies. Counted in the report, explained in docs/delivery.md.
+        assert result.duplicates == 0, result
 
 
 async def test_broker_unreachable_at_start_up(prefix: str, tmp_path: Path) -> None:
