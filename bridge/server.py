@@ -499,7 +499,8 @@ async def serve(
         await stopping.wait()
     finally:
         await server.stop()
-        await _leave_promptly(exit_when_done)
+    # Only after a clean stop: a failed start-up propagates its error (exit code 1).
+    await _leave_promptly(exit_when_done)
 
 
 LEFTOVER_GRACE_SECONDS = 0.5
