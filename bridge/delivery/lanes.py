@@ -53,6 +53,7 @@ from bridge.ops.metrics import Metrics
 log = logging.getLogger("bridge.delivery.lanes")
 
 MIN_BACKOFF = 0.2
+ROUND_PAUSE = 0.005
 MAX_BACKOFF = 5.0
 
 
@@ -113,6 +114,7 @@ class Lanes:
         self._renew = False
         self._last_progress = time.monotonic()
         self._last_refusal = ""
+        self._scan = False  # something may have become sendable: read the spool again
         self.wakeup = asyncio.Event()
         self.changed = asyncio.Event()
 
@@ -121,7 +123,7 @@ class Lanes:
         if self._spool is not None:
             for lane, count in self._spool.lanes_at_open.items():
                 self._held[lane] = self._held.get(lane, 0) + count
-            self.wakeup.set()
+            self._unblocked()
 
     # The path of a callback ------------------------------------------------------
 
@@ -150,7 +152,8 @@ class Lanes:
                 self._direct[lane] -= 1
                 if not self._direct[lane]:
                     del self._direct[lane]
-            self.wakeup.set()
+                    if lane in self._held:
+                        self._unblocked()  # rows wait behind this send
 
     async def _spool_behind(self, rows: list[tuple[int, Record]], lanes: list[Lane]) -> Written:
         assert self._spool is not None
@@ -161,7 +164,7 @@ class Lanes:
             for lane in lanes:
                 self._release(lane)
             raise _unavailable(exc) from exc
-        self.wakeup.set()
+        # No wakeup: a row behind a busy lane cannot be sent before that lane moves.
         return Written((), spooled=True)
 
     async def _send_direct(
@@ -204,6 +207,8 @@ class Lanes:
             raise _unavailable(exc) from exc
         for (seq, _), lane, future in unacked:
             self._pin(seq, lane, future)
+        if any(future.done() for _, _, future in unacked):
+            self._unblocked()  # failed already: the drainer sends those rows
         return Written((), spooled=True)
 
     def _pin(self, seq: int, lane: Lane, future: asyncio.Future[Placement]) -> None:
@@ -221,7 +226,7 @@ class Lanes:
             self._acknowledged(seq, lane)
         elif not future.cancelled() and classify(_error(future)) is Failure.PRODUCER:
             self._renew = True
-        self.wakeup.set()
+        self._unblocked()
 
     def _release_when_done(
         self, futures: Sequence[asyncio.Future[Placement]], lanes: Sequence[Lane]
@@ -256,6 +261,7 @@ class Lanes:
         left = self._held.get(lane, 0) - 1
         if left > 0:
             self._held[lane] = left
+            self._unblocked()  # the lane's next row may go now
             return
         self._held.pop(lane, None)
         for waiter in self._free.pop(lane, ()):
@@ -267,6 +273,11 @@ class Lanes:
         self._acked[seq] = lane
         self._release(lane)
         self._progress()
+        self.wakeup.set()  # to delete the row
+
+    def _unblocked(self) -> None:
+        self._scan = True
+        self.wakeup.set()
 
     def _progress(self) -> None:
         self._last_progress = time.monotonic()
@@ -295,7 +306,9 @@ class Lanes:
             self.wakeup.clear()
             await self.step()
             if self._retry_at > loop.time() and self._spool.records:
-                loop.call_at(self._retry_at, self.wakeup.set)
+                loop.call_at(self._retry_at, self._unblocked)
+            # Let events that come in a burst (acknowledgements, new rows) share a round.
+            await asyncio.sleep(ROUND_PAUSE)
 
     async def step(self) -> None:
         """One round: take finished sends, delete acknowledged rows, send what may go."""
@@ -307,6 +320,8 @@ class Lanes:
 
     async def _take_finished(self) -> None:
         finished, self._finished = self._finished, []
+        if finished:
+            self._scan = True  # room in the window again
         failed = False
         for row, future in finished:
             lane = self._sending.pop(row.seq)
@@ -375,13 +390,16 @@ class Lanes:
         except KafkaUnavailable:
             self._renew = True
             self._retry_at = asyncio.get_running_loop().time() + self._backoff
+            return
+        self._scan = True
 
     async def _send_ready(self) -> None:
         spool = self._spool
         assert spool is not None
         loop = asyncio.get_running_loop()
-        if not spool.records or loop.time() < self._retry_at or self._renew:
+        if not self._scan or not spool.records or loop.time() < self._retry_at or self._renew:
             return
+        self._scan = False
         if len(self._pinned) + len(self._sending) + len(self._acked) >= spool.records:
             return  # every row is accounted for (an outage: all pending in the producer)
         blocked = self._busy_lanes()

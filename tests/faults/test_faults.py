@@ -223,7 +223,7 @@ async def test_spool_full_answers_503_and_loses_nothing(
     with frozen(broker):
         # ~2 KB of records per callback: the 1 MiB spool fills after a few hundred. States
         # 1 s apart: Luma's retries of a 503 end before the next state is sent.
-        summary, arrivals = await run_load(bridge.url, 400, rate=100, gap=1.0)
+        summary, arrivals = await run_load(bridge.url, 400, rate=40, gap=1.0)
     assert summary["statuses"].get("503", 0) > 0, summary
     await check("spool full", broker.bootstrap, prefix, summary, arrivals)
 
