@@ -197,6 +197,8 @@ class Lanes:
             if _succeeded(future):
                 self._release(lane)
         reason = _reason(futures)
+        if reason == "timeout":
+            self._metrics.produce_errors.labels(reason="timeout").inc()
         if self._spool is None:
             self._release_when_done([f for _, _, f in unacked], [lane for _, lane, _ in unacked])
             raise Unavailable(f"Kafka unavailable: {reason}")
