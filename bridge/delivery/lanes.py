@@ -9,7 +9,8 @@ previous send ended).
 
 A callback whose lanes are idle is sent at once and answered when Kafka
 acknowledges it (the fast path: no disk). If Kafka does not acknowledge within
-`KAFKA_ACK_TIMEOUT`, its records are spooled (fsynced) and answered 200; their
+`KAFKA_ACK_TIMEOUT` (`DEGRADED_ACK_WAIT` while earlier sends are still pending past
+theirs), its records are spooled (fsynced) and answered 200; their
 sends keep going, and a late acknowledgement deletes the row instead of sending
 it again. A callback whose lane is busy (an earlier record still unresolved)
 goes straight to the spool, behind it. `run()` sends spooled rows in arrival
@@ -54,6 +55,9 @@ log = logging.getLogger("bridge.delivery.lanes")
 
 MIN_BACKOFF = 0.2
 ROUND_PAUSE = 0.005
+# How long a callback waits for Kafka while earlier sends are still pending past their
+# ack timeout (Kafka away or slow), before it is spooled.
+DEGRADED_ACK_WAIT = 0.25
 MAX_BACKOFF = 5.0
 
 
@@ -134,6 +138,10 @@ class Lanes:
         Raises `Unavailable` (neither, in time) or `Refused` (Kafka refuses them for good).
         """
         loop = asyncio.get_running_loop()
+        if self._pinned:
+            # Sends older than the ack timeout are still pending: Kafka is away or slow
+            # now, so spool soon instead of making Luma wait the whole timeout.
+            ack_timeout = min(ack_timeout, DEGRADED_ACK_WAIT)
         deadline = loop.time() + ack_timeout
         lanes = [lane_of(record) for record in records]
         first = self._spool.next_seqs(len(records)) if self._spool is not None else 0

@@ -251,3 +251,16 @@ async def test_a_background_task_that_fails_is_restarted_and_counted() -> None:
         metrics.registry.get_sample_value("luma_bridge_task_restarts_total", {"task": "drainer"})
         == 1
     )
+
+
+async def test_while_sends_are_pending_past_the_timeout_callbacks_spool_sooner(
+    rig: Rig,
+) -> None:
+    rig.publisher.verdict = lambda r: "hold"  # Kafka away
+    assert (await rig.lanes.write([rec("g1", "queued")], ack_timeout=0.3)).spooled
+    started = time.monotonic()
+    assert (await rig.lanes.write([rec("g2", "queued")], ack_timeout=3.0)).spooled
+    assert time.monotonic() - started < 1.0  # not the whole 3 s: Kafka is known to be away
+    rig.publisher.release()
+    await wait_until(lambda: rig.spool.records == 0, what="late acks")
+    assert len(rig.publisher.sent) == 2
