@@ -5,7 +5,8 @@ drives load shaped like Luma's (`luma_load`: each state delivered on its own, re
 Luma retries) and audits the lifecycle topic against every callback answered 200:
 missing, order violations, duplicates and regressions. `FAULT_OUTAGE_SECONDS`
 (default 5) sets the outage length; `make faults` runs them with Luma-scale outages
-(30 s) and writes the numbers to `FAULT_REPORT`.
+(30 s) and writes the numbers to `FAULT_REPORT`. `FAULT_BRIDGE_SOURCE=/path/to/checkout`
+runs another checkout's bridge through the same scenarios (to show one fails there).
 """
 
 from __future__ import annotations
