@@ -38,12 +38,8 @@ TOKEN = "fault-token-0123456789"
 
 #: How far along its life a state is (as `GenerationConsumer` ranks them).
 PROGRESS = {"queued": 0, "dreaming": 1, "completed": 2, "failed": 2}
-#: The audit judges the order of two callbacks of one generation when their accepted
-#: attempts were sent at least this far apart and the bridge stamped them (its
-#: `luma-received-at`, in ms, taken in the same step that queues them) in that order.
-#: Requests sent close together, or that the client or the loop delayed so that the
-#: bridge read them together, have no arrival order anyone could keep.
-ARRIVAL_MARGIN = 0.1
+#: Arrival order is the bridge's own: each record carries the `luma-received-at` stamp
+#: (ms) of the request that wrote it, taken in the same step that queues it.
 
 
 @dataclass
@@ -128,10 +124,11 @@ def audit_lifecycle(
 
     missing: acknowledged event ids not on the topic.
     duplicates: records beyond the first per event id.
-    order_violations: pairs of one generation's acknowledged callbacks that certainly
-      arrived in one order (see `ARRIVAL_MARGIN`) where the later one's first copy
-      precedes the earlier one's, or a copy of the earlier one follows the later one's
-      first copy.
+    order_violations: records, read in partition order, that the bridge received before
+      a record of their generation already written (by the `luma-received-at` stamp of
+      the attempt that wrote each, in ms): a later callback overtook an earlier one, or
+      a copy of an earlier one came after a later one. Callbacks the bridge read in the
+      same millisecond have no order anyone could keep and are not judged.
     regressions: records, read in partition order as a plain consumer reads them, whose
       state is earlier than a state already seen for their generation.
     regressions_by_bridge: those of them the bridge received before the state they
@@ -158,28 +155,16 @@ def audit_lifecycle(
             elif furthest is None or rank > PROGRESS.get(furthest.state, -1):
                 furthest = record
     violations, checked = 0, 0
-    arrivals_by_generation: dict[str, list[Arrival]] = {}
-    for arrival in arrivals:
-        arrivals_by_generation.setdefault(arrival.generation, []).append(arrival)
-    for generation, own in arrivals_by_generation.items():
-        positions: dict[str, list[int]] = {}
-        stamps: dict[str, str] = {}
-        for index, record in enumerate(by_generation.get(generation, ())):
-            positions.setdefault(record.event_id, []).append(index)
-            stamps[record.event_id] = record.received_at
-        own.sort(key=lambda a: a.sent)
-        for i, earlier in enumerate(own):
-            for later in own[i + 1 :]:
-                if later.sent - earlier.sent < ARRIVAL_MARGIN:
-                    continue
-                if stamps.get(earlier.event_id, "") >= stamps.get(later.event_id, "~"):
-                    continue  # the bridge read them together, or the other way round
-                first, second = positions.get(earlier.event_id), positions.get(later.event_id)
-                if not first or not second:
-                    continue  # missing: counted as missing
+    for history in by_generation.values():
+        latest = ""
+        for record in history:
+            if not record.received_at:
+                continue
+            if latest and record.received_at != latest:
                 checked += 1
-                if max(first) > min(second):
-                    violations += 1
+                if record.received_at < latest:
+                    violations += 1  # received before one already written: overtaken
+            latest = max(latest, record.received_at)
     return OrderAudit(
         missing=len(acked - set(ids)),
         order_violations=violations,

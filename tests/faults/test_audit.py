@@ -30,7 +30,7 @@ def test_a_clean_history_has_nothing_to_report() -> None:
         0,
         0,
     )
-    assert result.ordered_pairs_checked == 3
+    assert result.ordered_pairs_checked == 2
 
 
 def test_a_later_state_first_is_an_order_violation_and_a_regression() -> None:
