@@ -94,10 +94,17 @@ async def check(
     """The whole promise: nothing missing, each generation in arrival order, and (without a
     crash) no state written after a later one the bridge had received after it;
     duplicates and every regression a plain consumer sees are counted and reported."""
-    records = await lifecycle_records(
-        bootstrap, f"{prefix}.lifecycle", expect={a.event_id for a in arrivals}
-    )
-    result = report(scenario, summary, arrivals, audit_lifecycle(records, arrivals))
+    expect = {a.event_id for a in arrivals}
+    records = await lifecycle_records(bootstrap, f"{prefix}.lifecycle", expect=expect)
+    found = audit_lifecycle(records, arrivals)
+    if found.missing:
+        # Read once more from the start with a new consumer, so that a slow read on a busy
+        # machine is not reported as a loss; what is still missing then is missing.
+        records = await lifecycle_records(
+            bootstrap, f"{prefix}.lifecycle", expect=expect, timeout=120
+        )
+        found = audit_lifecycle(records, arrivals)
+    result = report(scenario, summary, arrivals, found)
     assert result.acknowledged > 0, result
     assert result.missing == 0, result
     assert result.order_violations == 0, result
