@@ -13,6 +13,8 @@ from bridge.contract.callback import KNOWN_MODELS, KNOWN_STATES
 
 DEADLETTER_REASONS = ("json", "shape", "schema")
 SHED_REASONS = ("inflight_limit", "spool_full")
+# The commonest ways Kafka refuses a record for good (others appear when they happen).
+REFUSAL_REASONS = ("MessageSizeTooLargeError", "RecordTooLargeError")
 BACKGROUND_TASKS = ("drainer", "connect", "kafka_health", "file_reload")
 OUTCOMES = ("accepted", "duplicate", "invalid", "unauthorized", "rejected", "unavailable")
 
@@ -267,3 +269,6 @@ class Metrics:
             self.spool_send_failures.labels(kind=kind)
         for task in BACKGROUND_TASKS:
             self.task_restarts.labels(task=task)
+        for reason in REFUSAL_REASONS:
+            self.refused.labels(reason=reason)
+            self.spool_quarantined.labels(reason=reason)

@@ -372,13 +372,14 @@ async def send_traffic(
     finally:
         os.kill(broker.pid, signal.SIGCONT)
     assert set(statuses) <= {200, 503}, statuses
-    spooled = await bridge_sample(session, layout, "luma_bridge_spooled_total")
+    spooled = await bridge_sample(session, layout, "luma_bridge_spooled_records_total")
     assert 503 in statuses or spooled > 0, "the outage was neither answered 503 nor spooled"
 
     # 4. Kafka is back: the spool drains and callbacks go straight to Kafka again.
     async def spool_drained() -> bool:
         return (
-            await bridge_sample(session, layout, "luma_bridge_spool_drained_total") >= spooled
+            await bridge_sample(session, layout, "luma_bridge_spool_drained_records_total")
+            >= spooled
             and await bridge_sample(session, layout, "luma_bridge_spool_records") == 0
         )
 
