@@ -39,7 +39,13 @@ from bridge.delivery.topics import missing_topics, topics_of
 from bridge.edge.access import SourcePolicy
 from bridge.edge.auth import Authenticator, TokenAuth, TokenFileError
 from bridge.edge.http import CallbackHandler, create_app
-from bridge.edge.limits import ConnectionGuard, GuardedSite, raise_fd_limit
+from bridge.edge.limits import (
+    BodyBudget,
+    BodyLimit,
+    ConnectionGuard,
+    GuardedSite,
+    raise_fd_limit,
+)
 from bridge.edge.ratelimit import RateLimiter
 from bridge.edge.signing import SignatureCheck
 from bridge.edge.tls import ReloadingTLS, TLSError
@@ -95,7 +101,7 @@ class BridgeServer:
         """
         self.metrics.phase.set(PHASE_STARTING)
         self._check_auth_configured()
-        self.auth = build_authenticator(self.settings)
+        self.auth = build_authenticator(self.settings, metrics=self.metrics)
         self.tls = build_tls(self.settings)
         await self._admin_runner.setup()
         self.admin_port = await _open_site(
@@ -278,7 +284,7 @@ class BridgeServer:
             self.readiness.update(kafka_reachable=reachable)
 
 
-def build_authenticator(settings: Settings) -> Authenticator:
+def build_authenticator(settings: Settings, *, metrics: Metrics | None = None) -> Authenticator:
     """Source allow-list, tokens and signatures as configured; `StartupError` if unreadable."""
     try:
         tokens = TokenAuth(
@@ -290,7 +296,12 @@ def build_authenticator(settings: Settings) -> Authenticator:
     except TokenFileError as exc:
         raise StartupError(str(exc)) from None
     signatures = (
-        SignatureCheck(settings.hmac_keys(), tolerance=settings.hmac_tolerance_seconds)
+        SignatureCheck(
+            settings.hmac_keys(),
+            tolerance=settings.hmac_tolerance_seconds,
+            remembered_ids=settings.hmac_replay_window_size,
+            on_early_eviction=metrics.webhook_ids_evicted_early.inc if metrics else None,
+        )
         if settings.hmac_secrets
         else None
     )
@@ -315,8 +326,13 @@ def callback_app(
     metrics: Metrics,
     spool: Spool | None = None,
     auth: Authenticator | None = None,
+    body_limit: BodyLimit | None = None,
 ) -> web.Application:
-    """The public application as `serve` runs it, on any publisher."""
+    """The public application as `serve` runs it, on any publisher.
+
+    `body_limit` is shared with the server, which lowers it when a topic's
+    `max.message.bytes` cannot take a body of MAX_BODY_BYTES.
+    """
     pipeline = Pipeline(
         publisher=publisher,
         topics=topics_of(settings),
@@ -325,13 +341,14 @@ def callback_app(
         lifecycle=settings.lifecycle_topic,
         dedupe=DedupeWindow(size=settings.dedupe_window_size, ttl=settings.dedupe_window_seconds),
         spool=spool,
+        callback_path=settings.callback_path,
     )
     rate_limiter = (
         RateLimiter(rate=settings.rate_limit_per_second, burst=settings.rate_limit_burst)
         if settings.rate_limit_per_second > 0
         else None
     )
-    auth = auth or build_authenticator(settings)
+    auth = auth or build_authenticator(settings, metrics=metrics)
     handler = CallbackHandler(
         pipeline=pipeline,
         auth=auth,
@@ -340,6 +357,9 @@ def callback_app(
         max_inflight=settings.max_inflight_requests,
         body_timeout=settings.body_timeout,
         rate_limiter=rate_limiter,
+        body_budget=BodyBudget(settings.max_buffered_body_bytes),
+        body_limit=body_limit or BodyLimit(settings.max_body_bytes),
+        callback_path=settings.callback_path,
     )
     app = create_app(
         handler=handler,

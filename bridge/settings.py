@@ -25,6 +25,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from bridge.contract.callback import (
     DEFAULT_BOOTSTRAP_SERVERS,
+    DEFAULT_CALLBACK_PATH,
     DEFAULT_CLIENT_ID,
     DEFAULT_TOPIC_PREFIX,
 )
@@ -83,7 +84,11 @@ class Settings(BaseSettings):
         le=65535,
         description="Port of the operator listener (/metrics, /healthz, /readyz).",
     )
-    callback_path: str = Field("/luma/callback", description="Path Luma POSTs callbacks to.")
+    callback_path: str = Field(
+        DEFAULT_CALLBACK_PATH,
+        description="Path Luma POSTs callbacks to; the token follows it (and is redacted "
+        "from request.callback_url before a record is written).",
+    )
     auth_tokens: Annotated[tuple[SecretStr, ...], NoDecode] = Field(
         (),
         description="Comma-separated accepted tokens (several allow rotation).",
@@ -122,6 +127,12 @@ class Settings(BaseSettings):
         description="How far webhook-timestamp may be from now; a webhook-id is refused "
         "twice within it.",
     )
+    hmac_replay_window_size: int = Field(
+        100_000,
+        ge=1,
+        description="Webhook ids remembered (about 300 bytes each) to tell a sender's retry "
+        "from a reused id; more within the window are forgotten early (a metric counts them).",
+    )
     file_reload_seconds: float = Field(
         5.0,
         gt=0,
@@ -148,6 +159,12 @@ class Settings(BaseSettings):
     )
     body_timeout: float = Field(
         10.0, gt=0, le=300, description="Seconds to receive a whole body; then 408."
+    )
+    max_buffered_body_bytes: int = Field(
+        64 * 1024 * 1024,
+        ge=1024,
+        description="Request body bytes held in memory at once, across all requests; "
+        "beyond it, 503. At least MAX_BODY_BYTES.",
     )
     max_connections: int = Field(
         1024,
@@ -300,6 +317,15 @@ class Settings(BaseSettings):
         ):
             raise ValueError(
                 "SASL needs KAFKA_SASL_MECHANISM, KAFKA_SASL_USERNAME and KAFKA_SASL_PASSWORD"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _body_budget_holds_a_body(self) -> Settings:
+        if self.max_buffered_body_bytes < self.max_body_bytes:
+            raise ValueError(
+                f"{env_name('max_buffered_body_bytes')} must be at least "
+                f"{env_name('max_body_bytes')}, or no body that large could ever be read"
             )
         return self
 

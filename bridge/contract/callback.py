@@ -11,9 +11,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -27,6 +29,12 @@ DEFAULT_TOPIC_PREFIX = "luma.generation"
 DEFAULT_CLIENT_ID = "luma-kafka-bridge"
 #: The cluster a bridge without configuration looks for (what the AsyncAPI server names).
 DEFAULT_BOOTSTRAP_SERVERS = "localhost:9092"
+#: Where Luma POSTs unless the operator chooses another path; the token follows it.
+DEFAULT_CALLBACK_PATH = "/luma/callback"
+#: What a redacted write token is replaced with in `request.callback_url`.
+REDACTED = "REDACTED"
+#: The longest generation `id` accepted: Luma's are UUIDs (36 characters).
+MAX_GENERATION_ID_CHARS = 256
 # Bounds on what a body may hold, far above any Generation: nesting, number literals, strings.
 MAX_JSON_DEPTH = 32
 MAX_NUMBER_CHARS = 100
@@ -61,7 +69,7 @@ class Generation(BaseModel):
 
     model_config = ConfigDict(strict=True, extra="allow")
 
-    id: str = Field(min_length=1)
+    id: str = Field(min_length=1, max_length=MAX_GENERATION_ID_CHARS)
     state: str = Field(min_length=1)
     failure_reason: str | None = None
     created_at: str | None = None
@@ -248,9 +256,93 @@ def event_id_for(generation_id: str, state: str, value: bytes) -> str:
     return digest.hexdigest()
 
 
-def parse_callback(body: bytes) -> Callback:
-    """Validate a raw callback body and derive everything its records need."""
-    document = decode_object(body)
+def redact_url_token(url: str, callback_path: str) -> str:
+    """`url` without a write token: the path segment after `callback_path` and any
+    `token` query parameter become `REDACTED`; everything else is kept as it was.
+
+    The path is matched wherever it appears in the URL's path, so a prefix added by
+    an ingress (`/hooks/luma/callback/<token>`) is covered too. A URL that cannot be
+    parsed is replaced whole: it may still hold the token.
+    """
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return REDACTED
+    path = _redact_path_token(parts.path, callback_path)
+    query = parts.query
+    if query and any(name == "token" for name, _ in parse_qsl(query, keep_blank_values=True)):
+        pairs = parse_qsl(query, keep_blank_values=True)
+        query = urlencode(
+            [(name, REDACTED if name == "token" else value) for name, value in pairs],
+            safe="/:",
+        )
+    netloc = parts.netloc
+    if "@" in netloc:  # a password in the userinfo is a credential too
+        userinfo, _, host = netloc.rpartition("@")
+        user, colon, _ = userinfo.partition(":")
+        netloc = f"{user}:{REDACTED}@{host}" if colon else netloc
+    if (path, query, netloc) == (parts.path, parts.query, parts.netloc):
+        return url
+    return urlunsplit((parts.scheme, netloc, path, query, parts.fragment))
+
+
+def _redact_path_token(path: str, callback_path: str) -> str:
+    marker = callback_path.rstrip("/") + "/"
+    start = path.find(marker)
+    if start < 0:
+        return path
+    token_start = start + len(marker)
+    token_end = path.find("/", token_start)
+    token_end = len(path) if token_end < 0 else token_end
+    if token_start == token_end:
+        return path
+    return path[:token_start] + REDACTED + path[token_end:]
+
+
+def redact_callback_token(value: dict[str, Any], callback_path: str) -> dict[str, Any]:
+    """A Generation without the bridge's write token in `request.callback_url`.
+
+    Luma echoes the callback URL it was given, and that URL carries the token that
+    lets anyone write to the bridge: it must not reach Kafka's readers. Returns
+    `value` itself when there is nothing to redact, else a copy (never mutates).
+    Used on callbacks before the event id is computed, and by anything else that
+    writes a Generation it got from Luma.
+    """
+    request = value.get("request")
+    if not isinstance(request, dict):
+        return value
+    url = request.get("callback_url")
+    if not isinstance(url, str):
+        return value
+    redacted = redact_url_token(url, callback_path)
+    if redacted == url:
+        return value
+    return {**value, "request": {**request, "callback_url": redacted}}
+
+
+_TOKEN_QUERY = re.compile(rb"([?&]token=)[^&#\"\\\s]+")
+
+
+def redact_raw_token(body: bytes, callback_path: str) -> bytes:
+    """Best-effort redaction of the write token in raw bytes (a dead letter's body).
+
+    A dead letter keeps the body as received, but not the credential: the segment
+    after `callback_path` and a `token=` query value are replaced where they appear
+    literally. (A body that escapes its slashes in JSON, `\\/`, is not recognised.)
+    """
+    marker = re.escape(callback_path.rstrip("/").encode() + b"/")
+    path_token = re.compile(rb"(" + marker + rb")[^/?#\"\\\s]+")
+    body = path_token.sub(rb"\g<1>" + REDACTED.encode(), body)
+    return _TOKEN_QUERY.sub(rb"\g<1>" + REDACTED.encode(), body)
+
+
+def parse_callback(body: bytes, *, callback_path: str = DEFAULT_CALLBACK_PATH) -> Callback:
+    """Validate a raw callback body and derive everything its records need.
+
+    The write token in `request.callback_url` is redacted before the value and the
+    event id are made (`redact_callback_token`).
+    """
+    document = redact_callback_token(decode_object(body), callback_path)
     value = encode_compact(document)
     try:
         generation = Generation.model_validate(document)

@@ -14,12 +14,14 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from bridge.contract.callback import (
+    DEFAULT_CALLBACK_PATH,
     Callback,
     InvalidCallback,
     Topics,
     deadletter_headers,
     parse_callback,
     record_headers,
+    redact_raw_token,
 )
 from bridge.delivery.dedupe import DedupeWindow
 from bridge.delivery.publisher import KafkaUnavailable, Placement, Publisher, Record
@@ -64,8 +66,10 @@ class Pipeline:
         lifecycle: bool,
         dedupe: DedupeWindow,
         spool: Spool | None = None,
+        callback_path: str = DEFAULT_CALLBACK_PATH,
     ) -> None:
         self._publisher = publisher
+        self._callback_path = callback_path
         self._topics = topics
         self._metrics = metrics
         self._ack_timeout = ack_timeout
@@ -77,7 +81,7 @@ class Pipeline:
     async def handle(self, body: bytes, received_at: datetime) -> Result:
         """Validate `body` and write it; never raises for anything the sender did."""
         try:
-            callback = parse_callback(body)
+            callback = parse_callback(body, callback_path=self._callback_path)
         except InvalidCallback as exc:
             return await self._dead_letter(body, exc, received_at)
         if callback.event_id in self._dedupe:
@@ -90,6 +94,13 @@ class Pipeline:
                 return self._duplicate(callback)
             return outcome
         return await self._publish_once(callback, received_at)
+
+    async def dead_letter(
+        self, body: bytes, error: InvalidCallback, received_at: datetime
+    ) -> Result:
+        """Dead-letter a body the edge found invalid before it could be parsed (for
+        example one that does not decode as its Content-Encoding says)."""
+        return await self._dead_letter(body, error, received_at)
 
     async def _publish_once(self, callback: Callback, received_at: datetime) -> Result:
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
@@ -165,7 +176,9 @@ class Pipeline:
         if body_id in self._dedupe:
             return Result(Outcome.INVALID, error.reason)
         headers = deadletter_headers(error.reason, received_at)
-        record = Record(self._topics.deadletter, None, body, headers)
+        # The raw body is the evidence, but the write token in it must not reach Kafka.
+        evidence = redact_raw_token(body, self._callback_path)
+        record = Record(self._topics.deadletter, None, evidence, headers)
         placements, failure = await self._write([record])
         if failure is not None:
             # The raw body must be kept before we say "invalid": otherwise Luma would not

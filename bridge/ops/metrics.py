@@ -11,8 +11,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from bridge import __version__
 from bridge.contract.callback import KNOWN_MODELS, KNOWN_STATES
 
-DEADLETTER_REASONS = ("json", "shape", "schema")
-SHED_REASONS = ("inflight_limit", "spool_full")
+DEADLETTER_REASONS = ("json", "shape", "schema", "encoding")
+SHED_REASONS = ("inflight_limit", "spool_full", "body_budget")
 OUTCOMES = ("accepted", "duplicate", "invalid", "unauthorized", "rejected", "unavailable")
 
 # 1 ms to 5 s (Luma's timeout), dense where answers normally land.
@@ -173,6 +173,12 @@ class Metrics:
         self.spool_drained = Counter(
             "luma_bridge_spool_drained",
             "Spooled callbacks later acknowledged by Kafka and removed from the spool.",
+            registry=registry,
+        )
+        self.webhook_ids_evicted_early = Counter(
+            "luma_bridge_webhook_ids_evicted_early",
+            "Webhook ids forgotten before their replay window ended, because more signed "
+            "requests arrived within it than LUMA_BRIDGE_HMAC_REPLAY_WINDOW_SIZE holds.",
             registry=registry,
         )
         self._callback_children: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
