@@ -35,7 +35,7 @@ from bridge.delivery.dedupe import DedupeWindow
 from bridge.delivery.pipeline import Pipeline
 from bridge.delivery.publisher import KafkaPublisher, KafkaUnavailable, Publisher
 from bridge.delivery.spool import Spool, SpoolDrainer
-from bridge.delivery.topics import missing_topics, topics_of
+from bridge.delivery.topics import inspect_topics, missing_topics, topics_of
 from bridge.edge.access import SourcePolicy
 from bridge.edge.auth import Authenticator, TokenAuth, TokenFileError
 from bridge.edge.http import CallbackHandler, create_app
@@ -90,6 +90,8 @@ class BridgeServer:
         self._drainer = SpoolDrainer(self.spool, self.publisher) if self.spool else None
         self.callback_port = 0
         self.admin_port = 0
+        # Lowered by the topic inspection when a topic cannot take a body of MAX_BODY_BYTES.
+        self.body_limit = BodyLimit(settings.max_body_bytes)
 
     async def start(self, stopping: asyncio.Event | None = None) -> None:
         """Open the listeners, the spool and the Kafka connection.
@@ -117,6 +119,7 @@ class BridgeServer:
                 return
         if connected:
             await self._check_topics()
+            await self._inspect_topics()
         else:
             log.warning("starting without Kafka: callbacks are spooled until it is reachable")
             self._tasks.append(asyncio.create_task(self._connect_in_background()))
@@ -166,6 +169,7 @@ class BridgeServer:
             metrics=self.metrics,
             spool=self.spool,
             auth=self.auth,
+            body_limit=self.body_limit,
         )
         self._callback_runner, site = await open_callback_listener(
             app,
@@ -261,6 +265,7 @@ class BridgeServer:
                 "(create them with `luma-kafka-bridge topics create`)",
                 extra={"fields": {"missing": missing}},
             )
+        await self._inspect_topics()
         if self.spool is not None:
             self.spool.wakeup.set()
 
@@ -274,6 +279,40 @@ class BridgeServer:
                 "create them with `luma-kafka-bridge topics create` (same settings), "
                 "or set LUMA_BRIDGE_CHECK_TOPICS=false if the cluster auto-creates topics"
             )
+
+    async def _inspect_topics(self) -> None:
+        """Read the topics' replication and size configs (never alter them): warn when
+        acks=all means one replica, and refuse at the door a body no topic can take."""
+        try:
+            facts = await inspect_topics(self.settings)
+        except Exception as exc:  # the check informs; it must not stop the bridge
+            log.info(
+                "cannot inspect the topics' configs",
+                extra={"fields": {"reason": type(exc).__name__}},
+            )
+            return
+        single = facts.single_replica_topics()
+        if single:
+            log.warning(
+                "acks=all can be met by a single replica on these topics: an acknowledged "
+                "callback is lost if that broker's disk is. Set min.insync.replicas=2 "
+                "(and a replication factor of 3) on them, e.g. kafka-configs.sh --alter "
+                "--entity-type topics --add-config min.insync.replicas=2",
+                extra={"fields": {"topics": single}},
+            )
+        largest = facts.largest_body()
+        if largest is not None:
+            size, topic = largest
+            self.body_limit.lower_to(
+                size, f"body larger than {size} bytes (what topic {topic} can take)"
+            )
+            if size < self.settings.max_body_bytes:
+                log.warning(
+                    "a topic's max.message.bytes cannot take a body of MAX_BODY_BYTES: larger "
+                    "bodies are refused with 413. Raise max.message.bytes on it, or lower "
+                    "LUMA_BRIDGE_MAX_BODY_BYTES",
+                    extra={"fields": {"topic": topic, "largest_body": size}},
+                )
 
     async def _watch_kafka(self) -> None:
         while True:

@@ -239,6 +239,12 @@ class Settings(BaseSettings):
     topic_replication_factor: int = Field(
         3, ge=1, description="Replication factor for `topics create`."
     )
+    topic_min_insync_replicas: int | None = Field(
+        None,
+        ge=1,
+        description="min.insync.replicas for `topics create` (default: the smaller of 2 and "
+        "TOPIC_REPLICATION_FACTOR); TOPIC_CONFIGS wins.",
+    )
     topic_configs: Annotated[dict[str, str], NoDecode] = Field(
         default_factory=dict,
         description="Topic configs for `topics create`, as key=value,key=value.",
@@ -317,6 +323,16 @@ class Settings(BaseSettings):
         ):
             raise ValueError(
                 "SASL needs KAFKA_SASL_MECHANISM, KAFKA_SASL_USERNAME and KAFKA_SASL_PASSWORD"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _min_insync_fits_the_replicas(self) -> Settings:
+        wanted = self.topic_min_insync_replicas
+        if wanted is not None and wanted > self.topic_replication_factor:
+            raise ValueError(
+                f"{env_name('topic_min_insync_replicas')} must not exceed "
+                f"{env_name('topic_replication_factor')}: acks=all could never be met"
             )
         return self
 

@@ -26,7 +26,7 @@ from bridge.contract.callback import (
 )
 
 SEED = Path("/work/shared/seed/luma-dream-machine-callback.asyncapi.yaml")
-TOKEN = "s3cr3t-t0ken-0123456789abcdef"  # noqa: S105 - a test value
+TOKEN = "s3cr3t-t0ken-0123456789abcdef"
 PATH = "/luma/callback"
 
 
@@ -135,7 +135,8 @@ def test_redaction_is_pure_and_leaves_other_values_alone() -> None:
 def test_a_custom_callback_path_and_userinfo_are_redacted() -> None:
     url = f"https://bridge:pw@example.com/hooks/luma/{TOKEN}/?token={TOKEN}#frag"
     redacted = redact_url_token(url, "/hooks/luma")
-    assert TOKEN not in redacted and "pw" not in redacted
+    assert TOKEN not in redacted
+    assert "pw" not in redacted
     assert redacted == (
         f"https://bridge:{REDACTED}@example.com/hooks/luma/{REDACTED}/?token={REDACTED}#frag"
     )
