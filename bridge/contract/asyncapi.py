@@ -74,7 +74,7 @@ DEADLETTER_EXAMPLE = b'{"id":"abc","state":7}'
 
 #: What each member of the value means. Every model field must be here (checked).
 MEMBER_DESCRIPTIONS: dict[str, str] = {
-    "id": "Unique identifier of the generation; also the record key.",
+    "id": "Unique identifier of the generation (at most 256 characters); also the record key.",
     "state": "Lifecycle state: queued, dreaming, completed or failed "
     "(any other value is routed to the `unknown` topic).",
     "failure_reason": "Why the generation failed, when `state` is `failed`.",
@@ -83,7 +83,10 @@ MEMBER_DESCRIPTIONS: dict[str, str] = {
     "generation_type": "video, image, ... (copied to the `luma-generation-type` header).",
     "model": "Model that produced the generation (for example `ray-2`).",
     "version": "Model version identifier (older callbacks carry the model here).",
-    "request": "Echo of the request that created the generation, as Luma sent it.",
+    "request": "Echo of the request that created the generation, as Luma sent it, except "
+    "that the bridge's write token in `request.callback_url` is replaced with `REDACTED` "
+    "(the path segment after the callback path, and a `token` query parameter) before the "
+    "record is written and its event id computed.",
     "video": "HTTPS URL of the generated video.",
     "image": "HTTPS URL of the generated image.",
     "progress_video": "HTTPS URL of a preview while the generation is dreaming.",
@@ -99,7 +102,8 @@ HEADER_SCHEMAS: dict[str, dict[str, Any]] = {
     "luma-event-id": {
         "type": "string",
         "description": "Deterministic id of this callback (from generation id, state and "
-        "value): a redelivery carries the same id. Consumers dedupe on it.",
+        "the value as written, write token redacted): a redelivery carries the same id. "
+        "Consumers dedupe on it.",
     },
     "luma-state": {
         "type": "string",
@@ -183,7 +187,9 @@ def _value_schemas(ref_template: str) -> tuple[dict[str, Any], dict[str, dict[st
         "The Generation object exactly as Luma sent it, re-encoded compactly as UTF-8 JSON: "
         "every member is kept, unknown ones included (additionalProperties), so it parses "
         "with the `lumaai` SDK's Generation model. The members listed are the ones the "
-        "bridge validates; their types are checked, their values passed through."
+        "bridge validates; their types are checked, their values passed through. The one "
+        "change: the write token Luma echoes in `request.callback_url` is replaced with "
+        "`REDACTED`, so no reader of the topics holds the bridge's credential."
     )
     for variant in schema["properties"]["created_at"].get("anyOf", []):
         if variant.get("type") == "string":
@@ -359,7 +365,9 @@ def asyncapi_document() -> dict[str, Any]:
                     "payload": {
                         "type": "string",
                         "description": "The raw request body, as received (may not be JSON, "
-                        "nor even UTF-8).",
+                        "nor even UTF-8), except that the bridge's write token is replaced with "
+                        "`REDACTED` where it appears literally after the callback path or as "
+                        "`token=`.",
                     },
                     "bindings": {
                         "kafka": {

@@ -16,6 +16,7 @@ import orjson
 import pytest
 import yaml
 
+from bridge.contract.asyncapi import value_schema
 from bridge.contract.callback import (
     REDACTED,
     event_id_for,
@@ -149,3 +150,12 @@ def test_a_dead_letter_body_keeps_its_bytes_but_not_the_token() -> None:
     evidence = redact_raw_token(body, PATH)
     assert TOKEN.encode() not in evidence
     assert evidence == body.replace(TOKEN.encode(), REDACTED.encode())
+
+
+def test_the_published_contract_says_the_token_is_redacted() -> None:
+    schema = value_schema()
+    assert REDACTED in schema["properties"]["request"]["description"]
+    assert REDACTED in schema["description"]
+    assert schema["properties"]["id"]["maxLength"] == 256
+    published = Path(__file__).parents[2] / "docs" / "asyncapi.yaml"
+    assert "request.callback_url" in published.read_text()
