@@ -70,7 +70,8 @@ def seed_callback_with_url(url_of: str) -> dict[str, Any]:
     """The seed's completed-video example as Luma echoes it: with `request.callback_url`."""
     seed = seed_document()
     examples = seed["components"]["messages"]["GenerationCallback"]["examples"]
-    payload = copy.deepcopy(next(e for e in examples if e["name"] == "completed-video")["payload"])
+    example = next(e for e in examples if e["name"] == "completed-video")
+    payload: dict[str, Any] = copy.deepcopy(example["payload"])
     base = seed["servers"]["customer-callback"]["variables"]["callback_url"]["default"]
     payload["request"]["callback_url"] = url_of.format(base=base, token=TOKEN)
     return payload
