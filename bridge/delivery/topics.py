@@ -162,8 +162,12 @@ async def inspect_topics(settings: Settings) -> TopicFacts:
     admin = _admin_client(settings)
     await admin.start()
     try:
-        replication = _replication_factors(await admin.describe_topics(names))
-        present = [name for name in names if name in replication]
+        # Only topics that exist: a metadata request naming a missing one may create it.
+        listed = set(await admin.list_topics())
+        described = await admin.describe_topics([name for name in names if name in listed])
+        factors = _replication_factors(described)
+        replication = {name: factors[name] for name in names if name in factors}
+        present = list(replication)
         try:
             responses = await admin.describe_configs(
                 [ConfigResource(ConfigResourceType.TOPIC, name) for name in present]
