@@ -328,9 +328,11 @@ def redact_raw_token(body: bytes, callback_path: str) -> bytes:
 
     A dead letter keeps the body as received, but not the credential: the segment
     after `callback_path` and a `token=` query value are replaced where they appear
-    literally. (A body that escapes its slashes in JSON, `\\/`, is not recognised.)
+    literally (slashes escaped as JSON allows, `\\/`, included).
     """
-    marker = re.escape(callback_path.rstrip("/").encode() + b"/")
+    segments = [re.escape(part.encode()) for part in callback_path.strip("/").split("/")]
+    slash = rb"\\?/"
+    marker = slash + slash.join(segments) + slash
     path_token = re.compile(rb"(" + marker + rb")[^/?#\"\\\s]+")
     body = path_token.sub(rb"\g<1>" + REDACTED.encode(), body)
     return _TOKEN_QUERY.sub(rb"\g<1>" + REDACTED.encode(), body)

@@ -160,3 +160,13 @@ def test_the_published_contract_says_the_token_is_redacted() -> None:
     assert schema["properties"]["id"]["maxLength"] == 256
     published = Path(__file__).parents[2] / "docs" / "asyncapi.yaml"
     assert "request.callback_url" in published.read_text()
+
+
+def test_a_dead_letter_with_escaped_slashes_loses_the_token_too() -> None:
+    body = (
+        b'{"id":"g","state":7,"request":{"callback_url":'
+        b'"https:\\/\\/example.com\\/luma\\/callback\\/' + TOKEN.encode() + b'"}}'
+    )
+    evidence = redact_raw_token(body, PATH)
+    assert TOKEN.encode() not in evidence
+    assert evidence.endswith(b"\\/luma\\/callback\\/" + REDACTED.encode() + b'"}}')
