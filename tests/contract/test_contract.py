@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 import pytest
 
 from bridge.contract.callback import (
+    MAX_JSON_DEPTH,
+    MAX_NUMBER_CHARS,
+    MAX_STRING_CHARS,
     InvalidCallback,
     Topics,
     event_id_for,
@@ -107,3 +111,58 @@ def test_headers_carry_the_derived_metadata() -> None:
         "luma-received-at": b"2026-05-30T12:35:00.250Z",
         "luma-generation-type": b"video",
     }
+
+
+def nested_in_list(depth: int) -> bytes:
+    """A valid callback whose deepest container sits at `depth` (the top object is depth 1)."""
+    inner = depth - 1
+    return b'{"id":"x","state":"queued","n":' + b"[" * inner + b"]" * inner + b"}"
+
+
+def nested_in_objects(depth: int) -> bytes:
+    inner = depth - 1
+    return b'{"id":"x","state":"queued","n":' + b'{"a":' * inner + b"1" + b"}" * inner + b"}"
+
+
+@pytest.mark.parametrize("nested", [nested_in_list, nested_in_objects])
+def test_nesting_up_to_the_documented_32_levels_is_accepted(
+    nested: Callable[[int], bytes],
+) -> None:
+    assert MAX_JSON_DEPTH == 32  # README "Limits" documents 32
+    assert parse_callback(nested(32)).generation_id == "x"
+
+
+@pytest.mark.parametrize("nested", [nested_in_list, nested_in_objects])
+def test_nesting_one_level_deeper_than_32_is_refused(nested: Callable[[int], bytes]) -> None:
+    with pytest.raises(InvalidCallback) as raised:
+        parse_callback(nested(33))
+    assert raised.value.kind == "json"
+    assert "32" in raised.value.reason
+
+
+def test_strings_and_member_names_up_to_the_bound_are_accepted_and_longer_ones_refused() -> None:
+    fits = "a" * MAX_STRING_CHARS
+    assert parse_callback(encode({"id": "x", "state": "queued", "p": fits})).state == "queued"
+    assert parse_callback(encode({"id": "x", "state": "queued", fits: 1})).state == "queued"
+    assert parse_callback(encode({"id": "x", "state": "queued", "l": [fits]})).state == "queued"
+    for document in (
+        {"id": "x", "state": "queued", "p": fits + "a"},
+        {"id": "x", "state": "queued", fits + "a": 1},
+        {"id": "x", "state": "queued", "l": [fits + "a"]},
+    ):
+        with pytest.raises(InvalidCallback) as raised:
+            parse_callback(encode(document))
+        assert raised.value.kind == "json"
+
+
+def test_number_literals_up_to_the_bound_are_accepted_and_longer_ones_refused() -> None:
+    digits = "9" * MAX_NUMBER_CHARS
+    fraction = "0." + "5" * (MAX_NUMBER_CHARS - 2)
+    for literal in (digits, fraction):
+        body = b'{"id":"x","state":"queued","n":' + literal.encode() + b"}"
+        assert parse_callback(body).state == "queued"
+    for literal in (digits + "9", fraction + "5"):
+        body = b'{"id":"x","state":"queued","n":' + literal.encode() + b"}"
+        with pytest.raises(InvalidCallback) as raised:
+            parse_callback(body)
+        assert raised.value.kind == "json"

@@ -194,3 +194,36 @@ async def test_every_status_has_a_json_body(
         )
         == 1
     )
+
+
+async def test_a_callback_without_a_content_type_is_taken_as_json(edge: Edge) -> None:
+    # README: "no Content-Type at all is taken as JSON"; Luma's requests must not fail on it.
+    response = await edge.client.post(
+        PATH, data=json.dumps(SEED_COMPLETED_VIDEO).encode(), skip_auto_headers=["Content-Type"]
+    )
+    assert "Content-Type" not in response.request_info.headers
+    assert response.status == 200
+    assert [r.topic for r in edge.publisher.records] == ["t.completed", "t.lifecycle"]
+
+
+@pytest.mark.parametrize(
+    ("content_type", "status"),
+    [
+        ("application/json", 200),
+        ("application/json; charset=utf-8", 200),
+        ("application/cloudevents+json", 200),
+        ("text/x+json", 415),
+        ("application/jsonl", 415),
+        ("application/x-json-stream", 415),
+        ("text/json", 415),
+        ("application/octet-stream", 415),
+    ],
+)
+async def test_json_media_types_are_accepted_and_others_refused(
+    edge: Edge, content_type: str, status: int
+) -> None:
+    response = await edge.client.post(
+        PATH, data=json.dumps(SEED_COMPLETED_VIDEO).encode(), headers={"Content-Type": content_type}
+    )
+    assert response.status == status
+    assert len(edge.publisher.records) == (2 if status == 200 else 0)
