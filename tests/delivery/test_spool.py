@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,14 @@ def record(n: int, size: int = 100) -> Record:
     return Record("t.queued", f"g{n}".encode(), b"x" * size, [("luma-state", b"queued")])
 
 
+def keys_on_disk(directory: Path) -> list[bytes]:
+    """The keys of the rows the spool's database file holds, oldest first, read apart from
+    the spool (a second connection sees only what was committed)."""
+    (database,) = directory.glob("*.sqlite3")
+    with closing(sqlite3.connect(database)) as db:
+        return [key for (key,) in db.execute("SELECT key FROM spool ORDER BY seq")]
+
+
 async def open_spool(path: Path, max_bytes: int = 1 << 20) -> tuple[Spool, Metrics]:
     metrics = Metrics(CollectorRegistry())
     spool = Spool(path, max_bytes=max_bytes, metrics=metrics)
@@ -28,6 +38,7 @@ async def open_spool(path: Path, max_bytes: int = 1 << 20) -> tuple[Spool, Metri
 async def test_records_survive_a_reopen_in_arrival_order(tmp_path: Path) -> None:
     spool, _ = await open_spool(tmp_path)
     await asyncio.gather(*(spool.append([record(n)]) for n in range(50)))
+    assert keys_on_disk(tmp_path) == [f"g{n}".encode() for n in range(50)]
     await spool.close()
 
     reopened, metrics = await open_spool(tmp_path)
@@ -55,6 +66,7 @@ async def test_concurrent_appends_share_commits(
     monkeypatch.setattr(spool, "_insert_sync", counting_insert)
     await asyncio.gather(*(spool.append([record(n)]) for n in range(200)))
     assert spool.records == 200
+    assert len(keys_on_disk(tmp_path)) == 200
     assert commits < 200
     assert metrics.registry.get_sample_value("luma_bridge_spooled_total") == 200
     await spool.close()
@@ -68,6 +80,7 @@ async def test_a_full_spool_refuses_more(tmp_path: Path) -> None:
     with pytest.raises(SpoolFull):
         await spool.append([one])
     assert spool.records == (1 << 20) // record_size(one)
+    assert len(keys_on_disk(tmp_path)) == spool.records
     await spool.close()
 
 
@@ -80,10 +93,28 @@ async def test_the_drainer_removes_only_what_kafka_acknowledged(tmp_path: Path) 
     publisher.failing = "KafkaTimeoutError"
     assert not await drainer.drain_once()
     assert spool.records == 10
+    assert len(keys_on_disk(tmp_path)) == 10
     publisher.failing = None
     assert await drainer.drain_once()
     assert spool.records == 0
+    assert keys_on_disk(tmp_path) == []
     assert [r.key for r in publisher.records] == [f"g{n}".encode() for n in range(10)]
     assert metrics.registry.get_sample_value("luma_bridge_spool_drained_total") == 10
     assert spool.oldest_age() == 0.0
+    await spool.close()
+
+
+async def test_only_the_acknowledged_batch_is_removed_from_disk(tmp_path: Path) -> None:
+    spool, _ = await open_spool(tmp_path)
+    for n in range(SpoolDrainer.BATCH + 3):
+        await spool.append([record(n, size=10)])
+    publisher = MemoryPublisher()
+    assert await SpoolDrainer(spool, publisher).drain_once()
+    assert keys_on_disk(tmp_path) == [
+        f"g{n}".encode() for n in range(SpoolDrainer.BATCH, SpoolDrainer.BATCH + 3)
+    ]
+    assert spool.records == 3
+    assert spool.size == sum(
+        record_size(record(n, size=10)) for n in range(SpoolDrainer.BATCH, SpoolDrainer.BATCH + 3)
+    )
     await spool.close()

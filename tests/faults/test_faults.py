@@ -90,6 +90,8 @@ async def test_broker_outage_mid_load(
     await asyncio.sleep(2)  # let steady load establish before the outage
     with frozen(broker):
         await asyncio.sleep(OUTAGE)
+    spooled = await bridge.metric("luma_bridge_spooled_total")
+    assert spooled > 0, "nothing was spooled during the outage: the fault did not happen"
     summary, acked = await load
     await check("broker frozen mid-load", broker.bootstrap, prefix, summary, acked)
 
@@ -187,6 +189,9 @@ async def test_slow_broker_acks_past_the_timeout_are_spooled(prefix: str, tmp_pa
         await asyncio.sleep(OUTAGE)
         proxy.delay = 0
         summary, acked = await load
+        spooled = await bridge.metric("luma_bridge_spooled_total")
+        assert spooled > 0, "no ack came past the timeout: the fault did not happen"
+        assert summary["statuses"].get("timeout", 0) == 0, summary  # answered within Luma's 5 s
         await check("slow broker", bootstrap, prefix, summary, acked)
     finally:
         bridge.stop()
