@@ -32,3 +32,10 @@ bench: bootstrap
 # The fault-injection scenarios with Luma-scale outages; numbers appended to faults-report.jsonl.
 faults: bootstrap
 	FAULT_OUTAGE_SECONDS=30 FAULT_REPORT=faults-report.jsonl $(VENV)/bin/python -m pytest -m faults tests/faults -s
+
+# Mutation testing of the core with mutmut (docs/testing.md): slow, not part of CI.
+mutate: bootstrap
+	$(VENV)/bin/python -m pip install -q -e '.[test,mutate]'
+	rm -rf mutants
+	nice -n 10 $(VENV)/bin/mutmut run --max-children 2
+	$(VENV)/bin/python scripts/mutation-scores --equivalent docs/testing.md
