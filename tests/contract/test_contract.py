@@ -85,6 +85,15 @@ def test_model_comes_from_the_generation_or_its_request() -> None:
     body = {"id": "x", "state": "queued", "request": {"model": "photon-1"}}
     assert parse_callback(encode(body)).model == "photon-1"
     assert parse_callback(encode({**body, "model": "ray-2"})).model == "ray-2"
+    assert parse_callback(encode({**body, "request": {"model": 5}})).model is None
+    assert parse_callback(encode({**body, "request": {}})).model is None
+
+
+def test_a_body_that_is_not_an_object_says_so() -> None:
+    for body in (b"[]", b'"text"', b"1"):
+        with pytest.raises(InvalidCallback) as raised:
+            parse_callback(body)
+        assert (raised.value.kind, raised.value.reason) == ("shape", "body is not a JSON object")
 
 
 def test_topics_route_known_states_and_fold_the_rest_into_unknown() -> None:

@@ -243,3 +243,10 @@ def test_bad_security_settings_stop_start_up_naming_the_variable(
     assert variable in message
     assert "hunter2" not in message
     assert len(message.splitlines()) == 1
+
+
+async def test_a_signed_empty_body_is_verified_over_the_empty_body() -> None:
+    async with running_edge(hmac_secrets=HMAC_SECRET) as edge:
+        empty = request_bytes(body=b"", headers=signed_headers(b"", webhook_id="msg_empty"))
+        answer = await send_raw(edge.port, empty)
+        assert answer.status == 400  # authenticated, then refused as not JSON

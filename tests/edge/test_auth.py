@@ -212,3 +212,12 @@ def test_a_tokens_file_emptied_is_warned_about_and_an_unreadable_one_keeps_the_o
     assert tokens.count == 1
     reason = f"cannot read LUMA_BRIDGE_AUTH_TOKENS_FILE ({source}): No such file or directory"
     assert fields_of(caplog, "keeping the previous tokens") == [{"reason": reason}]
+
+
+async def test_a_bearer_token_after_more_than_one_space_is_still_found(app: App) -> None:
+    response = await app.client.post(
+        BASE,
+        data=SEED_BODY,
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer  {TOKENS[1]}"},
+    )
+    assert response.status == 200
