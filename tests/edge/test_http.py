@@ -159,7 +159,11 @@ async def test_beyond_the_inflight_bound_callbacks_are_shed_with_503() -> None:
         first = asyncio.create_task(post(edge, SEED_COMPLETED_VIDEO))
         await wait_until(lambda: edge.publisher.calls == 1, what="first write started")
         status, answer = await post(edge, {**SEED_COMPLETED_VIDEO, "id": "other"})
-        assert (status, answer["status"]) == (503, "unavailable")
+        assert answer == {
+            "status": "unavailable",
+            "error": "too many callbacks in flight; retry later",
+        }
+        assert status == 503
         assert edge.sample("luma_bridge_shed_total", reason="inflight_limit") == 1
         edge.publisher.gate.set()
         assert (await first)[0] == 200
@@ -357,3 +361,23 @@ async def test_a_body_cut_off_by_the_connection_closing_is_counted_as_rejected(
             "reason": "connection closed before the body was received",
         }
     ]
+
+
+async def test_the_inflight_bound_counts_every_callback_in_flight_and_frees_each_slot() -> None:
+    edge = await make_edge(max_inflight=2)
+    try:
+        for n in range(3):  # answered one after the other: each frees its slot
+            assert (await post(edge, {**SEED_COMPLETED_VIDEO, "id": f"done-{n}"}))[0] == 200
+        assert edge.sample("luma_bridge_inflight_requests") == 0
+        edge.publisher.gate = asyncio.Event()
+        held = [
+            asyncio.create_task(post(edge, {**SEED_COMPLETED_VIDEO, "id": f"held-{n}"}))
+            for n in range(2)
+        ]
+        await wait_until(lambda: edge.publisher.calls == 5, what="two callbacks in flight")
+        assert (await post(edge, {**SEED_COMPLETED_VIDEO, "id": "third"}))[0] == 503
+        edge.publisher.gate.set()
+        assert [(await task)[0] for task in held] == [200, 200]
+        assert edge.sample("luma_bridge_inflight_requests") == 0
+    finally:
+        await edge.client.close()
