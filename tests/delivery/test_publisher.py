@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
-from aiokafka.errors import KafkaTimeoutError, NotLeaderForPartitionError
+from aiokafka.errors import KafkaConnectionError, KafkaTimeoutError, NotLeaderForPartitionError
 from aiokafka.partitioner import DefaultPartitioner
 from prometheus_client import CollectorRegistry
 
@@ -64,11 +64,23 @@ class StandInProducer:
         self.started = False
         StandInProducer.made.append(self)
 
+        self.stops = 0
+        self.client = self  # fetch_all_metadata() lives on aiokafka's client
+
     async def start(self) -> None:
+        if self.mode == "unreachable":
+            raise KafkaConnectionError()
         self.started = True
 
     async def stop(self) -> None:
+        self.stops += 1
         self.started = False
+
+    async def fetch_all_metadata(self) -> None:
+        if self.mode == "never":
+            await asyncio.Event().wait()
+        if self.mode == "error":
+            raise self.error
 
     async def send(
         self, topic: str, value: bytes, *, key: bytes | None, headers: list[tuple[str, bytes]]
@@ -268,3 +280,51 @@ async def test_a_real_producer_retry_is_counted(own_broker: EmbeddedBroker) -> N
         # Whether this one record then landed is not the point (aiokafka may give up on it).
         with contextlib.suppress(KafkaUnavailable):
             await asyncio.wait_for(sending, 30)
+
+
+async def test_a_cluster_that_cannot_be_reached_at_start_is_unavailable_and_stopped_once(
+    stand_in: type[StandInProducer],
+) -> None:
+    stand_in.mode = "unreachable"
+    publisher = KafkaPublisher(settings(), metrics=Metrics(CollectorRegistry()))
+    with pytest.raises(KafkaUnavailable) as raised:
+        await publisher.start()
+    assert raised.value.reason == "KafkaConnectionError"
+    assert not publisher.connected
+    await publisher.stop()
+    assert stand_in.made[-1].stops == 1  # by start(), which cleans up its half-open connections
+
+
+@pytest.mark.parametrize(("mode", "answers"), [("ack", True), ("never", False), ("error", False)])
+async def test_the_connection_check_is_true_only_when_metadata_comes_in_time(
+    stand_in: type[StandInProducer], mode: str, answers: bool
+) -> None:
+    publisher = KafkaPublisher(settings(), metrics=Metrics(CollectorRegistry()))
+    assert not await publisher.check_connection(0.1)  # not started
+    async with publisher:
+        stand_in.mode = mode
+        assert await publisher.check_connection(0.2) is answers
+    assert not await publisher.check_connection(0.1)  # stopped
+
+
+async def test_retries_are_counted_only_while_the_publisher_runs(
+    stand_in: type[StandInProducer],
+) -> None:
+    metrics = Metrics(CollectorRegistry())
+    sender_log = logging.getLogger(RetryCounter.LOGGER)
+    async with KafkaPublisher(settings(), metrics=metrics):
+        sender_log.warning("Cannot send %r to %s: %r", "ProduceRequest", 1, "timeout")
+    sender_log.warning("Cannot send %r to %s: %r", "ProduceRequest", 1, "timeout")
+    assert sample(metrics, "luma_bridge_kafka_produce_retries_total") == 1
+
+
+def test_the_retry_counter_never_swallows_a_log_record() -> None:
+    counter = RetryCounter(Metrics(CollectorRegistry()))
+    for message in ("Cannot send %r", "unrelated"):
+        record = logging.LogRecord(RetryCounter.LOGGER, logging.WARNING, "", 0, message, (), None)
+        assert counter.filter(record) is True
+
+
+def test_records_without_a_key_go_to_any_partition_even_when_none_is_known_available() -> None:
+    for _ in range(20):
+        assert keyed_partitioner(None, [0, 1, 2], []) in {0, 1, 2}

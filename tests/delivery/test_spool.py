@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
+import time
 from contextlib import closing
 from pathlib import Path
 
@@ -13,7 +15,7 @@ from prometheus_client import CollectorRegistry
 from bridge.delivery.publisher import Record
 from bridge.delivery.spool import Spool, SpoolDrainer, SpoolFull, record_size
 from bridge.ops.metrics import Metrics
-from tests.helpers import MemoryPublisher
+from tests.helpers import MemoryPublisher, wait_until
 
 
 def record(n: int, size: int = 100) -> Record:
@@ -117,4 +119,76 @@ async def test_only_the_acknowledged_batch_is_removed_from_disk(tmp_path: Path) 
     assert spool.size == sum(
         record_size(record(n, size=10)) for n in range(SpoolDrainer.BATCH, SpoolDrainer.BATCH + 3)
     )
+    await spool.close()
+
+
+async def test_the_oldest_age_counts_from_the_first_spooled_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool, _ = await open_spool(tmp_path, max_bytes=1 << 20)
+    assert spool.oldest_age() == 0.0
+    assert spool.has_room()
+    await spool.append([record(0)])
+    spooled_at = time.time()
+    monkeypatch.setattr(time, "time", lambda: spooled_at + 100)
+    assert 99 < spool.oldest_age() <= 101
+    monkeypatch.setattr(time, "time", lambda: spooled_at - 100)  # a clock stepped back
+    assert spool.oldest_age() == 0.0
+    monkeypatch.undo()
+    await spool.close()
+
+
+async def test_has_room_until_the_bound_is_reached(tmp_path: Path) -> None:
+    one = record(0, size=100_000)
+    spool, _ = await open_spool(tmp_path, max_bytes=2 * record_size(one))
+    await spool.append([one])
+    assert spool.has_room()
+    await spool.append([one])
+    assert not spool.has_room()
+    await spool.close()
+
+
+async def test_the_running_drainer_sends_what_is_spooled_once_kafka_takes_it(
+    tmp_path: Path,
+) -> None:
+    spool, _ = await open_spool(tmp_path)
+    publisher = MemoryPublisher()
+    publisher.failing = "KafkaTimeoutError"
+    drainer = asyncio.create_task(SpoolDrainer(spool, publisher).run())
+    try:
+        for n in range(3):
+            await spool.append([record(n)])
+        await wait_until(lambda: publisher.calls >= 2, what="the drainer to try (and retry)")
+        assert spool.records == 3
+        publisher.failing = None
+        await wait_until(lambda: spool.records == 0, what="the spool drained")
+        assert [r.key for r in publisher.records] == [b"g0", b"g1", b"g2"]
+        await wait_until(lambda: not spool.wakeup.is_set(), what="the drainer to go idle")
+        await spool.append([record(3)])  # wakes it again
+        await wait_until(lambda: spool.records == 0, what="the new record drained")
+    finally:
+        drainer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await drainer
+    await spool.close()
+
+
+async def test_drain_until_sends_what_kafka_takes_before_the_deadline(tmp_path: Path) -> None:
+    spool, _ = await open_spool(tmp_path)
+    for n in range(SpoolDrainer.BATCH + 1):
+        await spool.append([record(n, size=10)])
+    publisher = MemoryPublisher()
+    drainer = SpoolDrainer(spool, publisher)
+    await drainer.drain_until(time.monotonic() + 10)
+    assert spool.records == 0
+    assert len(publisher.records) == SpoolDrainer.BATCH + 1
+    await spool.append([record(0)])
+    publisher.failing = "KafkaTimeoutError"
+    started = time.monotonic()
+    await drainer.drain_until(time.monotonic() + 0.5)
+    assert 0.4 < time.monotonic() - started < 3
+    assert spool.records == 1
+    tried = publisher.calls
+    await drainer.drain_until(time.monotonic() - 1)  # past the deadline: nothing tried
+    assert publisher.calls == tried
     await spool.close()
