@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import tempfile
 import time
 import uuid
@@ -52,6 +53,13 @@ async def wait_until(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(0.02)
+
+
+def child_environment(**values: str) -> dict[str, str]:
+    """Exactly `values` for a child process, plus coverage.py's own variables, so that under
+    `make test` the child is measured too."""
+    measured = {name: value for name, value in os.environ.items() if name.startswith("COVERAGE_")}
+    return {**measured, **values}
 
 
 class MemoryPublisher:

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from bridge.settings import SettingsError, load_settings
+from tests.helpers import child_environment
 
 
 def test_tokens_and_topic_configs_come_as_comma_lists(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -45,7 +46,7 @@ def test_a_bad_value_stops_start_up_with_exit_2_naming_the_variable(
 ) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "bridge", "serve"],
-        env={variable: value, "PATH": ""},
+        env=child_environment(**{variable: value, "PATH": ""}),
         capture_output=True,
         text=True,
         timeout=60,
@@ -61,7 +62,7 @@ def test_a_bad_value_stops_start_up_with_exit_2_naming_the_variable(
 def test_serve_refuses_to_start_without_tokens() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "bridge", "serve", "--kafka-bootstrap-servers", "127.0.0.1:1"],
-        env={"PATH": ""},
+        env=child_environment(PATH=""),
         capture_output=True,
         text=True,
         timeout=60,

@@ -286,3 +286,26 @@ def test_bad_security_settings_stop_start_up_naming_the_variable(
     assert variable in message
     assert "hunter2" not in message
     assert len(message.splitlines()) == 1
+
+
+async def test_a_signed_empty_body_is_verified_over_the_empty_body() -> None:
+    async with running_edge(hmac_secrets=HMAC_SECRET) as edge:
+        empty = request_bytes(body=b"", headers=signed_headers(b"", webhook_id="msg_empty"))
+        answer = await send_raw(edge.port, empty)
+        assert answer.status == 400  # authenticated, then refused as not JSON
+
+
+async def test_the_rate_limit_is_kept_per_source_behind_a_trusted_proxy() -> None:
+    async with running_edge(
+        rate_limit_per_second=0.5, rate_limit_burst=1, trusted_proxies="127.0.0.1/32"
+    ) as edge:
+
+        async def from_source(address: str) -> RawAnswer:
+            headers = {"X-Forwarded-For": address}
+            return await send_raw(edge.port, request_bytes(headers=headers))
+
+        first = await from_source("203.0.113.1")
+        assert first.status == 200
+        assert "retry-after" not in first.headers
+        assert (await from_source("203.0.113.1")).status == 429
+        assert (await from_source("203.0.113.2")).status == 200

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from bridge.delivery.topics import create_topics
@@ -74,6 +75,27 @@ async def bridge(
         process.stop()
 
 
+async def wait_until_accepted(bridge: BridgeProcess, at_least: int, timeout: float = 60) -> None:
+    """Until the bridge has accepted `at_least` callbacks (any state), from its /metrics."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"http://127.0.0.1:{bridge.admin_port}/metrics") as response,
+        ):
+            text = await response.text()
+        accepted = sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("luma_bridge_callbacks_total{") and 'outcome="accepted"' in line
+        )
+        if accepted >= at_least:
+            return
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"only {accepted} callbacks accepted after {timeout}s")
+        await asyncio.sleep(0.1)
+
+
 async def check(
     scenario: str, bootstrap: str, prefix: str, summary: dict[str, Any], acked: list[str]
 ) -> None:
@@ -88,8 +110,11 @@ async def test_broker_outage_mid_load(
 ) -> None:
     load = asyncio.create_task(run_simulate(bridge.url, 3000, rate=150))
     await asyncio.sleep(2)  # let steady load establish before the outage
+    await wait_until_accepted(bridge, 100)  # and be sure it did (a slow machine starts late)
     with frozen(broker):
         await asyncio.sleep(OUTAGE)
+    spooled = await bridge.metric("luma_bridge_spooled_total")
+    assert spooled > 0, "nothing was spooled during the outage: the fault did not happen"
     summary, acked = await load
     await check("broker frozen mid-load", broker.bootstrap, prefix, summary, acked)
 
@@ -113,6 +138,7 @@ async def test_sigterm_mid_load_exits_0_and_loses_nothing(
 ) -> None:
     load = asyncio.create_task(run_simulate(bridge.url, 2000, rate=400, concurrency=32))
     await asyncio.sleep(2)
+    await wait_until_accepted(bridge, 100)  # mid-load, even on a slow machine
     bridge.signal(signal.SIGTERM)
     assert await asyncio.to_thread(bridge.wait, 30) == 0, bridge.log_text()
     summary, acked = await load
@@ -185,8 +211,12 @@ async def test_slow_broker_acks_past_the_timeout_are_spooled(prefix: str, tmp_pa
         proxy.delay = 1.5  # every broker answer arrives after the bridge's 1 s ack timeout
         load = asyncio.create_task(run_simulate(bridge.url, 600, rate=100))
         await asyncio.sleep(OUTAGE)
+        await bridge.wait_for_metric("luma_bridge_spooled_total", 1)  # the load did meet it
         proxy.delay = 0
         summary, acked = await load
+        spooled = await bridge.metric("luma_bridge_spooled_total")
+        assert spooled > 0, "no ack came past the timeout: the fault did not happen"
+        assert summary["statuses"].get("timeout", 0) == 0, summary  # answered within Luma's 5 s
         await check("slow broker", bootstrap, prefix, summary, acked)
     finally:
         bridge.stop()
