@@ -270,7 +270,9 @@ class KafkaCluster:
         """One process that is controller and broker: the integration suite's broker."""
         jars = ensure_jars(version)
         controller_port, client_port = free_port(), free_port()
-        node = KafkaNode(1, "broker,controller", directory / "node-1", jars, client_port=client_port)
+        node = KafkaNode(
+            1, "broker,controller", directory / "node-1", jars, client_port=client_port
+        )
         node.advertised_port = client_port
         listeners = {"CLIENT": client_port, "CONTROLLER": controller_port}
         protocols = {"CLIENT": "PLAINTEXT", "CONTROLLER": "PLAINTEXT"}
