@@ -62,9 +62,7 @@ def client_versions(request_type: Any) -> list[int]:
     return sorted(int(struct.API_VERSION) for struct in request_type._CLASSES)
 
 
-def unsupported(
-    broker_versions: dict[int, tuple[int, int]], request_types: list[Any]
-) -> list[str]:
+def unsupported(broker_versions: dict[int, tuple[int, int]], request_types: list[Any]) -> list[str]:
     """A description of each request the broker cannot take in any version aiokafka speaks."""
     problems = []
     for request_type in request_types:

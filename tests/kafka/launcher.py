@@ -411,7 +411,7 @@ class KafkaCluster:
             argv = ["format", "-t", cluster_id, "-c", str(node.config_file), *scram]
             formats.append(start_tool(jars, "kafka.tools.StorageTool", *argv))
         for process in formats:  # one JVM each; started together, they overlap
-            finish_tool(process)
+            finish_tool(process, "StorageTool format")
 
     def start(self, timeout: float = 120.0) -> KafkaCluster:
         """Format (once), start every node and wait until metadata lists every broker."""
@@ -505,7 +505,7 @@ def accepts(bootstrap: str) -> bool:
 
 def run_tool(jars: Path, main_class: str, *args: str) -> str:
     """Run one of Kafka's command-line tools; its output, or `KafkaLauncherError`."""
-    return finish_tool(start_tool(jars, main_class, *args))
+    return finish_tool(start_tool(jars, main_class, *args), f"{main_class} {args[0]}")
 
 
 def start_tool(jars: Path, main_class: str, *args: str) -> subprocess.Popen[str]:
@@ -513,7 +513,7 @@ def start_tool(jars: Path, main_class: str, *args: str) -> subprocess.Popen[str]
     return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def finish_tool(process: subprocess.Popen[str]) -> str:
+def finish_tool(process: subprocess.Popen[str], what: str) -> str:
     try:
         output, _ = process.communicate(timeout=120)
     except subprocess.TimeoutExpired:
@@ -521,8 +521,7 @@ def finish_tool(process: subprocess.Popen[str]) -> str:
         output, _ = process.communicate()
     if process.returncode != 0:
         raise KafkaLauncherError(
-            f"{' '.join(map(str, process.args[-8:]))} failed (exit {process.returncode}): "
-            f"{output.strip()[-2000:]}"
+            f"Kafka's {what} failed (exit {process.returncode}): {output.strip()[-2000:]}"
         )
     return output
 
