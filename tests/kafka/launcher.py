@@ -96,7 +96,6 @@ def ensure_jars(version: str, *, progress: Callable[[str], None] | None = None) 
     started = time.monotonic()
     argv = [
         "mvn",
-        "-q",
         "-B",
         "-f",
         str(POM),
@@ -105,12 +104,11 @@ def ensure_jars(version: str, *, progress: Callable[[str], None] | None = None) 
         f"-DoutputDirectory={staging}",
         "-DincludeScope=runtime",
     ]
-    result = subprocess.run(argv, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
+    returncode, tail = run_with_progress(argv, say)
+    if returncode != 0:
         shutil.rmtree(staging, ignore_errors=True)
         raise KafkaLauncherError(
-            f"fetching Kafka {version} with Maven failed (exit {result.returncode}): "
-            f"{(result.stdout + result.stderr).strip()[-2000:]}"
+            f"fetching Kafka {version} with Maven failed (exit {returncode}): {tail}"
         )
     (staging / ".complete").touch()
     if jars.exists():  # another run finished first; theirs is as good as ours
@@ -120,6 +118,21 @@ def ensure_jars(version: str, *, progress: Callable[[str], None] | None = None) 
     count = len(list(jars.glob("*.jar")))
     say(f"fetched {count} jars for Kafka {version} in {time.monotonic() - started:.0f}s")
     return jars
+
+
+def run_with_progress(argv: list[str], say: Callable[[str], None]) -> tuple[int, str]:
+    """Run Maven, saying every 10 files downloaded; its exit code and its last lines."""
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert process.stdout is not None
+    downloaded = 0
+    last: list[str] = []
+    for line in process.stdout:
+        last = [*last[-40:], line.rstrip()]
+        if line.startswith("Downloaded from"):
+            downloaded += 1
+            if downloaded % 10 == 0:
+                say(f"  ... {downloaded} files downloaded")
+    return process.wait(), "\n".join(last)
 
 
 def java_command(jars: Path, main_class: str, *args: str, heap: str = BROKER_HEAP) -> list[str]:
@@ -190,6 +203,7 @@ class KafkaNode:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait()
+        self.process = None
         _LIVE.discard(self)
 
     def stop(self, timeout: float = 60.0) -> None:
@@ -201,6 +215,7 @@ class KafkaNode:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        self.process = None
         _LIVE.discard(self)
 
     def log_tail(self, lines: int = 60) -> str:
@@ -549,3 +564,13 @@ def common_properties(*, replication: int) -> dict[str, Any]:
         "auto.create.topics.enable": "false",
         "unclean.leader.election.enable": "false",
     }
+
+
+def main() -> None:
+    """`python -m tests.kafka.launcher`: fetch every pinned version's jars (scripts/bootstrap)."""
+    for version in KAFKA_VERSIONS.values():
+        print(f"Kafka {version}: {ensure_jars(version)}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
