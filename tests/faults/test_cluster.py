@@ -22,7 +22,8 @@ from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import aiohttp
 import pytest
@@ -462,3 +463,23 @@ async def test_one_broker_cut_off_from_the_bridge(cluster: Cluster, bridge: Brid
         cluster.proxies.restore(leader)
     repaired = recovery(cluster, bridge)
     await check("Kafka: one broker cut off by a proxy", cluster, bridge, load, recovery=repaired)
+
+
+def test_the_order_audit_counts_a_generation_that_goes_backwards() -> None:
+    def record(offset: int, key: bytes, state: str) -> ConsumerRecord:
+        headers = [("luma-state", state.encode()), ("luma-event-id", f"{key!r}{state}".encode())]
+        return cast(
+            ConsumerRecord,
+            SimpleNamespace(partition=0, offset=offset, key=key, headers=headers),
+        )
+
+    in_order = [
+        record(0, b"a", "queued"),
+        record(1, b"a", "dreaming"),
+        record(2, b"a", "completed"),
+    ]
+    assert order_violations(in_order) == 0
+    duplicate = [*in_order, record(3, b"a", "queued")]  # a redelivery: counted as a duplicate
+    assert order_violations(duplicate) == 0
+    backwards = [record(0, b"b", "dreaming"), record(1, b"b", "queued"), *in_order]
+    assert order_violations(backwards) == 1
