@@ -29,6 +29,7 @@ import aiohttp
 import pytest
 from aiokafka import ConsumerRecord
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError
 
 from bridge.delivery.topics import create_topics
@@ -190,6 +191,7 @@ async def bridge(cluster: Cluster, tmp_path: Path) -> AsyncIterator[BridgeProces
     )
     await create_topics(settings)
     await topics_visible(settings)
+    assert await topic_layout(cluster, prefix) == {(3, "2")}  # RF 3, min ISR 2, read back
     process = BridgeProcess(
         cluster.bootstrap,
         spool_dir=tmp_path,
@@ -249,6 +251,27 @@ async def partitions(cluster: Cluster, prefix: str) -> list[dict[str, Any]]:
     finally:
         await admin.close()
     return [{"topic": t["topic"], **p} for t in described for p in t["partitions"]]
+
+
+async def topic_layout(cluster: Cluster, prefix: str) -> set[tuple[int, str]]:
+    """(replicas, min.insync.replicas) of every partition of the scenario's topics."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=cluster.direct, request_timeout_ms=5000)
+    await admin.start()
+    try:
+        topics = [t for t in await admin.list_topics() if t.startswith(prefix + ".")]
+        described = await admin.describe_topics(topics)
+        resources = [ConfigResource(ConfigResourceType.TOPIC, t) for t in topics]
+        responses = await admin.describe_configs(resources)
+    finally:
+        await admin.close()
+    min_isr = {
+        resource[3]: entry[1]
+        for response in responses
+        for resource in response.resources
+        for entry in resource[4]
+        if entry[0] == "min.insync.replicas"
+    }
+    return {(len(p["replicas"]), min_isr[t["topic"]]) for t in described for p in t["partitions"]}
 
 
 async def fully_replicated(cluster: Cluster, prefix: str, timeout: float = 120.0) -> float:
