@@ -3,7 +3,8 @@
 `LUMA_TEST_BROKER` lists the brokers the integration suite runs against, comma-separated:
 - `apache`: Apache Kafka itself (`LUMA_TEST_KAFKA_VERSION`, default the pinned 4.x), one
   KRaft process started from Maven Central's jars by tests/kafka/launcher.py (a JDK and
-  Maven needed), or by testcontainers when java is missing and a Docker engine answers;
+  Maven needed), or testcontainers' Kafka when java is missing and a Docker engine
+  answers;
 - `tansu`: the embedded Tansu broker (memory only, no idempotent producer);
 - `external`: the cluster at `KAFKA_BOOTSTRAP_SERVERS`.
 Unset, it is `tansu,apache` (both, as CI runs), or `external` when
@@ -93,8 +94,12 @@ def start_apache_kafka(version: str, *, secure: bool) -> KafkaCluster:
     directory = Path(tempfile.mkdtemp(prefix=f"luma-kafka-{version}-"))
     try:
         cluster = KafkaCluster.combined(directory, version, secure=secure)
+    except KafkaLauncherError as exc:
+        pytest.fail(f"Apache Kafka {version} cannot be fetched: {exc}")
+    try:
         return cluster.start()
     except KafkaLauncherError as exc:
+        cluster.kill()  # the log tails are in the message; the directory stays for a look
         pytest.fail(f"Apache Kafka {version} did not start: {exc}")
 
 
@@ -105,16 +110,16 @@ def apache_kafka() -> Iterator[KafkaCluster]:
     try:
         yield cluster
     finally:
-        cluster.kill()
+        cluster.remove()
 
 
 def _apache_broker(request: pytest.FixtureRequest) -> Iterator[KafkaBroker]:
-    version = kafka_version()
     if missing_tools() and _docker_engine_answers():
         from testcontainers.kafka import KafkaContainer
 
-        with KafkaContainer(f"apache/kafka:{version}") as container:
-            yield KafkaBroker(container.get_bootstrap_server(), True, "apache", version)
+        # testcontainers' own (Confluent) image, not the pinned release; unused where java is.
+        with KafkaContainer() as container:
+            yield KafkaBroker(container.get_bootstrap_server(), True, "testcontainers")
         return
     cluster: KafkaCluster = request.getfixturevalue("apache_kafka")
     yield KafkaBroker(cluster.bootstrap, True, "apache", cluster.version, cluster.secure)

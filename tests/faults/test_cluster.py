@@ -165,16 +165,20 @@ def cluster() -> Iterator[Cluster]:
         kafka = KafkaCluster.controller_and_brokers(
             directory, kafka_version(), advertised_ports=proxies.ports
         )
-        proxies.start({node.node_id: node.client_port or 0 for node in kafka.brokers})
+    except KafkaLauncherError as exc:
+        pytest.fail(f"Apache Kafka cannot be fetched: {exc}")
+    proxies.start({node.node_id: node.client_port or 0 for node in kafka.brokers})
+    try:
         kafka.start()
     except KafkaLauncherError as exc:
         proxies.stop()
+        kafka.kill()  # the log tails are in the message; the directory stays for a look
         pytest.fail(f"the 3-broker cluster did not start: {exc}")
     try:
         yield Cluster(kafka, proxies)
     finally:
         proxies.stop()
-        kafka.kill()
+        kafka.remove()
 
 
 @pytest.fixture

@@ -446,6 +446,11 @@ class KafkaCluster:
         for node in self.nodes:
             node.kill()
 
+    def remove(self) -> None:
+        """Kill every node and delete the data directories and logs."""
+        self.kill()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
     def __enter__(self) -> KafkaCluster:
         try:
             return self.start()

@@ -55,7 +55,7 @@ def kafka(request: pytest.FixtureRequest) -> Iterator[KafkaCluster]:
     try:
         yield cluster
     finally:
-        cluster.kill()
+        cluster.remove()
 
 
 def plain_settings(kafka: KafkaCluster, **overrides: Any) -> Settings:
