@@ -25,6 +25,7 @@ from bridge.consume.consumer import FOLLOWABLE_STATES
 from bridge.consume.deadletter import replay_command
 from bridge.consume.tail import TailOptions, tail_command
 from bridge.contract.asyncapi import schema_command
+from bridge.delivery.compat import IncompatibleBroker
 from bridge.delivery.topics import create_topics
 from bridge.devtools.embedded import EmbeddedBroker, EmbeddedBrokerError
 from bridge.devtools.simulate import SimulateOptions, simulate
@@ -204,6 +205,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     except SettingsError as exc:
         return fail(str(exc), EXIT_USAGE)
+    except IncompatibleBroker as exc:
+        return fail(str(exc), exc.exit_code)
     except (StartupError, EmbeddedBrokerError) as exc:
         return fail(str(exc))
     except KeyboardInterrupt:

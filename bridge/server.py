@@ -31,6 +31,7 @@ from collections.abc import Callable
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from bridge.delivery.compat import check_broker
 from bridge.delivery.dedupe import DedupeWindow
 from bridge.delivery.pipeline import Pipeline
 from bridge.delivery.publisher import KafkaPublisher, KafkaUnavailable, Publisher
@@ -96,10 +97,11 @@ class BridgeServer:
     async def start(self, stopping: asyncio.Event | None = None) -> None:
         """Open the listeners, the spool and the Kafka connection.
 
-        Raises `StartupError` when no credential is configured, the tokens file or the
-        TLS files cannot be read, topics are missing or a port is taken. Without a
-        spool, waits for Kafka (retrying, with a message each time) and returns without
-        serving if `stopping` is set meanwhile.
+        Raises `IncompatibleBroker` when a reachable broker refuses a request the bridge
+        needs (e.g. the idempotent producer), `StartupError` when no credential is
+        configured, the tokens file or the TLS files cannot be read, topics are missing
+        or a port is taken. Without a spool, waits for Kafka (retrying, with a message
+        each time) and returns without serving if `stopping` is set meanwhile.
         """
         self.metrics.phase.set(PHASE_STARTING)
         self._check_auth_configured()
@@ -112,6 +114,8 @@ class BridgeServer:
         if self.spool is not None:
             await self.spool.open()
             self.metrics.spool_oldest_age.set_function(self.spool.oldest_age)
+        # A broker that refuses what we need would otherwise look unreachable forever.
+        await check_broker(self.settings)
         connected = await self._try_connect()
         if not connected and self.spool is None:
             connected = await self._connect_kafka(stopping or asyncio.Event())

@@ -153,8 +153,10 @@ async def replay_dead_letters(
 async def _replay(
     consumer: Any, pipeline: Pipeline, topics: Topics, summary: ReplaySummary, *, dry_run: bool
 ) -> None:
-    await consumer.topics()  # refreshes metadata, so a topic created just now is known
-    partitions = sorted(consumer.partitions_for_topic(topics.deadletter) or ())
+    # consumer.topics() would fill a throwaway copy of the metadata, and the consumer's own
+    # lists only what it asked for: all topics on Tansu, none on Apache Kafka. So ask.
+    cluster = await consumer._client.fetch_all_metadata()
+    partitions = sorted(cluster.partitions_for_topic(topics.deadletter) or ())
     assigned = [TopicPartition(topics.deadletter, partition) for partition in partitions]
     if not assigned:
         return

@@ -93,7 +93,10 @@ async def create_topics(settings: Settings) -> dict[str, str]:
             except TopicAlreadyExistsError:
                 outcome[name] = "exists"
                 continue
-            _raise_for_topic_errors(response)
+            if _raise_for_topic_errors(response):
+                # Listed as missing a moment ago: a broker's metadata lags behind creation.
+                outcome[name] = "exists"
+                continue
             outcome[name] = "created"
             log.info("topic created", extra={"fields": {"topic": name}})
         return outcome
@@ -101,12 +104,16 @@ async def create_topics(settings: Settings) -> dict[str, str]:
         await admin.close()
 
 
-def _raise_for_topic_errors(response: object) -> None:
+def _raise_for_topic_errors(response: object) -> bool:
+    """Raise for a refused topic; True when the topic already existed."""
+    existed = False
     for topic, code, message, *_ in getattr(response, "topic_errors", []):
         if code == TopicAlreadyExistsError.errno:
+            existed = True
             continue
         if code:
             raise KafkaError(f"cannot create topic {topic}: error {code} {message or ''}".strip())
+    return existed
 
 
 def min_insync_replicas(settings: Settings) -> int:
