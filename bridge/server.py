@@ -325,6 +325,7 @@ def callback_app(
         lifecycle=settings.lifecycle_topic,
         dedupe=DedupeWindow(size=settings.dedupe_window_size, ttl=settings.dedupe_window_seconds),
         spool=spool,
+        cloudevents=settings.cloudevents_options(),
     )
     rate_limiter = (
         RateLimiter(rate=settings.rate_limit_per_second, burst=settings.rate_limit_burst)

@@ -10,8 +10,10 @@ What it adds to a bare `AIOKafkaConsumer`:
 * **Commit after handling.** An event counts as handled when the caller asks for
   the next one (or calls `commit()`); only then may its offset be committed. An
   event the caller raised or broke out of is delivered again after a restart.
-* **Dedupe.** Delivery is at-least-once; a record whose `luma-event-id` was seen
-  within the last `window` events is skipped.
+* **Dedupe.** Delivery is at-least-once; a record whose `luma-transition-id` (or, on
+  records written before that header existed, `luma-event-id`) was seen within the
+  last `window` events is skipped: a redelivered callback, and a callback and the
+  reconciler's record of the same state transition, count once.
 * **No going backwards.** A generation's state only moves forward
   (queued → dreaming → completed | failed). A late `dreaming` after `completed`
   (redelivery, or two topics read at different speeds) is yielded with
@@ -30,7 +32,7 @@ import logging
 from collections import OrderedDict, deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
@@ -50,6 +52,7 @@ STATE_PROGRESS: dict[str, int] = {"queued": 0, "dreaming": 1, "completed": 2, "f
 FOLLOWABLE_STATES = (*KNOWN_STATES, "unknown")
 
 EVENT_ID_HEADER = "luma-event-id"
+TRANSITION_ID_HEADER = "luma-transition-id"
 STATE_HEADER = "luma-state"
 RECEIVED_AT_HEADER = "luma-received-at"
 
@@ -72,8 +75,18 @@ class GenerationEvent:
     #: True when the generation was already seen further along (`furthest_state`).
     stale: bool = False
     furthest_state: str | None = None
-    #: True for a repeated event id; only yielded when `skip_duplicates=False`.
+    #: True for a repeated transition; only yielded when `skip_duplicates=False`.
     duplicate: bool = False
+    #: `luma-transition-id`: the same for every record of one state transition (None on
+    #: records written before the header existed).
+    transition_id: str | None = None
+    #: The record's Kafka timestamp: when the bridge wrote it (None when the broker gives none).
+    written_at: datetime | None = None
+
+    @property
+    def dedupe_key(self) -> str:
+        """What duplicates share: the transition id, else the event id."""
+        return self.transition_id or self.event_id
 
     @property
     def generation_id(self) -> str:
@@ -124,6 +137,8 @@ def event_from_record(record: Any) -> GenerationEvent:
         generation = Generation.model_validate_json(record.value)
     except KeyError as exc:
         raise MalformedRecord(f"missing header {exc.args[0]}") from None
+        transition_header = headers.get(TRANSITION_ID_HEADER)
+        transition = transition_header.decode() if transition_header is not None else None
     except (UnicodeDecodeError, ValueError, ValidationError, TypeError):
         raise MalformedRecord("value or headers are not what the bridge writes") from None
     return GenerationEvent(
@@ -134,7 +149,17 @@ def event_from_record(record: Any) -> GenerationEvent:
         topic=record.topic,
         partition=record.partition,
         offset=record.offset,
+        transition_id=transition,
+        written_at=_timestamp(record),
     )
+
+
+def _timestamp(record: Any) -> datetime | None:
+    """The record's timestamp (milliseconds since the epoch), None when it has none (-1)."""
+    timestamp = getattr(record, "timestamp", None)
+    if not isinstance(timestamp, int) or timestamp < 0:
+        return None
+    return datetime.fromtimestamp(timestamp / 1000, UTC)
 
 
 class EventMemory:
@@ -346,7 +371,9 @@ class GenerationConsumer:
                 },
             )
             return None
-        duplicate, furthest = self._memory.observe(event.event_id, event.generation_id, event.state)
+        duplicate, furthest = self._memory.observe(
+            event.dedupe_key, event.generation_id, event.state
+        )
         if duplicate and self._skip_duplicates:
             return None
         if self._wanted and event.state not in self._wanted:
@@ -363,7 +390,7 @@ class GenerationConsumer:
             event = event_from_record(record)
         except MalformedRecord:
             return
-        self._memory.observe(event.event_id, event.generation_id, event.state)
+        self._memory.observe(event.dedupe_key, event.generation_id, event.state)
 
     def _mark(self, topic: str, partition: int, offset: int) -> None:
         self._handled[TopicPartition(topic, partition)] = offset + 1

@@ -27,6 +27,11 @@ DEFAULT_TOPIC_PREFIX = "luma.generation"
 DEFAULT_CLIENT_ID = "luma-kafka-bridge"
 #: The cluster a bridge without configuration looks for (what the AsyncAPI server names).
 DEFAULT_BOOTSTRAP_SERVERS = "localhost:9092"
+#: The CloudEvents `source` of every record unless the operator names another.
+DEFAULT_CLOUDEVENTS_SOURCE = "https://api.lumalabs.ai/dream-machine/v1"
+CLOUDEVENTS_SPECVERSION = "1.0"
+#: `ce_type` is this prefix and the state: `ai.lumalabs.generation.completed`.
+CLOUDEVENTS_TYPE_PREFIX = "ai.lumalabs.generation."
 # Bounds on what a body may hold, far above any Generation: nesting, number literals, strings.
 MAX_JSON_DEPTH = 32
 MAX_NUMBER_CHARS = 100
@@ -91,6 +96,7 @@ class Callback:
     state: str
     value: bytes
     event_id: str
+    transition_id: str
     generation_type: str | None
     model: str | None
     created_at: datetime | None
@@ -248,6 +254,17 @@ def event_id_for(generation_id: str, state: str, value: bytes) -> str:
     return digest.hexdigest()
 
 
+def transition_id(generation_id: str, state: str, assets: object) -> str:
+    """The identity of one state transition: the same whether the callback or the reconciler wrote it.
+
+    Bodies differ between a callback and an API read of the same moment; id, state and the assets
+    do not, and the assets tell progress updates within one state apart.
+    """  # noqa: E501 - the summary line is shared verbatim with the reconciler
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(orjson.dumps([generation_id, state, assets], option=orjson.OPT_SORT_KEYS))
+    return digest.hexdigest()
+
+
 def parse_callback(body: bytes) -> Callback:
     """Validate a raw callback body and derive everything its records need."""
     document = decode_object(body)
@@ -263,6 +280,7 @@ def parse_callback(body: bytes) -> Callback:
         state=generation.state,
         value=value,
         event_id=event_id_for(generation.id, generation.state, value),
+        transition_id=transition_id(generation.id, generation.state, document.get("assets")),
         generation_type=generation.generation_type,
         model=model,
         created_at=parse_timestamp(generation.created_at) if generation.created_at else None,
@@ -274,17 +292,54 @@ def rfc3339(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def record_headers(callback: Callback, received_at: datetime) -> list[tuple[str, bytes]]:
+@dataclass(frozen=True, slots=True)
+class CloudEvents:
+    """Whether records carry CloudEvents attributes (Kafka binding, binary mode), and the source."""
+
+    enabled: bool = True
+    source: str = DEFAULT_CLOUDEVENTS_SOURCE
+
+
+#: Records carry CloudEvents attributes with the default source unless told otherwise.
+CLOUDEVENTS_ON = CloudEvents()
+
+
+def record_headers(
+    callback: Callback, received_at: datetime, cloudevents: CloudEvents = CLOUDEVENTS_ON
+) -> list[tuple[str, bytes]]:
     """The headers of a callback's records (per-state and lifecycle alike)."""
+    received = rfc3339(received_at).encode()
     headers = [
         ("content-type", CONTENT_TYPE),
         ("luma-event-id", callback.event_id.encode()),
+        ("luma-transition-id", callback.transition_id.encode()),
         ("luma-state", callback.state.encode()),
-        ("luma-received-at", rfc3339(received_at).encode()),
+        ("luma-received-at", received),
     ]
     if callback.generation_type is not None:
         headers.append(("luma-generation-type", callback.generation_type.encode()))
+    if cloudevents.enabled:
+        headers.extend(cloudevents_headers(callback, received, cloudevents.source))
     return headers
+
+
+def cloudevents_headers(
+    callback: Callback, received: bytes, source: str
+) -> list[tuple[str, bytes]]:
+    """CloudEvents' Kafka protocol binding, binary content mode: the attributes as `ce_` headers.
+
+    The value is the event's data and `content-type` its `datacontenttype`, both already
+    written; `ce_id` is the transition id, so a consumer deduplicating on source and id
+    drops a callback and the reconciler's record of the same transition alike.
+    """
+    return [
+        ("ce_specversion", CLOUDEVENTS_SPECVERSION.encode()),
+        ("ce_id", callback.transition_id.encode()),
+        ("ce_source", source.encode()),
+        ("ce_type", (CLOUDEVENTS_TYPE_PREFIX + callback.state).encode()),
+        ("ce_subject", callback.generation_id.encode()),
+        ("ce_time", received),
+    ]
 
 
 def deadletter_headers(reason: str, received_at: datetime) -> list[tuple[str, bytes]]:

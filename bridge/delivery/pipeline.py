@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from bridge.contract.callback import (
+    CLOUDEVENTS_ON,
     Callback,
+    CloudEvents,
     InvalidCallback,
     Topics,
     deadletter_headers,
@@ -64,6 +66,7 @@ class Pipeline:
         lifecycle: bool,
         dedupe: DedupeWindow,
         spool: Spool | None = None,
+        cloudevents: CloudEvents = CLOUDEVENTS_ON,
     ) -> None:
         self._publisher = publisher
         self._topics = topics
@@ -72,6 +75,7 @@ class Pipeline:
         self._lifecycle = lifecycle
         self._dedupe = dedupe
         self._spool = spool
+        self._cloudevents = cloudevents
         self._in_flight: dict[str, asyncio.Future[Result]] = {}
 
     async def handle(self, body: bytes, received_at: datetime) -> Result:
@@ -138,7 +142,7 @@ class Pipeline:
     def records_for(self, callback: Callback, received_at: datetime) -> list[Record]:
         """The per-state record and, when enabled, the lifecycle record."""
         key = callback.generation_id.encode()
-        headers = record_headers(callback, received_at)
+        headers = record_headers(callback, received_at, self._cloudevents)
         records = [Record(self._topics.for_state(callback.state), key, callback.value, headers)]
         if self._lifecycle:
             records.append(Record(self._topics.lifecycle, key, callback.value, headers))
