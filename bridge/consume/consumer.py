@@ -135,10 +135,10 @@ def event_from_record(record: Any) -> GenerationEvent:
         state = headers[STATE_HEADER].decode()
         received_at = parse_timestamp(headers[RECEIVED_AT_HEADER].decode())
         generation = Generation.model_validate_json(record.value)
-    except KeyError as exc:
-        raise MalformedRecord(f"missing header {exc.args[0]}") from None
         transition_header = headers.get(TRANSITION_ID_HEADER)
         transition = transition_header.decode() if transition_header is not None else None
+    except KeyError as exc:
+        raise MalformedRecord(f"missing header {exc.args[0]}") from None
     except (UnicodeDecodeError, ValueError, ValidationError, TypeError):
         raise MalformedRecord("value or headers are not what the bridge writes") from None
     return GenerationEvent(
