@@ -415,3 +415,11 @@ class EmbeddedBrokerSettings(BaseSettings):
     model_config = SettingsConfigDict(frozen=True)
 
     tansu_bin: Path | None = None
+
+
+class DevStateSettings(BaseSettings):
+    """Where `dev` keeps the state the other commands read (`XDG_STATE_HOME`, the XDG default)."""
+
+    model_config = SettingsConfigDict(frozen=True)
+
+    xdg_state_home: Path | None = None
