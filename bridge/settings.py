@@ -423,3 +423,15 @@ class DevStateSettings(BaseSettings):
     model_config = SettingsConfigDict(frozen=True)
 
     xdg_state_home: Path | None = None
+
+
+class OtelSettings(BaseSettings):
+    """The standard OpenTelemetry variables that decide whether traces are exported.
+
+    The SDK reads the rest of `OTEL_*` itself (service name, sampler, exporter options).
+    """
+
+    model_config = SettingsConfigDict(frozen=True)
+
+    otel_exporter_otlp_endpoint: str | None = None
+    otel_traces_exporter: str | None = None

@@ -37,6 +37,8 @@ from typing import Any, Literal
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
+from opentelemetry.context import Context
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from pydantic import ValidationError
 
 from bridge.contract.callback import KNOWN_STATES, Generation, Topics, parse_timestamp
@@ -50,6 +52,10 @@ STATE_PROGRESS: dict[str, int] = {"queued": 0, "dreaming": 1, "completed": 2, "f
 
 #: The states one may follow: the known ones and `unknown` (any state the bridge did not know).
 FOLLOWABLE_STATES = (*KNOWN_STATES, "unknown")
+
+#: W3C Trace Context headers, as the bridge (and OpenTelemetry's Kafka instrumentation) writes them.
+TRACE_HEADERS = ("traceparent", "tracestate")
+_PROPAGATOR = TraceContextTextMapPropagator()
 
 EVENT_ID_HEADER = "luma-event-id"
 TRANSITION_ID_HEADER = "luma-transition-id"
@@ -82,6 +88,15 @@ class GenerationEvent:
     transition_id: str | None = None
     #: The record's Kafka timestamp: when the bridge wrote it (None when the broker gives none).
     written_at: datetime | None = None
+    #: The record's W3C Trace Context headers (`traceparent`, `tracestate`), when it has them.
+    trace_headers: tuple[tuple[str, str], ...] = ()
+
+    def trace_context(self) -> Context:
+        """The callback's trace context, for a span that continues its trace::
+
+        with tracer.start_as_current_span("handle", context=event.trace_context()): ...
+        """
+        return _PROPAGATOR.extract(dict(self.trace_headers))
 
     @property
     def dedupe_key(self) -> str:
@@ -151,6 +166,9 @@ def event_from_record(record: Any) -> GenerationEvent:
         offset=record.offset,
         transition_id=transition,
         written_at=_timestamp(record),
+        trace_headers=tuple(
+            (name, headers[name].decode("latin-1")) for name in TRACE_HEADERS if name in headers
+        ),
     )
 
 

@@ -30,6 +30,7 @@ from bridge.edge.auth import TOKEN_MATCH, Authenticator, masked_path
 from bridge.edge.limits import mark_body_received, mark_request_started
 from bridge.edge.ratelimit import RateLimiter
 from bridge.ops.metrics import Metrics, state_label
+from bridge.ops.tracing import TRACING_OFF, Tracing
 
 log = logging.getLogger("bridge.edge.http")
 
@@ -83,8 +84,10 @@ class CallbackHandler:
         max_inflight: int,
         body_timeout: float = DEFAULT_BODY_TIMEOUT,
         rate_limiter: RateLimiter | None = None,
+        tracing: Tracing = TRACING_OFF,
     ) -> None:
         self._pipeline = pipeline
+        self._tracing = tracing
         self._auth = auth
         self._metrics = metrics
         self._max_body_bytes = max_body_bytes
@@ -127,7 +130,8 @@ class CallbackHandler:
             raise Rejected(415, "content type must be application/json")
         if body is None:
             body = await self._read_body(request)
-        result = await self._pipeline.handle(body, datetime.now(UTC))
+        with self._tracing.request(request.headers, request.remote):
+            result = await self._pipeline.handle(body, datetime.now(UTC))
         if result.outcome is Outcome.UNAVAILABLE:
             self._auth.release(decision)  # the sender will retry the same signed request
         return result, None
