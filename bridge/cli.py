@@ -2,7 +2,9 @@
 
 Every setting has a flag (`--kafka-bootstrap-servers`) that overrides its
 environment variable (`LUMA_BRIDGE_KAFKA_BOOTSTRAP_SERVERS`); the flags are
-generated from the Settings model so the two can never drift apart.
+generated from the Settings model so the two can never drift apart. Each command
+takes only the settings that apply to it (`COMMAND_SETTINGS`, in the groups of
+`SETTING_GROUPS`), so its `--help` lists its own options, each with its default.
 """
 
 from __future__ import annotations
