@@ -189,9 +189,13 @@ def metavar_for(annotation: Any) -> str:
     return "VALUE"
 
 
-def add_settings_flags(parser: argparse.ArgumentParser, command: str) -> None:
-    """The flags of the settings `command` takes, one group each; unset flags change nothing."""
-    for group_name in COMMAND_SETTINGS[command]:
+def add_settings_flags(parser: argparse.ArgumentParser, command: str | None = None) -> None:
+    """The flags of the settings `command` takes, one group each; unset flags change nothing.
+
+    A command not in `COMMAND_SETTINGS` (or None) takes every setting.
+    """
+    every_group = (*SETTING_GROUPS, MORE_SETTINGS)
+    for group_name in COMMAND_SETTINGS.get(command or "", every_group):
         names = ungrouped_settings() if group_name == MORE_SETTINGS else SETTING_GROUPS[group_name]
         if not names:
             continue
