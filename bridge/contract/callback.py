@@ -265,6 +265,24 @@ def transition_id(generation_id: str, state: str, assets: object) -> str:
     return digest.hexdigest()
 
 
+def transition_id_of(generation_id: str, state: str, assets: object) -> str:
+    """`transition_id`, also for assets orjson cannot encode (integers beyond 64 bits).
+
+    Such a body is valid JSON and accepted; hashing the standard library's sorted, compact
+    encoding instead keeps its id stable rather than failing the request over and over.
+    """
+    try:
+        return transition_id(generation_id, state, assets)
+    except orjson.JSONEncodeError:
+        encoded = json.dumps(
+            [generation_id, state, assets],
+            sort_keys=True,
+            separators=(",", ":"),
+            ensure_ascii=False,
+        )
+        return hashlib.blake2b(encoded.encode(), digest_size=16).hexdigest()
+
+
 def parse_callback(body: bytes) -> Callback:
     """Validate a raw callback body and derive everything its records need."""
     document = decode_object(body)
@@ -280,7 +298,7 @@ def parse_callback(body: bytes) -> Callback:
         state=generation.state,
         value=value,
         event_id=event_id_for(generation.id, generation.state, value),
-        transition_id=transition_id(generation.id, generation.state, document.get("assets")),
+        transition_id=transition_id_of(generation.id, generation.state, document.get("assets")),
         generation_type=generation.generation_type,
         model=model,
         created_at=parse_timestamp(generation.created_at) if generation.created_at else None,

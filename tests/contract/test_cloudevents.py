@@ -75,3 +75,13 @@ def test_the_switch_leaves_only_the_luma_headers() -> None:
     assert off["luma-transition-id"] == callback.transition_id.encode()
     custom = dict(record_headers(callback, RECEIVED, CloudEvents(source="urn:example:luma")))
     assert custom["ce_source"] == b"urn:example:luma"
+
+
+def test_assets_beyond_what_orjson_encodes_still_get_a_stable_transition_id() -> None:
+    """A 128-bit integer among the assets is valid JSON; it must not turn into a 503 loop."""
+    body = b'{"id":"g","state":"queued","assets":{"n":123456789012345678901234567890}}'
+    first, again = parse_callback(body), parse_callback(body)
+    assert len(first.transition_id) == 32
+    assert first.transition_id == again.transition_id
+    other = body.replace(b"1234567890}", b"1234567891}")
+    assert parse_callback(other).transition_id != first.transition_id
