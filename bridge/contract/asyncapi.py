@@ -181,7 +181,9 @@ def _callback_headers() -> tuple[dict[str, str], list[str]]:
     )
     # The ce_ headers can be switched off, so no consumer may require them.
     cloudevents_off = CloudEvents(enabled=False)
-    always = [name for name, _ in record_headers(bare, EXAMPLE_RECEIVED_AT, cloudevents_off)]
+    always = [
+        name for name, _ in record_headers(bare, EXAMPLE_RECEIVED_AT, cloudevents=cloudevents_off)
+    ]
     return written, always
 
 

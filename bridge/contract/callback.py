@@ -323,7 +323,7 @@ CLOUDEVENTS_ON = CloudEvents()
 
 
 def record_headers(
-    callback: Callback, received_at: datetime, cloudevents: CloudEvents = CLOUDEVENTS_ON
+    callback: Callback, received_at: datetime, *, cloudevents: CloudEvents = CLOUDEVENTS_ON
 ) -> list[tuple[str, bytes]]:
     """The headers of a callback's records (per-state and lifecycle alike)."""
     received = rfc3339(received_at).encode()

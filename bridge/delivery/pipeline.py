@@ -149,7 +149,7 @@ class Pipeline:
     def records_for(self, callback: Callback, received_at: datetime) -> list[Record]:
         """The per-state record and, when enabled, the lifecycle record."""
         key = callback.generation_id.encode()
-        headers = record_headers(callback, received_at, self._cloudevents)
+        headers = record_headers(callback, received_at, cloudevents=self._cloudevents)
         headers += self._tracing.record_headers()
         records = [Record(self._topics.for_state(callback.state), key, callback.value, headers)]
         if self._lifecycle:

@@ -70,10 +70,12 @@ def test_records_carry_the_cloudevents_attributes_in_binary_mode() -> None:
 
 def test_the_switch_leaves_only_the_luma_headers() -> None:
     callback = parse_callback(json.dumps(SEED_COMPLETED_VIDEO).encode())
-    off = dict(record_headers(callback, RECEIVED, CloudEvents(enabled=False)))
+    off = dict(record_headers(callback, RECEIVED, cloudevents=CloudEvents(enabled=False)))
     assert not [name for name in off if name.startswith("ce_")]
     assert off["luma-transition-id"] == callback.transition_id.encode()
-    custom = dict(record_headers(callback, RECEIVED, CloudEvents(source="urn:example:luma")))
+    custom = dict(
+        record_headers(callback, RECEIVED, cloudevents=CloudEvents(source="urn:example:luma"))
+    )
     assert custom["ce_source"] == b"urn:example:luma"
 
 
