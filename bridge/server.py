@@ -52,7 +52,8 @@ from bridge.edge.signing import SignatureCheck
 from bridge.edge.tls import ReloadingTLS, TLSError
 from bridge.ops.admin import Readiness, create_admin_app
 from bridge.ops.metrics import Metrics
-from bridge.settings import MIN_TOKEN_LENGTH, Settings
+from bridge.ops.tracing import TRACING_OFF, Tracing, TracingUnavailable, build_tracing
+from bridge.settings import MIN_TOKEN_LENGTH, OtelSettings, Settings
 
 log = logging.getLogger("bridge.server")
 
@@ -69,9 +70,20 @@ class StartupError(RuntimeError):
 class BridgeServer:
     """The callback listener, the admin listener, the producer and the spool, together."""
 
-    def __init__(self, settings: Settings, *, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        registry: CollectorRegistry | None = None,
+        tracing: Tracing | None = None,
+    ) -> None:
+        """`tracing` None: as the `OTEL_*` variables say (`StartupError` if they cannot be met)."""
         self.settings = settings
         self.metrics = Metrics(registry or CollectorRegistry())
+        try:
+            self.tracing = tracing or build_tracing(OtelSettings(), settings.trusted_proxies)
+        except TracingUnavailable as exc:
+            raise StartupError(str(exc)) from None
         self.publisher = KafkaPublisher(settings, metrics=self.metrics)
         self.spool = (
             Spool(settings.spool_dir, max_bytes=settings.spool_max_bytes, metrics=self.metrics)
@@ -88,7 +100,9 @@ class BridgeServer:
         self.auth: Authenticator | None = None
         self.tls: ReloadingTLS | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._drainer = SpoolDrainer(self.spool, self.publisher) if self.spool else None
+        self._drainer = (
+            SpoolDrainer(self.spool, self.publisher, tracing=self.tracing) if self.spool else None
+        )
         self.callback_port = 0
         self.admin_port = 0
         # Lowered by the topic inspection when a topic cannot take a body of MAX_BODY_BYTES.
@@ -165,6 +179,7 @@ class BridgeServer:
                 )
             await self.spool.close()
         await self._admin_runner.cleanup()
+        self.tracing.shutdown()  # exports the spans still buffered
 
     async def _open_callback_listener(self) -> None:
         app = callback_app(
@@ -174,6 +189,7 @@ class BridgeServer:
             spool=self.spool,
             auth=self.auth,
             body_limit=self.body_limit,
+            tracing=self.tracing,
         )
         self._callback_runner, site = await open_callback_listener(
             app,
@@ -370,6 +386,7 @@ def callback_app(
     spool: Spool | None = None,
     auth: Authenticator | None = None,
     body_limit: BodyLimit | None = None,
+    tracing: Tracing = TRACING_OFF,
 ) -> web.Application:
     """The public application as `serve` runs it, on any publisher.
 
@@ -385,6 +402,8 @@ def callback_app(
         dedupe=DedupeWindow(size=settings.dedupe_window_size, ttl=settings.dedupe_window_seconds),
         spool=spool,
         callback_path=settings.callback_path,
+        cloudevents=settings.cloudevents_options(),
+        tracing=tracing,
     )
     rate_limiter = (
         RateLimiter(rate=settings.rate_limit_per_second, burst=settings.rate_limit_burst)
@@ -403,6 +422,7 @@ def callback_app(
         body_budget=BodyBudget(settings.max_buffered_body_bytes),
         body_limit=body_limit or BodyLimit(settings.max_body_bytes),
         callback_path=settings.callback_path,
+        tracing=tracing,
     )
     app = create_app(
         handler=handler,

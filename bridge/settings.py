@@ -27,7 +27,9 @@ from bridge.contract.callback import (
     DEFAULT_BOOTSTRAP_SERVERS,
     DEFAULT_CALLBACK_PATH,
     DEFAULT_CLIENT_ID,
+    DEFAULT_CLOUDEVENTS_SOURCE,
     DEFAULT_TOPIC_PREFIX,
+    CloudEvents,
 )
 
 ENV_PREFIX = "LUMA_BRIDGE_"
@@ -253,6 +255,18 @@ class Settings(BaseSettings):
         True, description="At start-up, stop if a topic the bridge writes is missing."
     )
 
+    # CloudEvents (Kafka protocol binding, binary content mode)
+    cloudevents: bool = Field(
+        True,
+        description="Write CloudEvents ce_* headers on every generation record (binary mode).",
+    )
+    cloudevents_source: str = Field(
+        DEFAULT_CLOUDEVENTS_SOURCE,
+        min_length=1,
+        pattern=r"^\S+$",
+        description="The ce_source attribute: a URI reference naming where events come from.",
+    )
+
     # Durability and flow control
     max_inflight_requests: int = Field(
         1024, ge=1, description="Callbacks handled at once; beyond it, 503 at once."
@@ -285,7 +299,7 @@ class Settings(BaseSettings):
     )
 
     # Operations
-    log_level: LogLevel = Field("INFO", description="Log level.")
+    log_level: LogLevel = Field("INFO", description="DEBUG, INFO, WARNING or ERROR, in any case.")
     log_format: LogFormat = Field(
         "auto", description="json, text, or auto (text on a terminal, else json)."
     )
@@ -303,6 +317,11 @@ class Settings(BaseSettings):
         for secret in value:
             hmac_key(secret)  # raises a ValueError that never quotes the secret
         return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _log_level_in_any_case(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
 
     @field_validator("topic_configs", mode="before")
     @classmethod
@@ -356,6 +375,10 @@ class Settings(BaseSettings):
     def token_values(self) -> tuple[bytes, ...]:
         """The accepted tokens as bytes, for constant-time comparison."""
         return tuple(token.get_secret_value().encode() for token in self.auth_tokens)
+
+    def cloudevents_options(self) -> CloudEvents:
+        """The CloudEvents attributes records carry, as the contract's headers take them."""
+        return CloudEvents(enabled=self.cloudevents, source=self.cloudevents_source)
 
     def hmac_keys(self) -> tuple[bytes, ...]:
         """The HMAC keys (decoded Standard Webhooks secrets)."""
@@ -434,3 +457,23 @@ class EmbeddedBrokerSettings(BaseSettings):
     model_config = SettingsConfigDict(frozen=True)
 
     tansu_bin: Path | None = None
+
+
+class DevStateSettings(BaseSettings):
+    """Where `dev` keeps the state the other commands read (`XDG_STATE_HOME`, the XDG default)."""
+
+    model_config = SettingsConfigDict(frozen=True)
+
+    xdg_state_home: Path | None = None
+
+
+class OtelSettings(BaseSettings):
+    """The standard OpenTelemetry variables that decide whether traces are exported.
+
+    The SDK reads the rest of `OTEL_*` itself (service name, sampler, exporter options).
+    """
+
+    model_config = SettingsConfigDict(frozen=True)
+
+    otel_exporter_otlp_endpoint: str | None = None
+    otel_traces_exporter: str | None = None

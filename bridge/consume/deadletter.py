@@ -142,6 +142,7 @@ async def replay_dead_letters(
             dedupe=DedupeWindow(
                 size=settings.dedupe_window_size, ttl=settings.dedupe_window_seconds
             ),
+            cloudevents=settings.cloudevents_options(),
         )
         await _replay(consumer, pipeline, topics, summary, dry_run=dry_run)
     finally:

@@ -35,6 +35,11 @@ DEFAULT_CALLBACK_PATH = "/luma/callback"
 REDACTED = "REDACTED"
 #: The longest generation `id` accepted: Luma's are UUIDs (36 characters).
 MAX_GENERATION_ID_CHARS = 256
+#: The CloudEvents `source` of every record unless the operator names another.
+DEFAULT_CLOUDEVENTS_SOURCE = "https://api.lumalabs.ai/dream-machine/v1"
+CLOUDEVENTS_SPECVERSION = "1.0"
+#: `ce_type` is this prefix and the state: `ai.lumalabs.generation.completed`.
+CLOUDEVENTS_TYPE_PREFIX = "ai.lumalabs.generation."
 # Bounds on what a body may hold, far above any Generation: nesting, number literals, strings.
 MAX_JSON_DEPTH = 32
 MAX_NUMBER_CHARS = 100
@@ -99,6 +104,7 @@ class Callback:
     state: str
     value: bytes
     event_id: str
+    transition_id: str
     generation_type: str | None
     model: str | None
     created_at: datetime | None
@@ -256,6 +262,35 @@ def event_id_for(generation_id: str, state: str, value: bytes) -> str:
     return digest.hexdigest()
 
 
+def transition_id(generation_id: str, state: str, assets: object) -> str:
+    """The identity of one state transition: the same whether the callback or the reconciler wrote it.
+
+    Bodies differ between a callback and an API read of the same moment; id, state and the assets
+    do not, and the assets tell progress updates within one state apart.
+    """  # noqa: E501 - the summary line is shared verbatim with the reconciler
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(orjson.dumps([generation_id, state, assets], option=orjson.OPT_SORT_KEYS))
+    return digest.hexdigest()
+
+
+def transition_id_of(generation_id: str, state: str, assets: object) -> str:
+    """`transition_id`, also for assets orjson cannot encode (integers beyond 64 bits).
+
+    Such a body is valid JSON and accepted; hashing the standard library's sorted, compact
+    encoding instead keeps its id stable rather than failing the request over and over.
+    """
+    try:
+        return transition_id(generation_id, state, assets)
+    except orjson.JSONEncodeError:
+        encoded = json.dumps(
+            [generation_id, state, assets],
+            sort_keys=True,
+            separators=(",", ":"),
+            ensure_ascii=False,
+        )
+        return hashlib.blake2b(encoded.encode(), digest_size=16).hexdigest()
+
+
 def redact_url_token(url: str, callback_path: str) -> str:
     """`url` without a write token: the path segment after `callback_path` and any
     `token` query parameter become `REDACTED`; everything else is kept as it was.
@@ -357,6 +392,7 @@ def parse_callback(body: bytes, *, callback_path: str = DEFAULT_CALLBACK_PATH) -
         state=generation.state,
         value=value,
         event_id=event_id_for(generation.id, generation.state, value),
+        transition_id=transition_id_of(generation.id, generation.state, document.get("assets")),
         generation_type=generation.generation_type,
         model=model,
         created_at=parse_timestamp(generation.created_at) if generation.created_at else None,
@@ -368,17 +404,54 @@ def rfc3339(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def record_headers(callback: Callback, received_at: datetime) -> list[tuple[str, bytes]]:
+@dataclass(frozen=True, slots=True)
+class CloudEvents:
+    """Whether records carry CloudEvents attributes (Kafka binding, binary mode), and the source."""
+
+    enabled: bool = True
+    source: str = DEFAULT_CLOUDEVENTS_SOURCE
+
+
+#: Records carry CloudEvents attributes with the default source unless told otherwise.
+CLOUDEVENTS_ON = CloudEvents()
+
+
+def record_headers(
+    callback: Callback, received_at: datetime, *, cloudevents: CloudEvents = CLOUDEVENTS_ON
+) -> list[tuple[str, bytes]]:
     """The headers of a callback's records (per-state and lifecycle alike)."""
+    received = rfc3339(received_at).encode()
     headers = [
         ("content-type", CONTENT_TYPE),
         ("luma-event-id", callback.event_id.encode()),
+        ("luma-transition-id", callback.transition_id.encode()),
         ("luma-state", callback.state.encode()),
-        ("luma-received-at", rfc3339(received_at).encode()),
+        ("luma-received-at", received),
     ]
     if callback.generation_type is not None:
         headers.append(("luma-generation-type", callback.generation_type.encode()))
+    if cloudevents.enabled:
+        headers.extend(cloudevents_headers(callback, received, cloudevents.source))
     return headers
+
+
+def cloudevents_headers(
+    callback: Callback, received: bytes, source: str
+) -> list[tuple[str, bytes]]:
+    """CloudEvents' Kafka protocol binding, binary content mode: the attributes as `ce_` headers.
+
+    The value is the event's data and `content-type` its `datacontenttype`, both already
+    written; `ce_id` is the transition id, so a consumer deduplicating on source and id
+    drops a callback and the reconciler's record of the same transition alike.
+    """
+    return [
+        ("ce_specversion", CLOUDEVENTS_SPECVERSION.encode()),
+        ("ce_id", callback.transition_id.encode()),
+        ("ce_source", source.encode()),
+        ("ce_type", (CLOUDEVENTS_TYPE_PREFIX + callback.state).encode()),
+        ("ce_subject", callback.generation_id.encode()),
+        ("ce_time", received),
+    ]
 
 
 def deadletter_headers(reason: str, received_at: datetime) -> list[tuple[str, bytes]]:

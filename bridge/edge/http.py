@@ -46,6 +46,7 @@ from bridge.edge.encoding import (
 from bridge.edge.limits import BodyBudget, BodyLimit, mark_body_received, mark_request_started
 from bridge.edge.ratelimit import RateLimiter
 from bridge.ops.metrics import Metrics, state_label
+from bridge.ops.tracing import TRACING_OFF, Tracing
 
 log = logging.getLogger("bridge.edge.http")
 
@@ -136,8 +137,10 @@ class CallbackHandler:
         body_budget: BodyBudget | None = None,
         body_limit: BodyLimit | None = None,
         callback_path: str = DEFAULT_CALLBACK_PATH,
+        tracing: Tracing = TRACING_OFF,
     ) -> None:
         self._pipeline = pipeline
+        self._tracing = tracing
         self._auth = auth
         self._metrics = metrics
         self._limit = body_limit or BodyLimit(max_body_bytes)
@@ -214,7 +217,8 @@ class CallbackHandler:
         elif decision.repeat and (known := self._auth.accepted_event(decision)) is not None:
             result = self._repeated(body, known)
         else:
-            result = await self._pipeline.handle(body, received_at)
+            with self._tracing.request(request.headers, request.remote):
+                result = await self._pipeline.handle(body, received_at)
         if result.outcome is Outcome.UNAVAILABLE:
             self._auth.release(decision)  # the sender will retry the same signed request
         elif result.callback is not None:
