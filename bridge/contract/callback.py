@@ -14,11 +14,25 @@ import math
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 KNOWN_STATES = ("queued", "dreaming", "completed", "failed")
+#: States after which Luma sends nothing more about a generation.
+TERMINAL_STATES = ("completed", "failed")
+#: How far along its life each known state is; terminal states share the last rank.
+STATE_RANK = {"queued": 0, "dreaming": 1, "completed": 2, "failed": 2}
+#: Who wrote a record: the `luma-source` header.
+SOURCE_CALLBACK = "callback"
+SOURCE_RECONCILER = "reconciler"
+#: The `luma-error` of a dead letter the reconciler wrote because Luma's API does not know the
+#: generation: nothing to replay, so `deadletter replay` leaves it alone.
+RECONCILE_NOT_FOUND_ERROR = "reconciler: Luma's API answered 404 for this generation"
+DEFAULT_CALLBACK_PATH = "/luma/callback"
+#: What a redacted write token is replaced with in `request.callback_url`.
+REDACTED = "REDACTED"
 KNOWN_MODELS = ("ray-2", "ray-flash-2", "ray-1-6", "photon-1", "photon-flash-1")
 CONTENT_TYPE = b"application/json"
 #: Where topic names start unless the operator chooses another prefix.
@@ -91,6 +105,7 @@ class Callback:
     state: str
     value: bytes
     event_id: str
+    transition_id: str
     generation_type: str | None
     model: str | None
     created_at: datetime | None
@@ -248,6 +263,81 @@ def event_id_for(generation_id: str, state: str, value: bytes) -> str:
     return digest.hexdigest()
 
 
+def transition_id(generation_id: str, state: str, assets: object) -> str:
+    """The identity of one state transition: the same whether the callback or the reconciler wrote it.
+
+    Bodies differ between a callback and an API read of the same moment; id, state and the assets
+    do not, and the assets tell progress updates within one state apart.
+    """
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(orjson.dumps([generation_id, state, assets], option=orjson.OPT_SORT_KEYS))
+    return digest.hexdigest()
+
+
+def redact_url_token(url: str, callback_path: str) -> str:
+    """`url` without a write token: the path segment after `callback_path` and any
+    `token` query parameter become `REDACTED`; everything else is kept as it was.
+
+    The path is matched wherever it appears in the URL's path, so a prefix added by
+    an ingress (`/hooks/luma/callback/<token>`) is covered too. A URL that cannot be
+    parsed is replaced whole: it may still hold the token.
+    """
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return REDACTED
+    path = _redact_path_token(parts.path, callback_path)
+    query = parts.query
+    if query and any(name == "token" for name, _ in parse_qsl(query, keep_blank_values=True)):
+        pairs = parse_qsl(query, keep_blank_values=True)
+        query = urlencode(
+            [(name, REDACTED if name == "token" else value) for name, value in pairs],
+            safe="/:",
+        )
+    netloc = parts.netloc
+    if "@" in netloc:  # a password in the userinfo is a credential too
+        userinfo, _, host = netloc.rpartition("@")
+        user, colon, _ = userinfo.partition(":")
+        netloc = f"{user}:{REDACTED}@{host}" if colon else netloc
+    if (path, query, netloc) == (parts.path, parts.query, parts.netloc):
+        return url
+    return urlunsplit((parts.scheme, netloc, path, query, parts.fragment))
+
+
+def _redact_path_token(path: str, callback_path: str) -> str:
+    marker = callback_path.rstrip("/") + "/"
+    start = path.find(marker)
+    if start < 0:
+        return path
+    token_start = start + len(marker)
+    token_end = path.find("/", token_start)
+    token_end = len(path) if token_end < 0 else token_end
+    if token_start == token_end:
+        return path
+    return path[:token_start] + REDACTED + path[token_end:]
+
+
+def redact_callback_token(value: dict[str, Any], callback_path: str) -> dict[str, Any]:
+    """A Generation without the bridge's write token in `request.callback_url`.
+
+    Luma echoes the callback URL it was given, and that URL carries the token that
+    lets anyone write to the bridge: it must not reach Kafka's readers. Returns
+    `value` itself when there is nothing to redact, else a copy (never mutates).
+    Used on callbacks before the event id is computed, and by anything else that
+    writes a Generation it got from Luma.
+    """
+    request = value.get("request")
+    if not isinstance(request, dict):
+        return value
+    url = request.get("callback_url")
+    if not isinstance(url, str):
+        return value
+    redacted = redact_url_token(url, callback_path)
+    if redacted == url:
+        return value
+    return {**value, "request": {**request, "callback_url": redacted}}
+
+
 def parse_callback(body: bytes) -> Callback:
     """Validate a raw callback body and derive everything its records need."""
     document = decode_object(body)
@@ -263,6 +353,7 @@ def parse_callback(body: bytes) -> Callback:
         state=generation.state,
         value=value,
         event_id=event_id_for(generation.id, generation.state, value),
+        transition_id=transition_id(generation.id, generation.state, document.get("assets")),
         generation_type=generation.generation_type,
         model=model,
         created_at=parse_timestamp(generation.created_at) if generation.created_at else None,
@@ -274,13 +365,21 @@ def rfc3339(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def record_headers(callback: Callback, received_at: datetime) -> list[tuple[str, bytes]]:
-    """The headers of a callback's records (per-state and lifecycle alike)."""
+def record_headers(
+    callback: Callback, received_at: datetime, *, source: str = SOURCE_CALLBACK
+) -> list[tuple[str, bytes]]:
+    """The headers of a callback's records (per-state and lifecycle alike).
+
+    `source` says who wrote it: the receiver (`callback`) or the reconciler, which
+    read the same Generation from Luma's API (`reconciler`).
+    """
     headers = [
         ("content-type", CONTENT_TYPE),
         ("luma-event-id", callback.event_id.encode()),
+        ("luma-transition-id", callback.transition_id.encode()),
         ("luma-state", callback.state.encode()),
         ("luma-received-at", rfc3339(received_at).encode()),
+        ("luma-source", source.encode()),
     ]
     if callback.generation_type is not None:
         headers.append(("luma-generation-type", callback.generation_type.encode()))
