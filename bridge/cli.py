@@ -27,8 +27,11 @@ from bridge.consume.tail import TailOptions, tail_command
 from bridge.contract.asyncapi import schema_command
 from bridge.delivery.topics import create_topics
 from bridge.devtools.embedded import EmbeddedBroker, EmbeddedBrokerError
+from bridge.devtools.fake_luma import FakeLumaAPI, Fault, SenderOptions, send_lifecycles
 from bridge.devtools.simulate import SimulateOptions, simulate
 from bridge.ops.logs import configure_logging
+from bridge.reconcile.reconciler import ReconcilerError
+from bridge.reconcile.service import reconcile, require_api_key
 from bridge.server import BridgeServer, StartupError, serve
 from bridge.settings import ENV_PREFIX, Settings, SettingsError, env_name, flag_name, load_settings
 
@@ -158,7 +161,100 @@ def build_parser() -> argparse.ArgumentParser:
     replay_cmd.add_argument("--dry-run", action="store_true", help="report only: write nothing")
     replay_cmd.add_argument("--json", action="store_true", help="print the summary as JSON")
     add_settings_flags(replay_cmd)
+    add_reconcile_commands(commands)
     return parser
+
+
+def add_reconcile_commands(commands: Any) -> None:
+    """`reconcile` and its try-out companion `fake-luma`."""
+    reconcile_cmd = commands.add_parser(
+        "reconcile",
+        help="complete generation lifecycles from Luma's API when callbacks were lost",
+    )
+    add_settings_flags(reconcile_cmd)
+
+    fake = commands.add_parser(
+        "fake-luma",
+        help="serve a fake of Luma's API; with --send-to, also play Luma losing callbacks",
+    )
+    fake.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    fake.add_argument("--port", type=int, default=9300, help="port to listen on (default 9300)")
+    fake.add_argument("--api-key", required=True, help="the Bearer key the fake accepts")
+    fake.add_argument(
+        "--fault-ratio", type=float, default=0.0, help="share of requests answered with --fault"
+    )
+    fake.add_argument("--fault", type=int, default=503, help="status of injected faults")
+    fake.add_argument("--send-to", metavar="URL", help="callback URL (token included) to POST to")
+    fake.add_argument("--count", type=int, default=100, help="generations to run (default 100)")
+    fake.add_argument(
+        "--drop-ratio", type=float, default=0.2, help="share of generations losing callbacks"
+    )
+    fake.add_argument(
+        "--drop-all-ratio",
+        type=float,
+        default=0.25,
+        help="of those, the share losing every callback (default 0.25)",
+    )
+    fake.add_argument(
+        "--foreign-ratio",
+        type=float,
+        default=0.05,
+        help="share of generations another system submitted (callbacks go elsewhere)",
+    )
+    fake.add_argument("--step-seconds", type=float, default=2.0, help="seconds per state")
+    fake.add_argument("--rate", type=float, default=20.0, help="generations started per second")
+    fake.add_argument("--seed", type=int, default=None, help="random seed")
+
+
+def run_reconcile(overrides: dict[str, Any]) -> int:
+    """`luma-kafka-bridge reconcile`: until SIGTERM; exit 2 on bad settings, 1 on Kafka."""
+    settings = load_settings(**overrides)
+    require_api_key(settings)
+    configure_logging(settings.log_level, settings.log_format)
+    try:
+        run_async(reconcile(settings))
+    except ReconcilerError as exc:
+        return fail(str(exc))
+    return 0
+
+
+def run_fake_luma(args: argparse.Namespace) -> int:
+    """`luma-kafka-bridge fake-luma`: serve until Ctrl-C, sending lifecycles if asked."""
+
+    async def serve_fake() -> None:
+        api = FakeLumaAPI(
+            api_key=args.api_key,
+            host=args.host,
+            port=args.port,
+            fault_ratio=args.fault_ratio,
+            fault=Fault(args.fault, retry_after=1.0 if args.fault == 429 else None),
+            seed=args.seed,
+        )
+        async with api:
+            print(f"Fake Luma API: {api.base_url}  (LUMA_BRIDGE_LUMA_BASE_URL)", flush=True)
+            if args.send_to:
+                options = SenderOptions(
+                    callback_url=args.send_to,
+                    count=args.count,
+                    drop_ratio=args.drop_ratio,
+                    drop_all_ratio=args.drop_all_ratio,
+                    foreign_ratio=args.foreign_ratio,
+                    step_seconds=args.step_seconds,
+                    rate=args.rate,
+                    seed=args.seed,
+                )
+                report = await send_lifecycles(api, options)
+                print(json.dumps(report.as_dict()), flush=True)
+            print("Serving the API until Ctrl-C.", flush=True)
+            await asyncio.Event().wait()
+
+    try:
+        run_async(serve_fake())
+    except ValueError as exc:
+        return fail(str(exc), EXIT_USAGE)
+    except OSError as exc:
+        return fail(f"cannot listen on {args.host}:{args.port}: {exc.strerror}")
+    return 0
 
 
 def fail(message: str, code: int = 1) -> int:
@@ -178,7 +274,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_simulate(args)
         if args.command == "schema":
             return schema_command(asyncapi=args.asyncapi, out=sys.stdout)
+        if args.command == "fake-luma":
+            return run_fake_luma(args)
         settings_args = settings_overrides(args)
+        if args.command == "reconcile":
+            return run_reconcile(settings_args)
         if args.command == "dev":
             return run_dev(args, settings_args)
         settings = load_settings(**settings_args)
