@@ -56,6 +56,7 @@ from bridge.contract.callback import (
 from bridge.delivery.publisher import (
     KafkaPublisher,
     KafkaUnavailable,
+    Placement,
     Publisher,
     Record,
     keyed_partitioner,
@@ -159,6 +160,8 @@ class Reconciler:
         # Held while acting on a generation and while partitions are revoked: a partition
         # moves to another reconciler only between two actions.
         self._acting = asyncio.Lock()
+        # Per lifecycle partition: an end offset up to which everything is in the entries.
+        self._known_end: dict[int, int] = {}
         self.key_rejected = False
         self.started = False
         self.last_tick = time.monotonic()
@@ -190,6 +193,7 @@ class Reconciler:
             # A revocation waits for the action in progress (a read to the end, a write).
             rebalance_timeout_ms=120_000,
             max_poll_interval_ms=600_000,
+            fetch_max_wait_ms=100,
             **security_options(self.settings),
         )
         await _started(self._consumer)
@@ -243,6 +247,7 @@ class Reconciler:
                     )
             for partition in partitions:
                 self.tracker.revoke(partition)
+                self._known_end.pop(partition, None)
         log.info("partitions handed back", extra=_fields(partitions=partitions))
 
     # -- the main loop ----------------------------------------------------------------------
@@ -340,7 +345,7 @@ class Reconciler:
             if entry is not None and STATE_RANK[callback.state] <= STATE_RANK.get(entry.state, -1):
                 self.tracker.confirm(partition, generation_id, now)
                 return "unchanged"
-            if not await self._write(self._records(callback, now), generation_id):
+            if not await self._write(self._records(callback, now), partition, generation_id):
                 return "error"
             self.tracker.observe(partition, generation_id, callback.state, now)
         self.metrics.records_written.labels(state=callback.state, kind=kind).inc()
@@ -398,7 +403,7 @@ class Reconciler:
             )
             headers.append(("luma-source", SOURCE_RECONCILER.encode()))
             record = Record(self.topics.deadletter, generation_id.encode(), value, headers)
-            if not await self._write([record], generation_id):
+            if not await self._write([record], partition, generation_id):
                 return
             self.tracker.finish(partition, generation_id, now)
         self.metrics.lookups.labels(outcome="not_found").inc()
@@ -409,15 +414,18 @@ class Reconciler:
             extra=_fields(generation_id=generation_id, last_state=entry.state),
         )
 
-    async def _write(self, records: list[Record], generation_id: str) -> bool:
+    async def _write(self, records: list[Record], partition: int, generation_id: str) -> bool:
         try:
-            await self._publisher.publish(records, WRITE_TIMEOUT)
+            placements = await self._publisher.publish(records, WRITE_TIMEOUT)
         except KafkaUnavailable as exc:
+            # It may still land: the end we know is no longer to be trusted.
+            self._known_end.pop(partition, None)
             log.warning(
                 "Kafka did not acknowledge a reconciled state; retrying next pass",
                 extra=_fields(generation_id=generation_id, reason=exc.reason),
             )
             return False
+        self._wrote(partition, placements)
         return True
 
     # -- discovery ----------------------------------------------------------------------
@@ -511,13 +519,19 @@ class Reconciler:
 
     async def _caught_up(self, partition: int) -> bool:
         """Read a lifecycle partition to its current end; False if it is no longer ours or the
-        end was not reached in time."""
+        end was not reached in time.
+
+        The records this reconciler wrote itself are already in its entries: when the end
+        has moved only by them, nothing needs reading.
+        """
         consumer = self._require_consumer()
         tp = TopicPartition(self.topics.lifecycle, partition)
         if tp not in consumer.assignment() or partition not in self.tracker.partitions:
             return False
-        deadline = time.monotonic() + CATCH_UP_SECONDS
         end = (await consumer.end_offsets([tp]))[tp]
+        if self._known_end.get(partition) == end:
+            return True
+        deadline = time.monotonic() + CATCH_UP_SECONDS
         while await consumer.position(tp) < end:
             if time.monotonic() > deadline:
                 log.warning(
@@ -526,7 +540,19 @@ class Reconciler:
                 )
                 return False
             self._apply(await consumer.getmany(tp, timeout_ms=200))
+        self._known_end[partition] = end
         return True
+
+    def _wrote(self, partition: int, placements: list[Placement]) -> None:
+        """Our own lifecycle record landed: if right at the end we had read to, the end we
+        know moves past it (nothing else came in between)."""
+        for placement in placements:
+            if placement.topic != self.topics.lifecycle or placement.partition != partition:
+                continue
+            if self._known_end.get(partition) == placement.offset:
+                self._known_end[partition] = placement.offset + 1
+            else:
+                self._known_end.pop(partition, None)
 
     async def _checkpoint(self, consumer: AIOKafkaConsumer) -> None:
         """Changed entries to the changelog, then the offsets they account for."""

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
+import time
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiokafka import ConsumerRecord
+from aiokafka import AIOKafkaConsumer, ConsumerRecord
 
 from bridge.contract.callback import STATE_RANK, Topics
 from bridge.devtools.fake_luma import FakeLumaAPI
@@ -81,15 +81,34 @@ def audit_lifecycle(
 async def wait_for_complete_lifecycles(
     settings: Settings, api: FakeLumaAPI, ours: list[str], *, timeout: float
 ) -> tuple[LifecycleAudit, list[ConsumerRecord]]:
-    """Poll the lifecycle topic until every generation of ours has its final state."""
-    topic = Topics(settings.topic_prefix).lifecycle
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        records = await read_all(settings.kafka_bootstrap_servers, topic)
-        audit = audit_lifecycle(records, api.generations, ours)
-        if audit.complete or asyncio.get_running_loop().time() > deadline:
-            return audit, records
-        await asyncio.sleep(1.0)
+    """Follow the lifecycle topic until every generation of ours has its final state.
+
+    Returns the audit of everything read, complete or not once `timeout` passed.
+    """
+    consumer = AIOKafkaConsumer(
+        Topics(settings.topic_prefix).lifecycle,
+        bootstrap_servers=settings.kafka_bootstrap_servers,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        group_id=None,
+    )
+    await consumer.start()
+    records: list[ConsumerRecord] = []
+    finals = {generation_id: api.generations[generation_id]["state"] for generation_id in ours}
+    last: dict[str, str] = {}
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            batch = await consumer.getmany(timeout_ms=500)
+            for partition_records in batch.values():
+                for record in partition_records:
+                    records.append(record)
+                    last[record.key.decode()] = header(record, "luma-state") or ""
+            if all(last.get(generation_id) == final for generation_id, final in finals.items()):
+                break
+    finally:
+        await consumer.stop()
+    return audit_lifecycle(records, api.generations, ours), records
 
 
 @asynccontextmanager

@@ -97,7 +97,7 @@ async def test_every_lifecycle_completes_despite_lost_callbacks_and_an_outage(
                 report = await sending
                 sent_at = time.monotonic()
                 audit, records = await wait_for_complete_lifecycles(
-                    settings, api, report.ours, timeout=180.0 if REAL else 90.0
+                    settings, api, report.ours, timeout=300.0
                 )
                 completed_at = time.monotonic()
         finally:
