@@ -160,6 +160,8 @@ class Reconciler:
         # Held while acting on a generation and while partitions are revoked: a partition
         # moves to another reconciler only between two actions.
         self._acting = asyncio.Lock()
+        # Partitions whose changelog is still being read: not acted on yet.
+        self._restoring: set[int] = set()
         # Per lifecycle partition: an end offset up to which everything is in the entries.
         self._known_end: dict[int, int] = {}
         self.key_rejected = False
@@ -220,18 +222,41 @@ class Reconciler:
     # -- the group: taking over and handing back partitions -------------------------------
 
     async def take_over(self, assigned: Iterable[TopicPartition]) -> None:
-        """Rebuild the entries of newly assigned lifecycle partitions from the changelog."""
+        """Rebuild the entries of newly assigned lifecycle partitions from the changelog.
+
+        aiokafka fetches for the new partitions while this runs: their records are followed
+        at once and the changelog's entries are merged in afterwards. Until then the
+        partition is not acted on.
+        """
         new = sorted(tp.partition for tp in assigned if tp.partition not in self.tracker.partitions)
         if not new:
             return
-        entries = await load_changelog(self.settings, self.state_topic, new)
         for partition in new:
-            self.tracker.assign(partition, entries.get(partition, {}))
+            self.tracker.assign(partition)
+            self._restoring.add(partition)
+        await self._restore(new)
         log.info(
             "partitions taken over",
-            extra=_fields(partitions=new, generations=sum(len(e) for e in entries.values())),
+            extra=_fields(partitions=new, restoring=sorted(self._restoring)),
         )
         self._update_gauges()
+
+    async def _restore(self, partitions: list[int]) -> None:
+        """Merge the changelog into the entries of `partitions`; on failure they stay blocked
+        (acting without the saved state could write what is already there) and the next pass
+        tries again."""
+        try:
+            entries = await load_changelog(self.settings, self.state_topic, partitions)
+        except KafkaError as exc:
+            log.error(
+                "cannot read the changelog topic; these partitions wait until it can be read",
+                extra=_fields(partitions=partitions, error=type(exc).__name__),
+            )
+            return
+        for partition in partitions:
+            if partition in self.tracker.partitions:
+                self.tracker.restore(partition, entries.get(partition, {}))
+        self._restoring.difference_update(partitions)
 
     async def release(self, revoked: Iterable[TopicPartition]) -> None:
         """Save and drop the entries of revoked partitions, once the current action is done."""
@@ -248,6 +273,7 @@ class Reconciler:
             for partition in partitions:
                 self.tracker.revoke(partition)
                 self._known_end.pop(partition, None)
+                self._restoring.discard(partition)
         log.info("partitions handed back", extra=_fields(partitions=partitions))
 
     # -- the main loop ----------------------------------------------------------------------
@@ -275,6 +301,8 @@ class Reconciler:
     async def reconcile_once(self, stopping: asyncio.Event | None = None) -> None:
         """One pass: look up stuck generations, then discover unseen ones."""
         stopping = stopping or asyncio.Event()
+        if self._restoring:
+            await self._restore(sorted(self._restoring))
         now = self._clock()
         self.tracker.prune(now - self.settings.reconcile_lookback_seconds - 3600)
         self._update_gauges()
@@ -526,7 +554,11 @@ class Reconciler:
         """
         consumer = self._require_consumer()
         tp = TopicPartition(self.topics.lifecycle, partition)
-        if tp not in consumer.assignment() or partition not in self.tracker.partitions:
+        if (
+            tp not in consumer.assignment()
+            or partition not in self.tracker.partitions
+            or partition in self._restoring
+        ):
             return False
         end = (await consumer.end_offsets([tp]))[tp]
         if self._known_end.get(partition) == end:

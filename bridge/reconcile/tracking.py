@@ -73,10 +73,30 @@ class Tracker:
     def partitions(self) -> set[int]:
         return set(self._partitions)
 
-    def assign(self, partition: int, entries: dict[str, Tracked]) -> None:
-        """Take over a partition with the entries rebuilt from its changelog."""
-        self._partitions[partition] = entries
-        self._changed[partition] = set()
+    def assign(self, partition: int) -> None:
+        """Take over a partition: its records are followed from now on."""
+        self._partitions.setdefault(partition, {})
+        self._changed.setdefault(partition, set())
+
+    def restore(self, partition: int, entries: dict[str, Tracked]) -> None:
+        """Add the entries rebuilt from the changelog to those records gave meanwhile.
+
+        Both only ever move forward, so the further state and the later times win.
+        """
+        live = self._partitions.get(partition)
+        if live is None:
+            return
+        for generation_id, saved in entries.items():
+            entry = live.get(generation_id)
+            if entry is None:
+                live[generation_id] = saved
+                continue
+            if STATE_RANK.get(saved.state, -1) > STATE_RANK.get(entry.state, -1) or saved.done:
+                entry.state = saved.state
+                entry.done = entry.done or saved.done
+            entry.seen_at = max(entry.seen_at, saved.seen_at)
+            entry.checked_at = max(entry.checked_at, saved.checked_at)
+            self._changed[partition].add(generation_id)
 
     def revoke(self, partition: int) -> None:
         self._partitions.pop(partition, None)
