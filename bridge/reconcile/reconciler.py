@@ -160,6 +160,8 @@ class Reconciler:
         # Held while acting on a generation and while partitions are revoked: a partition
         # moves to another reconciler only between two actions.
         self._acting = asyncio.Lock()
+        # Per lifecycle partition: the offset after the last record applied to the entries.
+        self._applied: dict[int, int] = {}
         # Partitions whose changelog is still being read: not acted on yet.
         self._restoring: set[int] = set()
         # Per lifecycle partition: an end offset up to which everything is in the entries.
@@ -274,6 +276,7 @@ class Reconciler:
                 self.tracker.revoke(partition)
                 self._known_end.pop(partition, None)
                 self._restoring.discard(partition)
+                self._applied.pop(partition, None)
         log.info("partitions handed back", extra=_fields(partitions=partitions))
 
     # -- the main loop ----------------------------------------------------------------------
@@ -532,7 +535,14 @@ class Reconciler:
 
     def _apply(self, batch: dict[TopicPartition, list[Any]]) -> None:
         for tp, records in batch.items():
+            if records and tp.partition not in self.tracker.partitions:
+                # Fetched before the partition was taken over (aiokafka assigns, then calls
+                # the listener): read them again once it is.
+                with contextlib.suppress(KafkaError, AssertionError, ValueError):
+                    self._require_consumer().seek(tp, records[0].offset)
+                continue
             for record in records:
+                self._applied[tp.partition] = record.offset + 1
                 if record.key is None:
                     continue
                 state = _header(record, STATE_HEADER)
@@ -587,10 +597,20 @@ class Reconciler:
                 self._known_end.pop(partition, None)
 
     async def _checkpoint(self, consumer: AIOKafkaConsumer) -> None:
-        """Changed entries to the changelog, then the offsets they account for."""
+        """Changed entries to the changelog, then the offsets they account for.
+
+        The offsets and the changes are taken at the same moment, with no await between:
+        records applied while the changelog is being written (a revocation runs beside the
+        main loop) are neither saved nor committed, so the next owner reads them again.
+        """
         changelog = self._changelog
         if changelog is None:
             return
+        offsets = {
+            TopicPartition(self.topics.lifecycle, partition): offset
+            for partition, offset in self._applied.items()
+            if partition in self.tracker.partitions
+        }
         changes = self.tracker.take_changes()
         try:
             pending = [
@@ -608,11 +628,7 @@ class Reconciler:
         except KafkaError:
             self.tracker.keep_changes(changes)
             raise
-        owned = {
-            tp: await consumer.position(tp)
-            for tp in consumer.assignment()
-            if tp.partition in self.tracker.partitions
-        }
+        owned = {tp: offset for tp, offset in offsets.items() if tp in consumer.assignment()}
         if owned:
             await consumer.commit(owned)
 
