@@ -164,6 +164,7 @@ class Reconciler:
         self._applied: dict[int, int] = {}
         # Partitions whose changelog is still being read: not acted on yet.
         self._restoring: set[int] = set()
+        self._restore_failed: set[int] = set()
         # Per lifecycle partition: an end offset up to which everything is in the entries.
         self._known_end: dict[int, int] = {}
         self.key_rejected = False
@@ -254,19 +255,26 @@ class Reconciler:
                 "cannot read the changelog topic; these partitions wait until it can be read",
                 extra=_fields(partitions=partitions, error=type(exc).__name__),
             )
+            self._restore_failed.update(partitions)
             return
+        self._restore_failed.difference_update(partitions)
         for partition in partitions:
             if partition in self.tracker.partitions:
                 self.tracker.restore(partition, entries.get(partition, {}))
         self._restoring.difference_update(partitions)
+        log.info(
+            "state restored from the changelog",
+            extra=_fields(restored={str(p): len(entries.get(p, {})) for p in partitions}),
+        )
 
     async def release(self, revoked: Iterable[TopicPartition]) -> None:
         """Save and drop the entries of revoked partitions, once the current action is done."""
         partitions = sorted(tp.partition for tp in revoked)
+        committed: dict[str, int] = {}
         async with self._acting:
             if self._consumer is not None:
                 try:
-                    await self._checkpoint(self._consumer)
+                    committed = await self._checkpoint(self._consumer)
                 except KafkaError as exc:
                     # The next owner re-reads from the last commit: slower, not wrong.
                     log.warning(
@@ -276,8 +284,11 @@ class Reconciler:
                 self.tracker.revoke(partition)
                 self._known_end.pop(partition, None)
                 self._restoring.discard(partition)
+                self._restore_failed.discard(partition)
                 self._applied.pop(partition, None)
-        log.info("partitions handed back", extra=_fields(partitions=partitions))
+        log.info(
+            "partitions handed back", extra=_fields(partitions=partitions, committed=committed)
+        )
 
     # -- the main loop ----------------------------------------------------------------------
 
@@ -304,8 +315,8 @@ class Reconciler:
     async def reconcile_once(self, stopping: asyncio.Event | None = None) -> None:
         """One pass: look up stuck generations, then discover unseen ones."""
         stopping = stopping or asyncio.Event()
-        if self._restoring:
-            await self._restore(sorted(self._restoring))
+        if self._restore_failed:
+            await self._restore(sorted(self._restore_failed & self.tracker.partitions))
         now = self._clock()
         self.tracker.prune(now - self.settings.reconcile_lookback_seconds - 3600)
         self._update_gauges()
@@ -368,6 +379,7 @@ class Reconciler:
             if not await self._caught_up(partition):
                 return "error"
             entry = self.tracker.get(partition, generation_id)
+            before = entry.state if entry is not None else None
             if kind == "stale" and (entry is None or entry.done):
                 return "unchanged"  # finished or handed back meanwhile
             if kind == "discovered" and entry is not None:
@@ -386,7 +398,7 @@ class Reconciler:
                 generation_id=generation_id,
                 state=callback.state,
                 kind=kind,
-                before=entry.state if entry else None,
+                before=before,
             ),
         )
         return "repaired"
@@ -560,7 +572,9 @@ class Reconciler:
         end was not reached in time.
 
         The records this reconciler wrote itself are already in its entries: when the end
-        has moved only by them, nothing needs reading.
+        has moved only by them, nothing needs reading. (The embedded broker reports the end
+        as the last batch's first offset + 1; a fetch returns whole batches, so reading up
+        to it still reads the whole last batch.)
         """
         consumer = self._require_consumer()
         tp = TopicPartition(self.topics.lifecycle, partition)
@@ -583,6 +597,7 @@ class Reconciler:
                 return False
             self._apply(await consumer.getmany(tp, timeout_ms=200))
         self._known_end[partition] = end
+        log.debug("caught up", extra=_fields(partition=partition, end=end))
         return True
 
     def _wrote(self, partition: int, placements: list[Placement]) -> None:
@@ -596,7 +611,7 @@ class Reconciler:
             else:
                 self._known_end.pop(partition, None)
 
-    async def _checkpoint(self, consumer: AIOKafkaConsumer) -> None:
+    async def _checkpoint(self, consumer: AIOKafkaConsumer) -> dict[str, int]:
         """Changed entries to the changelog, then the offsets they account for.
 
         The offsets and the changes are taken at the same moment, with no await between:
@@ -605,7 +620,7 @@ class Reconciler:
         """
         changelog = self._changelog
         if changelog is None:
-            return
+            return {}
         offsets = {
             TopicPartition(self.topics.lifecycle, partition): offset
             for partition, offset in self._applied.items()
@@ -631,6 +646,7 @@ class Reconciler:
         owned = {tp: offset for tp, offset in offsets.items() if tp in consumer.assignment()}
         if owned:
             await consumer.commit(owned)
+        return {str(tp.partition): offset for tp, offset in owned.items()}
 
     def _require_consumer(self) -> AIOKafkaConsumer:
         if self._consumer is None:
@@ -779,7 +795,10 @@ async def load_changelog(
             batch = await reader.getmany(*remaining, timeout_ms=500)
             for tp, records in batch.items():
                 for record in records:
-                    if record.offset >= ends[tp] or record.key is None:
+                    # Everything read counts, even past the end asked for: the embedded broker
+                    # reports the end as the last batch's first offset + 1, and a newer entry
+                    # is as good as the one it replaces.
+                    if record.key is None:
                         continue
                     generation_id = record.key.decode("utf-8", "replace")
                     entry = decode_entry(record.value)
