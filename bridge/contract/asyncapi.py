@@ -22,6 +22,7 @@ from bridge.contract.callback import (
     DEFAULT_CLIENT_ID,
     DEFAULT_TOPIC_PREFIX,
     KNOWN_STATES,
+    RECONCILE_NOT_FOUND_ERROR,
     Generation,
     InvalidCallback,
     Topics,
@@ -101,6 +102,21 @@ HEADER_SCHEMAS: dict[str, dict[str, Any]] = {
         "description": "Deterministic id of this callback (from generation id, state and "
         "value): a redelivery carries the same id. Consumers dedupe on it.",
     },
+    "luma-transition-id": {
+        "type": "string",
+        "pattern": "^[0-9a-f]{32}$",
+        "description": "Identity of the state transition (BLAKE2b of generation id, state and "
+        "`assets`): the same whether the callback or the reconciler wrote it, different for "
+        "progress updates within one state. Consumers that must not see one transition twice "
+        "dedupe on it.",
+    },
+    "luma-source": {
+        "type": "string",
+        "enum": ["callback", "reconciler"],
+        "description": "Who wrote the record: the receiver, from Luma's callback (`callback`), "
+        "or `luma-kafka-bridge reconcile`, from Luma's API after the callback was lost "
+        "(`reconciler`).",
+    },
     "luma-state": {
         "type": "string",
         "description": "The generation's `state`, as in the value.",
@@ -118,7 +134,10 @@ HEADER_SCHEMAS: dict[str, dict[str, Any]] = {
     },
     "luma-error": {
         "type": "string",
-        "description": "Why the body was refused. Names members, never echoes their values.",
+        "description": "Why the body was refused. Names members, never echoes their values. "
+        f"`{RECONCILE_NOT_FOUND_ERROR}` marks the reconciler's note that Luma's API does not "
+        "know a generation (value: its id and last state in Kafka as JSON); "
+        "`deadletter replay` leaves those alone.",
     },
 }
 

@@ -441,11 +441,11 @@ class Reconciler:
                 return
             now = self._clock()
             value = encode_compact({"id": generation_id, "last_state": entry.state})
+            # The dead-letter contract: no key, the value as bytes, luma-error says why.
             headers = deadletter_headers(
                 RECONCILE_NOT_FOUND_ERROR, datetime.fromtimestamp(now, UTC)
             )
-            headers.append(("luma-source", SOURCE_RECONCILER.encode()))
-            record = Record(self.topics.deadletter, generation_id.encode(), value, headers)
+            record = Record(self.topics.deadletter, None, value, headers)
             if not await self._write([record], partition, generation_id):
                 return
             self.tracker.finish(partition, generation_id, now)

@@ -103,7 +103,9 @@ def test_headers_carry_the_derived_metadata() -> None:
     assert dict(record_headers(callback, received)) == {
         "content-type": b"application/json",
         "luma-event-id": callback.event_id.encode(),
+        "luma-transition-id": callback.transition_id.encode(),
         "luma-state": b"completed",
         "luma-received-at": b"2026-05-30T12:35:00.250Z",
+        "luma-source": b"callback",
         "luma-generation-type": b"video",
     }
