@@ -299,10 +299,27 @@ class Reconciler:
         next_checkpoint = time.monotonic() + CHECKPOINT_SECONDS
         while not stopping.is_set():
             self.last_tick = time.monotonic()
-            batch = await consumer.getmany(timeout_ms=500, max_records=10_000)
+            try:
+                batch = await consumer.getmany(timeout_ms=500, max_records=10_000)
+            except KafkaError as exc:
+                # aiokafka reconnects by itself; say so and go round again.
+                log.warning(
+                    "reading the lifecycle topic failed; retrying", extra=_fields(error=exc)
+                )
+                await asyncio.sleep(1.0)
+                continue
             self._apply(batch)
             if time.monotonic() >= next_pass:
-                await self.reconcile_once(stopping)
+                try:
+                    await self.reconcile_once(stopping)
+                except KafkaError as exc:
+                    log.warning(
+                        "a pass stopped on a Kafka error; next pass", extra=_fields(error=exc)
+                    )
+                except Exception:
+                    # A bug must not stop the repairs of every other generation; it is logged
+                    # with its traceback and the next pass starts over.
+                    log.exception("a reconciliation pass failed; next pass")
                 next_pass = time.monotonic() + self.settings.reconcile_interval_seconds
             if time.monotonic() >= next_checkpoint:
                 try:
