@@ -27,11 +27,8 @@ from bridge.consume.tail import TailOptions, tail_command
 from bridge.contract.asyncapi import schema_command
 from bridge.delivery.topics import create_topics
 from bridge.devtools.embedded import EmbeddedBroker, EmbeddedBrokerError
-from bridge.devtools.fake_luma import FakeLumaAPI, Fault, SenderOptions, send_lifecycles
 from bridge.devtools.simulate import SimulateOptions, simulate
 from bridge.ops.logs import configure_logging
-from bridge.reconcile.reconciler import ReconcilerError
-from bridge.reconcile.service import reconcile, require_api_key
 from bridge.server import BridgeServer, StartupError, serve
 from bridge.settings import ENV_PREFIX, Settings, SettingsError, env_name, flag_name, load_settings
 
@@ -208,6 +205,11 @@ def add_reconcile_commands(commands: Any) -> None:
 
 def run_reconcile(overrides: dict[str, Any]) -> int:
     """`luma-kafka-bridge reconcile`: until SIGTERM; exit 2 on bad settings, 1 on Kafka."""
+    # Imported here: Luma's client adds most of a second to every other command's start-up
+    # (`serve` and `simulate` among them).
+    from bridge.reconcile.reconciler import ReconcilerError
+    from bridge.reconcile.service import reconcile, require_api_key
+
     settings = load_settings(**overrides)
     require_api_key(settings)
     configure_logging(settings.log_level, settings.log_format)
@@ -220,6 +222,7 @@ def run_reconcile(overrides: dict[str, Any]) -> int:
 
 def run_fake_luma(args: argparse.Namespace) -> int:
     """`luma-kafka-bridge fake-luma`: serve until Ctrl-C, sending lifecycles if asked."""
+    from bridge.devtools.fake_luma import FakeLumaAPI, Fault, SenderOptions, send_lifecycles
 
     async def serve_fake() -> None:
         api = FakeLumaAPI(
