@@ -87,7 +87,12 @@ SETTING_GROUPS: dict[str, tuple[str, ...]] = {
         "kafka_ssl_keyfile",
     ),
     "topics": ("topic_prefix", "lifecycle_topic"),
-    "topic creation": ("topic_partitions", "topic_replication_factor", "topic_configs"),
+    "topic creation": (
+        "topic_partitions",
+        "topic_replication_factor",
+        "topic_min_insync_replicas",
+        "topic_configs",
+    ),
     "writing to Kafka": (
         "kafka_ack_timeout",
         "kafka_enable_idempotence",
@@ -108,6 +113,7 @@ SETTING_GROUPS: dict[str, tuple[str, ...]] = {
         "trusted_proxies",
         "hmac_secrets",
         "hmac_tolerance_seconds",
+        "hmac_replay_window_size",
         "file_reload_seconds",
     ),
     "HTTPS": ("tls_cert_file", "tls_key_file"),
@@ -120,6 +126,7 @@ SETTING_GROUPS: dict[str, tuple[str, ...]] = {
         "rate_limit_per_second",
         "rate_limit_burst",
         "max_inflight_requests",
+        "max_buffered_body_bytes",
     ),
     "spool and shutdown": (
         "spool_enabled",
@@ -127,6 +134,21 @@ SETTING_GROUPS: dict[str, tuple[str, ...]] = {
         "spool_max_bytes",
         "drain_delay",
         "shutdown_timeout",
+    ),
+    "Luma's API": (
+        "luma_api_key",
+        "luma_base_url",
+        "luma_api_rate_limit",
+        "luma_api_timeout",
+        "luma_api_max_backoff",
+    ),
+    "reconciliation": (
+        "public_url",
+        "reconcile_discover",
+        "reconcile_after_seconds",
+        "reconcile_lookback_seconds",
+        "reconcile_interval_seconds",
+        "reconcile_group_id",
     ),
     "logging": ("log_level", "log_format"),
 }
@@ -154,6 +176,18 @@ COMMAND_SETTINGS: dict[str, tuple[str, ...]] = {
         "writing to Kafka",
         "CloudEvents",
         "logging",
+    ),
+    "reconcile": (
+        "Kafka connection",
+        "callback listener",
+        "topics",
+        "topic creation",
+        "writing to Kafka",
+        "CloudEvents",
+        "Luma's API",
+        "reconciliation",
+        "logging",
+        MORE_SETTINGS,
     ),
 }
 
@@ -316,6 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     replay_cmd.add_argument("--dry-run", action="store_true", help="report only: write nothing")
     replay_cmd.add_argument("--json", action="store_true", help="print the summary as JSON")
     add_settings_flags(replay_cmd, "deadletter replay")
+    add_reconcile_commands(commands)
     return parser
 
 
@@ -404,6 +439,107 @@ def add_tail_parser(commands: Any) -> None:
     add_settings_flags(tail_cmd, "tail")
 
 
+def add_reconcile_commands(commands: Any) -> None:
+    """`reconcile` and its try-out companion `fake-luma`."""
+    reconcile_cmd = command_parser(
+        commands,
+        "reconcile",
+        "complete generation lifecycles from Luma's API when callbacks were lost",
+        settings="reconcile",
+    )
+    add_settings_flags(reconcile_cmd, "reconcile")
+
+    fake = command_parser(
+        commands,
+        "fake-luma",
+        "serve a fake of Luma's API; with --send-to, also play Luma losing callbacks",
+    )
+    fake.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    fake.add_argument("--port", type=int, default=9300, help="port to listen on (default 9300)")
+    fake.add_argument("--api-key", required=True, help="the Bearer key the fake accepts")
+    fake.add_argument(
+        "--fault-ratio", type=float, default=0.0, help="share of requests answered with --fault"
+    )
+    fake.add_argument("--fault", type=int, default=503, help="status of injected faults")
+    fake.add_argument("--send-to", metavar="URL", help="callback URL (token included) to POST to")
+    fake.add_argument("--count", type=int, default=100, help="generations to run (default 100)")
+    fake.add_argument(
+        "--drop-ratio", type=float, default=0.2, help="share of generations losing callbacks"
+    )
+    fake.add_argument(
+        "--drop-all-ratio",
+        type=float,
+        default=0.25,
+        help="of those, the share losing every callback (default 0.25)",
+    )
+    fake.add_argument(
+        "--foreign-ratio",
+        type=float,
+        default=0.05,
+        help="share of generations another system submitted (callbacks go elsewhere)",
+    )
+    fake.add_argument("--step-seconds", type=float, default=2.0, help="seconds per state")
+    fake.add_argument("--rate", type=float, default=20.0, help="generations started per second")
+    fake.add_argument("--seed", type=int, default=None, help="random seed")
+
+
+def run_reconcile(overrides: dict[str, Any]) -> int:
+    """`luma-kafka-bridge reconcile`: until SIGTERM; exit 2 on bad settings, 1 on Kafka."""
+    # Imported here: Luma's client adds most of a second to every other command's start-up
+    # (`serve` and `simulate` among them).
+    from bridge.reconcile.reconciler import ReconcilerError
+    from bridge.reconcile.service import reconcile, require_api_key
+
+    settings = load_settings(**overrides)
+    require_api_key(settings)
+    configure_logging(settings.log_level, settings.log_format)
+    try:
+        run_async(reconcile(settings))
+    except ReconcilerError as exc:
+        return fail(str(exc))
+    return 0
+
+
+def run_fake_luma(args: argparse.Namespace) -> int:
+    """`luma-kafka-bridge fake-luma`: serve until Ctrl-C, sending lifecycles if asked."""
+    from bridge.devtools.fake_luma import FakeLumaAPI, Fault, SenderOptions, send_lifecycles
+
+    async def serve_fake() -> None:
+        api = FakeLumaAPI(
+            api_key=args.api_key,
+            host=args.host,
+            port=args.port,
+            fault_ratio=args.fault_ratio,
+            fault=Fault(args.fault, retry_after=1.0 if args.fault == 429 else None),
+            seed=args.seed,
+        )
+        async with api:
+            print(f"Fake Luma API: {api.base_url}  (LUMA_BRIDGE_LUMA_BASE_URL)", flush=True)
+            if args.send_to:
+                options = SenderOptions(
+                    callback_url=args.send_to,
+                    count=args.count,
+                    drop_ratio=args.drop_ratio,
+                    drop_all_ratio=args.drop_all_ratio,
+                    foreign_ratio=args.foreign_ratio,
+                    step_seconds=args.step_seconds,
+                    rate=args.rate,
+                    seed=args.seed,
+                )
+                report = await send_lifecycles(api, options)
+                print(json.dumps(report.as_dict()), flush=True)
+            print("Serving the API until Ctrl-C.", flush=True)
+            await asyncio.Event().wait()
+
+    try:
+        run_async(serve_fake())
+    except ValueError as exc:
+        return fail(str(exc), EXIT_USAGE)
+    except OSError as exc:
+        return fail(f"cannot listen on {args.host}:{args.port}: {exc.strerror}")
+    return 0
+
+
 def fail(message: str, code: int = 1) -> int:
     print(f"{PROG}: {message}", file=sys.stderr)
     return code
@@ -421,7 +557,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_simulate(args)
         if args.command == "schema":
             return schema_command(asyncapi=args.asyncapi, out=sys.stdout)
+        if args.command == "fake-luma":
+            return run_fake_luma(args)
         settings_args = settings_overrides(args)
+        if args.command == "reconcile":
+            return run_reconcile(settings_args)
         if args.command == "dev":
             return run_dev(args, settings_args)
         if args.command in ("tail", "deadletter"):

@@ -33,6 +33,8 @@ from bridge.contract.callback import (
 )
 
 ENV_PREFIX = "LUMA_BRIDGE_"
+#: Luma's production Dream Machine API (what the official SDK uses by default).
+LUMA_API_BASE_URL = "https://api.lumalabs.ai/dream-machine/v1"
 
 CompressionType = Literal["none", "gzip", "snappy", "lz4", "zstd"]
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
@@ -296,6 +298,59 @@ class Settings(BaseSettings):
     )
     shutdown_timeout: float = Field(
         25.0, gt=0, description="Seconds from SIGTERM to exit, drain delay included."
+    )
+
+    # The reconciler (`luma-kafka-bridge reconcile`; see docs/reconcile.md)
+    luma_api_key: SecretStr | None = Field(
+        None,
+        description="Luma API key the reconciler reads generations with (required by "
+        "`reconcile`; never logged).",
+    )
+    luma_base_url: str = Field(
+        LUMA_API_BASE_URL,
+        pattern=r"^https?://",
+        description="Base URL of Luma's Dream Machine API.",
+    )
+    public_url: str | None = Field(
+        None,
+        pattern=r"^https?://",
+        description="The public callback URL without the token (e.g. "
+        "https://bridge.example.com/luma/callback): generations whose callback_url starts "
+        "with it are this bridge's. Without it the reconciler discovers nothing.",
+    )
+    reconcile_discover: bool = Field(
+        True,
+        description="Page through Luma's generations list for generations Kafka never saw "
+        "(needs PUBLIC_URL).",
+    )
+    reconcile_after_seconds: float = Field(
+        600.0,
+        gt=0,
+        description="A generation silent this long in a non-terminal state is looked up in "
+        "Luma's API; discovery leaves younger generations alone.",
+    )
+    reconcile_lookback_seconds: float = Field(
+        86400.0, gt=0, description="How far back discovery looks, by created_at."
+    )
+    reconcile_interval_seconds: float = Field(
+        60.0, gt=0, description="Seconds between two reconciliation passes."
+    )
+    reconcile_group_id: str | None = Field(
+        None,
+        min_length=1,
+        description="Consumer group of the reconcilers (default: KAFKA_CLIENT_ID-reconciler).",
+    )
+    luma_api_rate_limit: float = Field(
+        5.0, gt=0, description="Requests per second the reconciler sends to Luma's API at most."
+    )
+    luma_api_timeout: float = Field(
+        10.0, gt=0, le=120, description="Seconds one request to Luma's API may take."
+    )
+    luma_api_max_backoff: float = Field(
+        60.0,
+        gt=0,
+        description="Longest wait after a 429 or 5xx from Luma's API (Retry-After is "
+        "honoured up to this).",
     )
 
     # Operations

@@ -25,6 +25,7 @@ from bridge.contract.callback import (
     DEFAULT_CLOUDEVENTS_SOURCE,
     DEFAULT_TOPIC_PREFIX,
     KNOWN_STATES,
+    RECONCILE_NOT_FOUND_ERROR,
     CloudEvents,
     Generation,
     InvalidCallback,
@@ -111,11 +112,19 @@ HEADER_SCHEMAS: dict[str, dict[str, Any]] = {
     },
     "luma-transition-id": {
         "type": "string",
+        "pattern": "^[0-9a-f]{32}$",
         "description": "Deterministic id of the state transition (from generation id, state "
         "and `assets`): the same for every record of one moment of a generation, whether "
         "written from a callback or by the reconciler from Luma's API, and new for each "
         "progress update within a state. Consumers dedupe on it (on `luma-event-id` for "
         "records that lack it). Equal to `ce_id`.",
+    },
+    "luma-source": {
+        "type": "string",
+        "enum": ["callback", "reconciler"],
+        "description": "Who wrote the record: the receiver, from Luma's callback (`callback`), "
+        "or `luma-kafka-bridge reconcile`, from Luma's API after the callback was lost "
+        "(`reconciler`).",
     },
     "luma-state": {
         "type": "string",
@@ -170,7 +179,10 @@ HEADER_SCHEMAS: dict[str, dict[str, Any]] = {
     },
     "luma-error": {
         "type": "string",
-        "description": "Why the body was refused. Names members, never echoes their values.",
+        "description": "Why the body was refused. Names members, never echoes their values. "
+        f"`{RECONCILE_NOT_FOUND_ERROR}` marks the reconciler's note that Luma's API does not "
+        "know a generation (value: its id and last state in Kafka as JSON); "
+        "`deadletter replay` leaves those alone.",
     },
 }
 

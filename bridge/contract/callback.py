@@ -21,6 +21,19 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 KNOWN_STATES = ("queued", "dreaming", "completed", "failed")
+#: States after which Luma sends nothing more about a generation.
+TERMINAL_STATES = ("completed", "failed")
+#: How far along its life each known state is; terminal states share the last rank.
+STATE_RANK = {"queued": 0, "dreaming": 1, "completed": 2, "failed": 2}
+#: Who wrote a record: the `luma-source` header.
+SOURCE_CALLBACK = "callback"
+SOURCE_RECONCILER = "reconciler"
+#: The `luma-error` of a dead letter the reconciler wrote because Luma's API does not know the
+#: generation: nothing to replay, so `deadletter replay` leaves it alone.
+RECONCILE_NOT_FOUND_ERROR = "reconciler: Luma's API answered 404 for this generation"
+DEFAULT_CALLBACK_PATH = "/luma/callback"
+#: What a redacted write token is replaced with in `request.callback_url`.
+REDACTED = "REDACTED"
 KNOWN_MODELS = ("ray-2", "ray-flash-2", "ray-1-6", "photon-1", "photon-flash-1")
 CONTENT_TYPE = b"application/json"
 #: Where topic names start unless the operator chooses another prefix.
@@ -417,9 +430,17 @@ CLOUDEVENTS_ON = CloudEvents()
 
 
 def record_headers(
-    callback: Callback, received_at: datetime, *, cloudevents: CloudEvents = CLOUDEVENTS_ON
+    callback: Callback,
+    received_at: datetime,
+    *,
+    cloudevents: CloudEvents = CLOUDEVENTS_ON,
+    source: str = SOURCE_CALLBACK,
 ) -> list[tuple[str, bytes]]:
-    """The headers of a callback's records (per-state and lifecycle alike)."""
+    """The headers of a callback's records (per-state and lifecycle alike).
+
+    `source` says who wrote it: the receiver (`callback`) or the reconciler, which
+    read the same Generation from Luma's API (`reconciler`).
+    """
     received = rfc3339(received_at).encode()
     headers = [
         ("content-type", CONTENT_TYPE),
@@ -427,6 +448,7 @@ def record_headers(
         ("luma-transition-id", callback.transition_id.encode()),
         ("luma-state", callback.state.encode()),
         ("luma-received-at", received),
+        ("luma-source", source.encode()),
     ]
     if callback.generation_type is not None:
         headers.append(("luma-generation-type", callback.generation_type.encode()))

@@ -122,6 +122,7 @@ def test_headers_carry_the_derived_metadata() -> None:
         "luma-transition-id": callback.transition_id.encode(),
         "luma-state": b"completed",
         "luma-received-at": b"2026-05-30T12:35:00.250Z",
+        "luma-source": b"callback",
         "luma-generation-type": b"video",
     }
 

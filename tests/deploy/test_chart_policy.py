@@ -128,6 +128,15 @@ def bridge_settings(
     return load_settings()
 
 
+def bridge_parts(manifests: list[Manifest]) -> list[Manifest]:
+    """Leave out the reconciler's resources (tests/deploy/test_reconciler_chart.py)."""
+    return [
+        m
+        for m in manifests
+        if m["metadata"]["labels"].get("app.kubernetes.io/component") != "reconciler"
+    ]
+
+
 def port_number(container: dict[str, Any], port: int | str) -> int:
     if isinstance(port, int):
         return port
@@ -195,14 +204,14 @@ def test_pod_wiring_matches_the_bridge_settings(
         (rule,) = route["spec"]["rules"]
         assert rule["matches"][0]["path"]["value"] == settings.callback_path
         assert rule["backendRefs"][0]["port"] == ports["callback"]["port"]
-    for monitor in of_kind(manifests, "ServiceMonitor"):
+    for monitor in bridge_parts(of_kind(manifests, "ServiceMonitor")):
         (endpoint,) = monitor["spec"]["endpoints"]
         assert (endpoint["port"], endpoint["path"]) == ("admin", "/metrics")
         assert (
             monitor["spec"]["selector"]["matchLabels"].items()
             <= service["metadata"]["labels"].items()
         )
-    for policy in of_kind(manifests, "NetworkPolicy"):
+    for policy in bridge_parts(of_kind(manifests, "NetworkPolicy")):
         ingress_ports = [r["ports"][0]["port"] for r in policy["spec"]["ingress"]]
         assert sorted(port_number(container, p) for p in ingress_ports) == sorted(
             [settings.port, settings.admin_port]
@@ -571,6 +580,8 @@ CHART_MANAGED_SETTINGS = {
     "spool_enabled", "spool_dir", "drain_delay", "shutdown_timeout",
     # Secrets and secret files: from the chart's (or an existing) Secret, never the ConfigMap.
     "auth_tokens_file", "hmac_secrets", "tls_cert_file", "tls_key_file",
+    # The reconciler's own values (reconciler.apiKeySecret, .lumaBaseUrl, .publicUrl).
+    "luma_api_key", "luma_base_url", "public_url",
 }  # fmt: skip
 
 

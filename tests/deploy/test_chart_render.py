@@ -27,7 +27,7 @@ from tests.deploy.rendering import (
 )
 
 BUILTIN_GROUPS = {"", "apps", "batch", "autoscaling", "policy", "networking.k8s.io"}
-EXPECTED_VALUE_SETS = {"minimal", "full", "statefulset", "existing-secret", "strimzi"}
+EXPECTED_VALUE_SETS = {"minimal", "full", "statefulset", "existing-secret", "strimzi", "reconciler"}
 
 
 def crd_schema_path(manifest: Manifest) -> str:
