@@ -2,7 +2,7 @@
 VENV := .venv
 export PATH := $(CURDIR)/$(VENV)/bin:$(CURDIR)/node_modules/.bin:$(PATH)
 
-.PHONY: dev test lint bootstrap bench faults
+.PHONY: dev test lint bootstrap bench faults mutate
 
 # Run the bridge on an embedded broker: no Kafka cluster, no Docker.
 dev:
@@ -10,9 +10,14 @@ dev:
 	@$(VENV)/bin/python -m pip install -q -e '.[embedded]'
 	$(VENV)/bin/luma-kafka-bridge dev
 
-# Install what the suite needs (idempotent), then run all of it.
+# Install what the suite needs (idempotent), then run all of it under coverage (subprocesses
+# included); the report fails below `fail_under` in pyproject.toml.
 test: bootstrap
-	$(VENV)/bin/python -m pytest
+	$(VENV)/bin/python -m coverage erase
+	$(VENV)/bin/python -m coverage run -m pytest
+	$(VENV)/bin/python -m coverage combine -q
+	$(VENV)/bin/python -m coverage report
+	@$(VENV)/bin/python scripts/coverage-totals
 
 bootstrap:
 	@./scripts/bootstrap
@@ -27,3 +32,10 @@ bench: bootstrap
 # The fault-injection scenarios with Luma-scale outages; numbers appended to faults-report.jsonl.
 faults: bootstrap
 	FAULT_OUTAGE_SECONDS=30 FAULT_REPORT=faults-report.jsonl $(VENV)/bin/python -m pytest -m faults tests/faults -s
+
+# Mutation testing of the core with mutmut (docs/testing.md): slow, not part of CI.
+mutate: bootstrap
+	$(VENV)/bin/python -m pip install -q -e '.[test,mutate]'
+	rm -rf mutants
+	nice -n 10 $(VENV)/bin/mutmut run --max-children 2
+	$(VENV)/bin/python scripts/mutation-scores --equivalent docs/testing.md

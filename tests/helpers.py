@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import tempfile
 import time
 import uuid
@@ -14,8 +15,8 @@ import aiokafka.errors
 from aiokafka import AIOKafkaConsumer, ConsumerRecord
 from prometheus_client import CollectorRegistry
 
-from bridge.delivery.publisher import Placement, Record
-from bridge.delivery.topics import create_topics
+from bridge.delivery.publisher import Placement, Record, wait_all
+from bridge.delivery.topics import create_topics, missing_topics
 from bridge.server import BridgeServer
 from bridge.settings import Settings, load_settings
 
@@ -55,6 +56,13 @@ async def wait_until(
         await asyncio.sleep(0.02)
 
 
+def child_environment(**values: str) -> dict[str, str]:
+    """Exactly `values` for a child process, plus coverage.py's own variables, so that under
+    `make test` the child is measured too."""
+    measured = {name: value for name, value in os.environ.items() if name.startswith("COVERAGE_")}
+    return {**measured, **values}
+
+
 class MemoryPublisher:
     """A `Publisher` for unit tests: keeps records in a list; can fail or stall on demand.
 
@@ -91,6 +99,9 @@ class MemoryPublisher:
             self.records.append(record)
             future.set_result(Placement(record.topic, 0, len(self.records) - 1))
 
+    async def publish(self, records: Sequence[Record], ack_timeout: float) -> list[Placement]:
+        return await wait_all(self.send(records), ack_timeout)
+
     async def check_connection(self, within: float) -> bool:
         return self.failing is None
 
@@ -118,11 +129,25 @@ def bridge_settings(bootstrap: str, idempotence: bool, **overrides: Any) -> Sett
     return load_settings(**values)
 
 
+async def topics_visible(settings: Settings, timeout: float = 30.0) -> None:
+    """Wait until every required topic shows in the metadata.
+
+    KRaft brokers learn of a created topic from the metadata log a moment after
+    CreateTopics has answered, so a start-up check right after creation may miss it.
+    """
+    deadline = time.monotonic() + timeout
+    while missing := await missing_topics(settings):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"topics {missing} not in the metadata after {timeout}s")
+        await asyncio.sleep(0.1)
+
+
 @asynccontextmanager
 async def running_bridge(settings: Settings, *, create: bool = True) -> AsyncIterator[BridgeServer]:
     """A bridge served in this process, its topics created first."""
     if create:
         await create_topics(settings)
+        await topics_visible(settings)
     server = BridgeServer(settings, registry=CollectorRegistry())
     try:
         await server.start()

@@ -1,11 +1,11 @@
 """One ordered path per generation: the only way records reach Kafka.
 
-A lane is a (topic, key) pair: one partition's share of one generation. Every
-record of an accepted callback belongs to a lane, and a lane has at most one
-record handed to the producer at any time. So a later callback never overtakes an
-earlier one, and no copy of an earlier record can land after a later one (aiokafka
-keeps a partition's retries in order; a record is only ever sent again after its
-previous send ended).
+A lane is a generation: its records share the key, the generation id. Every record
+of an accepted callback belongs to its generation's lane, and a lane has in the
+producer at most the records of one callback at any time (the drainer: one record).
+So a later callback never overtakes an earlier one, and no copy of an earlier record
+can land after a later one (aiokafka keeps a partition's retries in order; a record
+is only ever sent again after its previous send ended).
 
 A callback whose lanes are idle is sent at once and answered when Kafka
 acknowledges it (the fast path: no disk). If Kafka does not acknowledge within

@@ -170,6 +170,12 @@ class Publisher(Protocol):
         """
         ...
 
+    async def publish(self, records: Sequence[Record], ack_timeout: float) -> list[Placement]:
+        """Send `records` and wait for all of them; `KafkaUnavailable` when not acknowledged
+        within `ack_timeout` (they may still land). For writers outside the ordered path
+        (the reconciler), which keep their own order."""
+        ...
+
     async def check_connection(self, within: float) -> bool:
         """True when the cluster answered a metadata request within `within` seconds."""
         ...
@@ -367,6 +373,9 @@ class KafkaPublisher:
         self._produce_timer(topic).observe(time.perf_counter() - started)
         future.set_result(Placement(topic, metadata.partition, metadata.offset))
 
+    async def publish(self, records: Sequence[Record], ack_timeout: float) -> list[Placement]:
+        return await wait_all(self.send(records), ack_timeout)
+
     def _count_failures(self, futures: list[asyncio.Future[Placement]]) -> None:
         for future in futures:
             error = future.exception()
@@ -392,6 +401,19 @@ class KafkaPublisher:
         except (TimeoutError, KafkaError):
             return False
         return True
+
+
+async def wait_all(futures: list[asyncio.Future[Placement]], within: float) -> list[Placement]:
+    """The placements of `futures` once all succeeded; `KafkaUnavailable` when one failed or
+    they did not all end within `within` seconds (the records may still land)."""
+    _, pending = await asyncio.wait(futures, timeout=within)
+    if pending:
+        raise KafkaUnavailable("timeout")
+    for future in futures:
+        error = future.exception()
+        if error is not None:
+            raise KafkaUnavailable(failure_reason(error)) from error
+    return [future.result() for future in futures]
 
 
 def _fail(future: asyncio.Future[Placement], error: BaseException) -> None:

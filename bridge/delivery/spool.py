@@ -73,7 +73,7 @@ ROW_OVERHEAD_BYTES = 64
 # A record is written twice before a checkpoint: into the WAL, then into the database.
 WAL_FACTOR = 2
 
-Lane = tuple[str, bytes | None]
+Lane = bytes | None
 
 
 RESERVE_NAME = "spool.reserve"
@@ -100,8 +100,9 @@ def record_size(record: Record) -> int:
 
 
 def lane_of(record: Record) -> Lane:
-    """The ordered path a record belongs to: its topic and key (so its partition)."""
-    return (record.topic, record.key)
+    """The ordered path a record belongs to: its key, the generation id (dead letters,
+    which have none, share one)."""
+    return record.key
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,10 +219,7 @@ class Spool:
         ).fetchone()
         issued = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'spool'").fetchone()
         self.lanes_at_open = {
-            (topic, key): n
-            for topic, key, n in db.execute(
-                "SELECT topic, key, count(*) FROM spool GROUP BY topic, key"
-            )
+            key: n for key, n in db.execute("SELECT key, count(*) FROM spool GROUP BY key")
         }
         self._db, self._records, self._oldest = db, count, oldest
         self._quarantined = quarantined
@@ -384,7 +382,7 @@ class Spool:
             "SELECT seq, topic, key, size FROM spool WHERE seq > ? ORDER BY seq LIMIT ?",
             (after, limit),
         )
-        return [(seq, (topic, key), size) for seq, topic, key, size in rows]
+        return [(seq, key, size) for seq, _, key, size in rows]
 
     async def rows(self, seqs: Sequence[int]) -> list[SpooledRecord]:
         """The rows `seqs` (those still spooled), in arrival order."""

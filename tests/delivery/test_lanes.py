@@ -13,7 +13,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from bridge.delivery.lanes import Lanes, Refused, Unavailable
-from bridge.delivery.publisher import Placement, Record
+from bridge.delivery.publisher import Placement, Record, wait_all
 from bridge.delivery.spool import Spool
 from bridge.ops.metrics import Metrics
 from bridge.server import supervise
@@ -58,6 +58,9 @@ class ScriptedPublisher:
     def _land(self, record: Record, future: asyncio.Future[Placement]) -> None:
         self.landed.append(record)
         future.set_result(Placement(record.topic, 0, len(self.landed) - 1))
+
+    async def publish(self, records: Sequence[Record], ack_timeout: float) -> list[Placement]:
+        return await wait_all(self.send(records), ack_timeout)
 
     async def check_connection(self, within: float) -> bool:
         return True

@@ -9,9 +9,11 @@ import base64
 import contextlib
 import json
 import resource
+import socket
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -21,7 +23,7 @@ from bridge.delivery.topics import create_topics
 from bridge.edge.signing import sign
 from tests.conftest import KafkaBroker
 from tests.faults.harness import TOKEN, BridgeProcess, new_prefix
-from tests.helpers import SEED_COMPLETED_VIDEO, bridge_settings
+from tests.helpers import SEED_COMPLETED_VIDEO, bridge_settings, topics_visible, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -32,17 +34,31 @@ MAX_CONNECTIONS = 100
 ANSWER_WITHIN = 1.0
 # The attackers connect from another loopback address than the legitimate sender.
 ATTACKER = ("127.0.0.2", 0)
+HEADER_TIMEOUT = 3
 OPEN_FILES = 256  # below the 300 slow-loris connections of the attack
+
+
+def require_attacker_address() -> None:
+    """The attacks come from 127.0.0.2; where it cannot be bound, no attack would happen."""
+    probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        probe.bind(ATTACKER)
+    except OSError as exc:
+        pytest.fail(f"cannot bind the attacker address {ATTACKER[0]}: {exc}")
+    finally:
+        probe.close()
 
 
 @pytest.fixture(scope="module")
 def bridge(kafka_broker: KafkaBroker) -> Iterator[BridgeProcess]:
     """One bridge process for the module: tokens file, HMAC, a low connection bound, DEBUG logs."""
+    require_attacker_address()
     prefix = new_prefix()
     settings = bridge_settings(
         kafka_broker.bootstrap, kafka_broker.supports_idempotence, topic_prefix=prefix
     )
     asyncio.run(create_topics(settings))
+    asyncio.run(topics_visible(settings))
     workdir = Path(tempfile.mkdtemp(prefix="luma-bridge-attack-"))
     tokens_file = workdir / "tokens"
     tokens_file.write_text(FILE_TOKEN + "\n")
@@ -55,7 +71,7 @@ def bridge(kafka_broker: KafkaBroker) -> Iterator[BridgeProcess]:
         auth_tokens_file=tokens_file,
         hmac_secrets=HMAC_SECRET,
         max_connections=MAX_CONNECTIONS,
-        header_timeout=3,
+        header_timeout=HEADER_TIMEOUT,
         body_timeout=3,
     )
     # A low open-files limit, inherited by the bridge: without the connection bound the
@@ -106,18 +122,47 @@ async def legit_callbacks_during(bridge: BridgeProcess, seconds: float) -> list[
     return results
 
 
-async def slow_loris(port: int, stop: asyncio.Event) -> None:
+@dataclass
+class Attack:
+    """What the attackers saw: connections opened, and those the bridge closed early.
+
+    A connection closed by the bridge before its head deadline was closed to make room
+    for a newcomer: the proof that the attack reached the connection bound.
+    """
+
+    opened: int = 0
+    closed_to_make_room: int = 0
+
+
+async def attacker_connection(
+    port: int, attack: Attack
+) -> tuple[asyncio.StreamWriter, asyncio.Task[None]]:
+    """A connection from the attacker address and a task that notes an early close by the bridge."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=ATTACKER)
+    attack.opened += 1
+    opened = time.monotonic()
+
+    async def watch() -> None:
+        with contextlib.suppress(ConnectionError, OSError):
+            await reader.read()
+        if not writer.is_closing() and time.monotonic() - opened < HEADER_TIMEOUT - 1:
+            attack.closed_to_make_room += 1
+
+    return writer, asyncio.create_task(watch())
+
+
+async def slow_loris(port: int, stop: asyncio.Event, attack: Attack) -> None:
     """A connection that sends one header byte a second, reconnecting when cut off."""
     head = f"POST /luma/callback/{'x' * 20} HTTP/1.1\r\nHost: b\r\nX-Pad: {'a' * 500}".encode()
     while not stop.is_set():
         try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=ATTACKER)
-        except OSError:
-            await asyncio.sleep(0.05)
+            writer, watcher = await attacker_connection(port, attack)
+        except ConnectionError:
+            await asyncio.sleep(0.05)  # refused while the bridge is busy: try again
             continue
         try:
             for byte in head:
-                if stop.is_set():
+                if stop.is_set() or watcher.done():
                     break
                 writer.write(bytes([byte]))
                 await writer.drain()
@@ -126,36 +171,54 @@ async def slow_loris(port: int, stop: asyncio.Event) -> None:
             pass
         finally:
             writer.close()
+            await watcher
 
 
-async def flooder(port: int, stop: asyncio.Event) -> None:
+async def flooder(port: int, stop: asyncio.Event, attack: Attack) -> None:
     """Opens connections as fast as it can and keeps them, silent."""
-    held: list[asyncio.StreamWriter] = []
+    held: list[tuple[asyncio.StreamWriter, asyncio.Task[None]]] = []
     while not stop.is_set():
         try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=ATTACKER)
-            held.append(writer)
-        except OSError:
+            held.append(await attacker_connection(port, attack))
+        except ConnectionError:
             await asyncio.sleep(0.01)
         if len(held) > 40:
-            held.pop(0).close()
+            writer, watcher = held.pop(0)
+            writer.close()
+            await watcher
         await asyncio.sleep(0)
-    for writer in held:
+    for writer, watcher in held:
         writer.close()
+        await watcher
 
 
-async def under_attack(bridge: BridgeProcess, attackers: int, attack) -> list[tuple[int, float]]:  # type: ignore[no-untyped-def]
+async def under_attack(  # type: ignore[no-untyped-def]
+    bridge: BridgeProcess, attackers: int, attack_with
+) -> tuple[list[tuple[int, float]], Attack]:
     stop = asyncio.Event()
-    tasks = [asyncio.create_task(attack(bridge.port, stop)) for _ in range(attackers)]
+    attack = Attack()
+    tasks = [asyncio.create_task(attack_with(bridge.port, stop, attack)) for _ in range(attackers)]
     try:
-        await asyncio.sleep(1.5)  # let the attack fill every connection slot
-        return await legit_callbacks_during(bridge, seconds=4)
+        await wait_until(
+            lambda: attack.closed_to_make_room > 0 or any(task.done() for task in tasks),
+            timeout=15,
+            what="the attack to fill every connection slot",
+        )
+        for task in tasks:
+            if task.done():
+                task.result()  # an attacker that died (e.g. cannot bind 127.0.0.2) fails the test
+        return await legit_callbacks_during(bridge, seconds=4), attack
     finally:
         stop.set()
         for task in tasks:
             task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def assert_the_bound_was_reached(attack: Attack) -> None:
+    assert attack.opened > MAX_CONNECTIONS, f"only {attack.opened} attacking connections"
+    assert attack.closed_to_make_room > 0, "the bridge never had to make room: no attack"
 
 
 def assert_answered_in_time(results: list[tuple[int, float]]) -> None:
@@ -167,12 +230,14 @@ def assert_answered_in_time(results: list[tuple[int, float]]) -> None:
 
 
 async def test_slow_loris_does_not_hold_the_bridge(bridge: BridgeProcess) -> None:
-    results = await under_attack(bridge, attackers=3 * MAX_CONNECTIONS, attack=slow_loris)
+    results, attack = await under_attack(bridge, 3 * MAX_CONNECTIONS, slow_loris)
+    assert_the_bound_was_reached(attack)
     assert_answered_in_time(results)
 
 
 async def test_a_connection_flood_does_not_lock_luma_out(bridge: BridgeProcess) -> None:
-    results = await under_attack(bridge, attackers=8, attack=flooder)
+    results, attack = await under_attack(bridge, 8, flooder)
+    assert_the_bound_was_reached(attack)
     assert_answered_in_time(results)
 
 

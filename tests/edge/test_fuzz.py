@@ -4,6 +4,7 @@ finds nothing. `python -m tests.fuzz.fuzz_request -max_total_time=600` runs it f
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ from tests.fuzz.fuzz_request import SEEDS, build_request
 
 REPO = Path(__file__).resolve().parents[2]
 RUNS = "2000"
+SEED = 1  # libFuzzer's -seed: the same inputs on every run
 
 
 def test_inputs_decode_to_requests() -> None:
@@ -25,20 +27,35 @@ def test_inputs_decode_to_requests() -> None:
 
 
 def test_a_short_fuzz_run_finds_nothing(tmp_path: Path) -> None:
+    """Seeded, so a finding is reproducible; everything it writes stays under `tmp_path`."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
     for n, seed in enumerate(SEEDS):
-        (tmp_path / f"seed-{n}").write_bytes(seed)
+        (corpus / f"seed-{n}").write_bytes(seed)
     if importlib.util.find_spec("atheris") is not None:
-        args = [f"-runs={RUNS}", "-max_total_time=60", str(tmp_path)]
+        args = [
+            f"-runs={RUNS}",
+            f"-seed={SEED}",
+            "-max_total_time=60",
+            f"-artifact_prefix={tmp_path}/",
+            str(corpus),
+        ]
+        ran = "Done "
     elif IN_CI:
         unavailable("atheris is not installed (pip install atheris)")
     else:
         args = ["--fallback-runs", RUNS]  # not coverage-guided, but the same target
+        ran = f"fallback: {RUNS} inputs, no finding"
     result = subprocess.run(
         [sys.executable, "-m", "tests.fuzz.fuzz_request", *args],
-        cwd=REPO,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
         capture_output=True,
         text=True,
         timeout=180,
         check=False,
     )
-    assert result.returncode == 0, result.stderr[-4000:]
+    findings = sorted(path.name for path in tmp_path.iterdir() if path.name != "corpus")
+    assert result.returncode == 0, (findings, result.stderr[-4000:])
+    assert findings == [], result.stderr[-4000:]
+    assert ran in result.stderr + result.stdout, "the fuzzer did not run"

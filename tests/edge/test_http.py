@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +18,9 @@ from bridge.delivery.dedupe import DedupeWindow
 from bridge.delivery.pipeline import Pipeline
 from bridge.edge.auth import Authenticator, TokenAuth
 from bridge.edge.http import CallbackHandler, create_app
+from bridge.edge.limits import Phase
 from bridge.ops.metrics import Metrics
+from tests.edge.support import request_bytes, running_edge, send_raw
 from tests.helpers import SEED_COMPLETED_VIDEO, TOKEN, MemoryPublisher, wait_until
 
 PATH = f"/luma/callback/{TOKEN}"
@@ -156,7 +159,11 @@ async def test_beyond_the_inflight_bound_callbacks_are_shed_with_503() -> None:
         first = asyncio.create_task(post(edge, SEED_COMPLETED_VIDEO))
         await wait_until(lambda: edge.publisher.calls == 1, what="first write started")
         status, answer = await post(edge, {**SEED_COMPLETED_VIDEO, "id": "other"})
-        assert (status, answer["status"]) == (503, "unavailable")
+        assert answer == {
+            "status": "unavailable",
+            "error": "too many callbacks in flight; retry later",
+        }
+        assert status == 503
         assert edge.sample("luma_bridge_shed_total", reason="inflight_limit") == 1
         edge.publisher.gate.set()
         assert (await first)[0] == 200
@@ -194,3 +201,183 @@ async def test_every_status_has_a_json_body(
         )
         == 1
     )
+
+
+async def test_a_callback_without_a_content_type_is_taken_as_json(edge: Edge) -> None:
+    # README: "no Content-Type at all is taken as JSON"; Luma's requests must not fail on it.
+    response = await edge.client.post(
+        PATH, data=json.dumps(SEED_COMPLETED_VIDEO).encode(), skip_auto_headers=["Content-Type"]
+    )
+    assert "Content-Type" not in response.request_info.headers
+    assert response.status == 200
+    assert [r.topic for r in edge.publisher.records] == ["t.completed", "t.lifecycle"]
+
+
+@pytest.mark.parametrize(
+    ("content_type", "status"),
+    [
+        ("application/json", 200),
+        ("application/json; charset=utf-8", 200),
+        ("application/cloudevents+json", 200),
+        ("text/x+json", 415),
+        ("application/jsonl", 415),
+        ("application/x-json-stream", 415),
+        ("text/json", 415),
+        ("application/octet-stream", 415),
+    ],
+)
+async def test_json_media_types_are_accepted_and_others_refused(
+    edge: Edge, content_type: str, status: int
+) -> None:
+    response = await edge.client.post(
+        PATH, data=json.dumps(SEED_COMPLETED_VIDEO).encode(), headers={"Content-Type": content_type}
+    )
+    assert response.status == status
+    assert len(edge.publisher.records) == (2 if status == 200 else 0)
+
+
+async def test_a_method_not_allowed_names_the_allowed_one_and_a_missing_route_does_not(
+    edge: Edge,
+) -> None:
+    response = await edge.client.put(PATH, data=b"{}")
+    assert response.status == 405
+    assert response.headers["Allow"] == "POST"
+    response = await edge.client.post("/elsewhere", data=b"{}")
+    assert response.status == 404
+    assert "Allow" not in response.headers
+
+
+def callback_lines(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
+    fields = [
+        dict(getattr(record, "fields", {}))
+        for record in caplog.records
+        if record.name == "bridge.edge.http" and record.getMessage() == "callback"
+    ]
+    for line in fields:
+        assert line.pop("latency_ms") >= 0
+    return fields
+
+
+async def test_each_callback_is_logged_once_with_a_masked_path(
+    edge: Edge, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="bridge.edge.http")
+    response = await edge.client.post(
+        PATH + "?token=also-secret", json={**SEED_COMPLETED_VIDEO, "id": "g1"}
+    )
+    event_id = (await response.json())["event_id"]
+    await edge.client.post("/luma/callback", json=SEED_COMPLETED_VIDEO)
+    await edge.client.post(PATH, data=b"{", headers={"Content-Type": "application/json"})
+    assert callback_lines(caplog) == [
+        {
+            "outcome": "accepted",
+            "status": 200,
+            "path": "/luma/callback/***?***",
+            "source": "127.0.0.1",
+            "event_id": event_id,
+            "generation_id": "g1",
+            "state": "completed",
+            "records": ["t.completed/0@0", "t.lifecycle/0@1"],
+        },
+        {
+            "outcome": "unauthorized",
+            "status": 401,
+            "path": "/luma/callback",
+            "source": "127.0.0.1",
+            "reason": "missing or wrong credentials",
+        },
+        {
+            "outcome": "invalid",
+            "status": 400,
+            "path": "/luma/callback/***",
+            "source": "127.0.0.1",
+            "reason": "body is not valid UTF-8 JSON",
+            "records": ["t.deadletter/0@2"],
+        },
+    ]
+
+
+async def test_nothing_is_logged_per_callback_below_info(
+    edge: Edge, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="bridge.edge.http")
+    assert (await edge.client.post(PATH, json=SEED_COMPLETED_VIDEO)).status == 200
+    assert callback_lines(caplog) == []
+
+
+# The body: its size bound at the edge, its deadline, and a sender that goes away.
+
+
+async def test_a_body_of_exactly_the_limit_is_read_and_one_byte_more_is_refused() -> None:
+    async with running_edge(max_body_bytes=4096) as listener:
+        document = {**SEED_COMPLETED_VIDEO, "pad": ""}
+        padding = 4096 - len(json.dumps(document).encode())
+        exact = json.dumps({**document, "pad": "a" * padding}).encode()
+        assert len(exact) == 4096
+        assert (await send_raw(listener.port, request_bytes(body=exact))).status == 200
+        over = request_bytes(body=b"", headers={"Content-Length": "4097"})  # body never sent
+        answer = await send_raw(listener.port, over, timeout=3)
+        assert answer.status == 413
+        assert json.loads(answer.body) == {
+            "status": "rejected",
+            "error": "body larger than 4096 bytes",
+        }
+
+
+async def test_a_body_that_stalls_past_the_deadline_is_answered_408() -> None:
+    async with running_edge(body_timeout=0.3) as listener:
+        full = request_bytes()
+        answer = await send_raw(listener.port, full[:-10], timeout=5)
+        assert answer.status == 408
+        assert json.loads(answer.body) == {
+            "status": "rejected",
+            "error": "body not received in time",
+        }
+        assert listener.sample("luma_bridge_callbacks_total", state="none", outcome="rejected") == 1
+
+
+async def test_a_body_cut_off_by_the_connection_closing_is_counted_as_rejected(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="bridge.edge.http")
+    async with running_edge(max_connections=1, body_timeout=30) as listener:
+        _, writer = await asyncio.open_connection("127.0.0.1", listener.port)
+        writer.write(request_bytes()[:-5])  # authenticated, body not finished
+        await wait_until(
+            lambda: [h.phase for h in listener.site.guard.connections()] == [Phase.READING],
+            what="the body being read",
+        )
+        # A newcomer: the slow body is closed to make room, and its read fails.
+        assert (await send_raw(listener.port, request_bytes())).status == 200
+        await wait_until(lambda: len(callback_lines(caplog)) == 2, what="both callbacks answered")
+        writer.close()
+    cut_off = [line for line in callback_lines(caplog) if line["outcome"] == "rejected"]
+    assert cut_off == [
+        {
+            "outcome": "rejected",
+            "status": 400,
+            "path": "/luma/callback/***",
+            "source": "127.0.0.1",
+            "reason": "connection closed before the body was received",
+        }
+    ]
+
+
+async def test_the_inflight_bound_counts_every_callback_in_flight_and_frees_each_slot() -> None:
+    edge = await make_edge(max_inflight=2)
+    try:
+        for n in range(3):  # answered one after the other: each frees its slot
+            assert (await post(edge, {**SEED_COMPLETED_VIDEO, "id": f"done-{n}"}))[0] == 200
+        assert edge.sample("luma_bridge_inflight_requests") == 0
+        edge.publisher.gate = asyncio.Event()
+        held = [
+            asyncio.create_task(post(edge, {**SEED_COMPLETED_VIDEO, "id": f"held-{n}"}))
+            for n in range(2)
+        ]
+        await wait_until(lambda: edge.publisher.calls == 5, what="two callbacks in flight")
+        assert (await post(edge, {**SEED_COMPLETED_VIDEO, "id": "third"}))[0] == 503
+        edge.publisher.gate.set()
+        assert [(await task)[0] for task in held] == [200, 200]
+        assert edge.sample("luma_bridge_inflight_requests") == 0
+    finally:
+        await edge.client.close()

@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from bridge.delivery.topics import create_topics
@@ -82,6 +83,27 @@ async def bridge(
         process.stop()
 
 
+async def wait_until_accepted(bridge: BridgeProcess, at_least: int, timeout: float = 60) -> None:
+    """Until the bridge has accepted `at_least` callbacks (any state), from its /metrics."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"http://127.0.0.1:{bridge.admin_port}/metrics") as response,
+        ):
+            text = await response.text()
+        accepted = sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("luma_bridge_callbacks_total{") and 'outcome="accepted"' in line
+        )
+        if accepted >= at_least:
+            return
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"only {accepted} callbacks accepted after {timeout}s")
+        await asyncio.sleep(0.1)
+
+
 async def check(
     scenario: str,
     bootstrap: str,
@@ -128,6 +150,8 @@ async def test_broker_outage_mid_load(
     await wait_for_answers(bridge)
     with frozen(broker):
         await asyncio.sleep(OUTAGE)
+    spooled = await bridge.metric("luma_bridge_spooled_records_total")
+    assert spooled > 0, "nothing was spooled during the outage: the fault did not happen"
     summary, arrivals = await load
     result = await check("broker frozen mid-load", broker.bootstrap, prefix, summary, arrivals)
     if OUTAGE < REQUEST_TIMEOUT:
@@ -272,6 +296,7 @@ async def test_slow_broker_acks_past_the_timeout_are_spooled(prefix: str, tmp_pa
         proxy.delay = 1.5  # every broker answer arrives after the bridge's 1 s ack timeout
         load = asyncio.create_task(run_load(bridge.url, 200, rate=30))
         await asyncio.sleep(OUTAGE)
+        await bridge.wait_for_metric("luma_bridge_spooled_records_total", 1)  # the load did meet it
         proxy.delay = 0
         summary, arrivals = await load
         result = await check("slow broker", bootstrap, prefix, summary, arrivals)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -176,8 +177,15 @@ async def test_query_and_bearer_tokens_are_accepted(
     bridge: BridgeServer, http: aiohttp.ClientSession
 ) -> None:
     base = f"http://127.0.0.1:{bridge.callback_port}{bridge.settings.callback_path}"
-    status, _, _ = await post(http, f"{base}?token={TOKEN}", SEED_COMPLETED_VIDEO)
-    assert status == 200
+    status, answer, _ = await post(http, f"{base}?token={TOKEN}", SEED_COMPLETED_VIDEO)
+    assert (status, answer["status"]) == (200, "accepted")
+    bearer = {"Content-Type": "application/json", "Authorization": f"Bearer {TOKEN}"}
+    body = {**SEED_COMPLETED_VIDEO, "id": "sent-with-a-bearer-token"}
+    status, answer, _ = await post(http, base, body, headers=bearer)
+    assert (status, answer["status"]) == (200, "accepted")
+    wrong = {**bearer, "Authorization": f"Bearer {TOKEN}x"}
+    status, _, _ = await post(http, base, {**body, "id": "wrong-bearer"}, headers=wrong)
+    assert status == 401
 
 
 async def test_rejections_have_json_bodies_and_the_documented_codes(
@@ -212,19 +220,21 @@ async def test_rejections_have_json_bodies_and_the_documented_codes(
 async def test_frozen_broker_without_spool_gives_503_with_retry_after(
     own_broker: EmbeddedBroker, http: aiohttp.ClientSession
 ) -> None:
-    settings = bridge_settings(
-        own_broker.bootstrap, False, kafka_ack_timeout=1.0, spool_enabled=False
-    )
+    # The default ack timeout (4 s): the 503 must still come before Luma's 5 s timeout.
+    settings = bridge_settings(own_broker.bootstrap, False, spool_enabled=False)
     async with running_bridge(settings) as server:
         status, _, _ = await post(http, callback_url(server), SEED_COMPLETED_VIDEO)
         assert status == 200
         os.kill(own_broker.pid, signal.SIGSTOP)
         try:
             body = {**SEED_COMPLETED_VIDEO, "id": "during-outage"}
+            started = time.monotonic()
             status, answer, headers = await post(
                 http, callback_url(server), body, timeout=aiohttp.ClientTimeout(total=5)
             )
+            elapsed = time.monotonic() - started
             assert status == 503
+            assert settings.kafka_ack_timeout <= elapsed < 5, f"answered after {elapsed:.2f}s"
             assert answer["status"] == "unavailable"
             assert headers["Retry-After"] == "1"
             status, _, _ = await post(http, callback_url(server), b"not json")
