@@ -25,7 +25,7 @@ from bridge.contract.callback import Topics
 from bridge.delivery.dedupe import DedupeWindow
 from bridge.delivery.lanes import Lanes
 from bridge.delivery.pipeline import Pipeline
-from bridge.delivery.spool import Spool
+from bridge.delivery.spool import ROW_OVERHEAD_BYTES, WAL_FACTOR, Spool
 from bridge.ops.metrics import Metrics
 from bridge.server import callback_app
 from bridge.settings import load_settings
@@ -126,8 +126,15 @@ async def test_a_callback_after_a_spooled_one_queues_behind_it(tmp_path: Path) -
 
 
 async def test_a_full_spool_answers_503_and_counts_the_shed_callback(tmp_path: Path) -> None:
-    # Room for one callback's two records, not for a second one.
-    async with bridge(tmp_path, spool_max_bytes=len(state("queued")) * 3) as running:
+    # Room on disk for one callback's two records, not for a second one: an empty spool's
+    # own bytes, plus each record written twice (WAL, then database) with its row overhead.
+    probe = Spool(tmp_path / "probe", max_bytes=2 << 20, metrics=Metrics(CollectorRegistry()))
+    await probe.open()
+    empty = probe.disk_bytes
+    await probe.close()
+    one_callback = 2 * WAL_FACTOR * (len(state("queued")) + 200 + ROW_OVERHEAD_BYTES)
+    room = empty + one_callback + one_callback // 2
+    async with bridge(tmp_path / "spool", spool_max_bytes=room) as running:
         assert running.spool is not None
         running.publisher.failing = "KafkaTimeoutError"
         assert await running.post(state("queued")) == 200
@@ -221,8 +228,10 @@ async def test_a_spool_that_cannot_be_written_answers_503_and_says_why(
                 "error": "Kafka unavailable and the spool cannot be written; retry later",
             },
         )
-        assert [r.getMessage() for r in caplog.records if r.name == "bridge.delivery.pipeline"] == [
-            "spool write failed"
+        said = [r.getMessage() for r in caplog.records if r.name == "bridge.delivery.spool"]
+        assert said == [
+            "the spool cannot be written; answering 503 until it can (check the free space "
+            "and health of SPOOL_DIR's volume)"
         ]
 
 
