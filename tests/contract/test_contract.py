@@ -254,3 +254,9 @@ def test_headers_leave_out_an_absent_generation_type() -> None:
         "luma-state",
         "luma-received-at",
     ]
+
+
+def test_a_lone_surrogate_is_refused_as_not_utf8_json() -> None:
+    with pytest.raises(InvalidCallback) as raised:
+        parse_callback(b'{"id":"x","state":"queued","n":"\\udc00"}')
+    assert (raised.value.kind, raised.value.reason) == ("json", "body is not valid UTF-8 JSON")
