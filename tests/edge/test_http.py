@@ -125,7 +125,9 @@ async def test_a_redelivery_while_the_first_is_in_flight_waits_for_its_outcome(
     )
     edge.publisher.gate.set()
     assert (await first)[0] == 200
-    assert (await second)[0] == 200
+    status, answer = await second
+    assert (status, answer.get("duplicate")) == (200, True)
+    assert edge.sample("luma_bridge_duplicate_deliveries_total", state="completed") == 1
     assert edge.publisher.calls == 1
     assert len(edge.publisher.records) == 2
 
