@@ -60,7 +60,7 @@ class StandInProducer:
 
     def __init__(self, **options: Any) -> None:
         self.options = options
-        self.sent: list[tuple[str, bytes]] = []
+        self.sent: list[tuple[str, bytes, bytes | None, list[tuple[str, bytes]]]] = []
         self.started = False
         StandInProducer.made.append(self)
 
@@ -88,7 +88,9 @@ class StandInProducer:
         future: asyncio.Future[Metadata] = asyncio.get_running_loop().create_future()
         if self.mode == "refuse":
             raise KafkaTimeoutError()
-        self.sent.append((topic, value))
+        if self.mode == "stuck":  # send() itself never returns (no metadata, buffer full)
+            await asyncio.Event().wait()
+        self.sent.append((topic, value, key, headers))
         if self.mode == "ack":
             future.set_result(Metadata(0, len(self.sent) - 1))
         elif self.mode == "error":
@@ -328,3 +330,69 @@ def test_the_retry_counter_never_swallows_a_log_record() -> None:
 def test_records_without_a_key_go_to_any_partition_even_when_none_is_known_available() -> None:
     for _ in range(20):
         assert keyed_partitioner(None, [0, 1, 2], []) in {0, 1, 2}
+
+
+async def test_each_record_is_sent_whole_and_timed_once(
+    stand_in: type[StandInProducer], started: tuple[KafkaPublisher, Metrics]
+) -> None:
+    publisher, metrics = started
+    records = [Record("t.completed", b"g", b"{}", [("luma-state", b"completed")])]
+    await publisher.publish(records, ack_timeout=1.0)
+    assert stand_in.made[-1].sent == [("t.completed", b"{}", b"g", [("luma-state", b"completed")])]
+    seconds = sample(metrics, "luma_bridge_kafka_produce_duration_seconds_sum", topic="t.completed")
+    assert 0 <= seconds < 60
+
+
+async def test_a_send_that_never_returns_times_out_at_the_ack_timeout(
+    stand_in: type[StandInProducer], started: tuple[KafkaPublisher, Metrics]
+) -> None:
+    publisher, metrics = started
+    stand_in.mode = "stuck"
+    began = time.monotonic()
+    with pytest.raises(KafkaUnavailable) as raised:
+        await publisher.publish(RECORDS, ack_timeout=0.2)
+    assert time.monotonic() - began < 0.8
+    assert str(raised.value) == raised.value.reason == "timeout"
+    assert sample(metrics, "luma_bridge_kafka_produce_errors_total", reason="timeout") == 1
+
+
+async def test_an_unacknowledged_record_times_out_at_the_ack_timeout_not_later(
+    stand_in: type[StandInProducer], started: tuple[KafkaPublisher, Metrics]
+) -> None:
+    publisher, _ = started
+    stand_in.mode = "never"
+    began = time.monotonic()
+    with pytest.raises(KafkaUnavailable):
+        await publisher.publish(RECORDS, ack_timeout=0.2)
+    assert time.monotonic() - began < 0.8
+
+
+def test_the_producer_options_come_from_the_settings() -> None:
+    options = publisher_module.producer_options(
+        settings(
+            kafka_bootstrap_servers="k1:9092,k2:9092",
+            kafka_client_id="bridge-7",
+            kafka_enable_idempotence=False,
+            kafka_linger_ms=7,
+            kafka_max_batch_size=65536,
+            kafka_request_timeout_ms=12345,
+        )
+    )
+    assert {
+        name: options[name]
+        for name in (
+            "bootstrap_servers",
+            "client_id",
+            "enable_idempotence",
+            "linger_ms",
+            "max_batch_size",
+            "request_timeout_ms",
+        )
+    } == {
+        "bootstrap_servers": "k1:9092,k2:9092",
+        "client_id": "bridge-7",
+        "enable_idempotence": False,
+        "linger_ms": 7,
+        "max_batch_size": 65536,
+        "request_timeout_ms": 12345,
+    }
