@@ -31,21 +31,29 @@ from collections.abc import Callable
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from bridge.delivery.compat import check_broker
 from bridge.delivery.dedupe import DedupeWindow
 from bridge.delivery.pipeline import Pipeline
 from bridge.delivery.publisher import KafkaPublisher, KafkaUnavailable, Publisher
 from bridge.delivery.spool import Spool, SpoolDrainer
-from bridge.delivery.topics import missing_topics, topics_of
+from bridge.delivery.topics import inspect_topics, missing_topics, topics_of
 from bridge.edge.access import SourcePolicy
 from bridge.edge.auth import Authenticator, TokenAuth, TokenFileError
 from bridge.edge.http import CallbackHandler, create_app
-from bridge.edge.limits import ConnectionGuard, GuardedSite, raise_fd_limit
+from bridge.edge.limits import (
+    BodyBudget,
+    BodyLimit,
+    ConnectionGuard,
+    GuardedSite,
+    raise_fd_limit,
+)
 from bridge.edge.ratelimit import RateLimiter
 from bridge.edge.signing import SignatureCheck
 from bridge.edge.tls import ReloadingTLS, TLSError
 from bridge.ops.admin import Readiness, create_admin_app
 from bridge.ops.metrics import Metrics
-from bridge.settings import MIN_TOKEN_LENGTH, Settings
+from bridge.ops.tracing import TRACING_OFF, Tracing, TracingUnavailable, build_tracing
+from bridge.settings import MIN_TOKEN_LENGTH, OtelSettings, Settings
 
 log = logging.getLogger("bridge.server")
 
@@ -62,9 +70,20 @@ class StartupError(RuntimeError):
 class BridgeServer:
     """The callback listener, the admin listener, the producer and the spool, together."""
 
-    def __init__(self, settings: Settings, *, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        registry: CollectorRegistry | None = None,
+        tracing: Tracing | None = None,
+    ) -> None:
+        """`tracing` None: as the `OTEL_*` variables say (`StartupError` if they cannot be met)."""
         self.settings = settings
         self.metrics = Metrics(registry or CollectorRegistry())
+        try:
+            self.tracing = tracing or build_tracing(OtelSettings(), settings.trusted_proxies)
+        except TracingUnavailable as exc:
+            raise StartupError(str(exc)) from None
         self.publisher = KafkaPublisher(settings, metrics=self.metrics)
         self.spool = (
             Spool(settings.spool_dir, max_bytes=settings.spool_max_bytes, metrics=self.metrics)
@@ -81,21 +100,26 @@ class BridgeServer:
         self.auth: Authenticator | None = None
         self.tls: ReloadingTLS | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._drainer = SpoolDrainer(self.spool, self.publisher) if self.spool else None
+        self._drainer = (
+            SpoolDrainer(self.spool, self.publisher, tracing=self.tracing) if self.spool else None
+        )
         self.callback_port = 0
         self.admin_port = 0
+        # Lowered by the topic inspection when a topic cannot take a body of MAX_BODY_BYTES.
+        self.body_limit = BodyLimit(settings.max_body_bytes)
 
     async def start(self, stopping: asyncio.Event | None = None) -> None:
         """Open the listeners, the spool and the Kafka connection.
 
-        Raises `StartupError` when no credential is configured, the tokens file or the
-        TLS files cannot be read, topics are missing or a port is taken. Without a
-        spool, waits for Kafka (retrying, with a message each time) and returns without
-        serving if `stopping` is set meanwhile.
+        Raises `IncompatibleBroker` when a reachable broker refuses a request the bridge
+        needs (e.g. the idempotent producer), `StartupError` when no credential is
+        configured, the tokens file or the TLS files cannot be read, topics are missing
+        or a port is taken. Without a spool, waits for Kafka (retrying, with a message
+        each time) and returns without serving if `stopping` is set meanwhile.
         """
         self.metrics.phase.set(PHASE_STARTING)
         self._check_auth_configured()
-        self.auth = build_authenticator(self.settings)
+        self.auth = build_authenticator(self.settings, metrics=self.metrics)
         self.tls = build_tls(self.settings)
         await self._admin_runner.setup()
         self.admin_port = await _open_site(
@@ -104,6 +128,8 @@ class BridgeServer:
         if self.spool is not None:
             await self.spool.open()
             self.metrics.spool_oldest_age.set_function(self.spool.oldest_age)
+        # A broker that refuses what we need would otherwise look unreachable forever.
+        await check_broker(self.settings)
         connected = await self._try_connect()
         if not connected and self.spool is None:
             connected = await self._connect_kafka(stopping or asyncio.Event())
@@ -111,6 +137,7 @@ class BridgeServer:
                 return
         if connected:
             await self._check_topics()
+            await self._inspect_topics()
         else:
             log.warning("starting without Kafka: callbacks are spooled until it is reachable")
             self._tasks.append(asyncio.create_task(self._connect_in_background()))
@@ -152,6 +179,7 @@ class BridgeServer:
                 )
             await self.spool.close()
         await self._admin_runner.cleanup()
+        self.tracing.shutdown()  # exports the spans still buffered
 
     async def _open_callback_listener(self) -> None:
         app = callback_app(
@@ -160,6 +188,8 @@ class BridgeServer:
             metrics=self.metrics,
             spool=self.spool,
             auth=self.auth,
+            body_limit=self.body_limit,
+            tracing=self.tracing,
         )
         self._callback_runner, site = await open_callback_listener(
             app,
@@ -255,6 +285,7 @@ class BridgeServer:
                 "(create them with `luma-kafka-bridge topics create`)",
                 extra={"fields": {"missing": missing}},
             )
+        await self._inspect_topics()
         if self.spool is not None:
             self.spool.wakeup.set()
 
@@ -269,6 +300,40 @@ class BridgeServer:
                 "or set LUMA_BRIDGE_CHECK_TOPICS=false if the cluster auto-creates topics"
             )
 
+    async def _inspect_topics(self) -> None:
+        """Read the topics' replication and size configs (never alter them): warn when
+        acks=all means one replica, and refuse at the door a body no topic can take."""
+        try:
+            facts = await inspect_topics(self.settings)
+        except Exception as exc:  # the check informs; it must not stop the bridge
+            log.info(
+                "cannot inspect the topics' configs",
+                extra={"fields": {"reason": type(exc).__name__}},
+            )
+            return
+        single = facts.single_replica_topics()
+        if single:
+            log.warning(
+                "acks=all can be met by a single replica on these topics: an acknowledged "
+                "callback is lost if that broker's disk is. Set min.insync.replicas=2 "
+                "(and a replication factor of 3) on them, e.g. kafka-configs.sh --alter "
+                "--entity-type topics --add-config min.insync.replicas=2",
+                extra={"fields": {"topics": single}},
+            )
+        largest = facts.largest_body()
+        if largest is not None:
+            size, topic = largest
+            self.body_limit.lower_to(
+                size, f"body larger than {size} bytes (what topic {topic} can take)"
+            )
+            if size < self.settings.max_body_bytes:
+                log.warning(
+                    "a topic's max.message.bytes cannot take a body of MAX_BODY_BYTES: larger "
+                    "bodies are refused with 413. Raise max.message.bytes on it, or lower "
+                    "LUMA_BRIDGE_MAX_BODY_BYTES",
+                    extra={"fields": {"topic": topic, "largest_body": size}},
+                )
+
     async def _watch_kafka(self) -> None:
         while True:
             await asyncio.sleep(HEALTH_CHECK_SECONDS)
@@ -278,7 +343,7 @@ class BridgeServer:
             self.readiness.update(kafka_reachable=reachable)
 
 
-def build_authenticator(settings: Settings) -> Authenticator:
+def build_authenticator(settings: Settings, *, metrics: Metrics | None = None) -> Authenticator:
     """Source allow-list, tokens and signatures as configured; `StartupError` if unreadable."""
     try:
         tokens = TokenAuth(
@@ -290,7 +355,12 @@ def build_authenticator(settings: Settings) -> Authenticator:
     except TokenFileError as exc:
         raise StartupError(str(exc)) from None
     signatures = (
-        SignatureCheck(settings.hmac_keys(), tolerance=settings.hmac_tolerance_seconds)
+        SignatureCheck(
+            settings.hmac_keys(),
+            tolerance=settings.hmac_tolerance_seconds,
+            remembered_ids=settings.hmac_replay_window_size,
+            on_early_eviction=metrics.webhook_ids_evicted_early.inc if metrics else None,
+        )
         if settings.hmac_secrets
         else None
     )
@@ -315,8 +385,14 @@ def callback_app(
     metrics: Metrics,
     spool: Spool | None = None,
     auth: Authenticator | None = None,
+    body_limit: BodyLimit | None = None,
+    tracing: Tracing = TRACING_OFF,
 ) -> web.Application:
-    """The public application as `serve` runs it, on any publisher."""
+    """The public application as `serve` runs it, on any publisher.
+
+    `body_limit` is shared with the server, which lowers it when a topic's
+    `max.message.bytes` cannot take a body of MAX_BODY_BYTES.
+    """
     pipeline = Pipeline(
         publisher=publisher,
         topics=topics_of(settings),
@@ -325,13 +401,16 @@ def callback_app(
         lifecycle=settings.lifecycle_topic,
         dedupe=DedupeWindow(size=settings.dedupe_window_size, ttl=settings.dedupe_window_seconds),
         spool=spool,
+        callback_path=settings.callback_path,
+        cloudevents=settings.cloudevents_options(),
+        tracing=tracing,
     )
     rate_limiter = (
         RateLimiter(rate=settings.rate_limit_per_second, burst=settings.rate_limit_burst)
         if settings.rate_limit_per_second > 0
         else None
     )
-    auth = auth or build_authenticator(settings)
+    auth = auth or build_authenticator(settings, metrics=metrics)
     handler = CallbackHandler(
         pipeline=pipeline,
         auth=auth,
@@ -340,6 +419,10 @@ def callback_app(
         max_inflight=settings.max_inflight_requests,
         body_timeout=settings.body_timeout,
         rate_limiter=rate_limiter,
+        body_budget=BodyBudget(settings.max_buffered_body_bytes),
+        body_limit=body_limit or BodyLimit(settings.max_body_bytes),
+        callback_path=settings.callback_path,
+        tracing=tracing,
     )
     app = create_app(
         handler=handler,

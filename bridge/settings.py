@@ -25,11 +25,16 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from bridge.contract.callback import (
     DEFAULT_BOOTSTRAP_SERVERS,
+    DEFAULT_CALLBACK_PATH,
     DEFAULT_CLIENT_ID,
+    DEFAULT_CLOUDEVENTS_SOURCE,
     DEFAULT_TOPIC_PREFIX,
+    CloudEvents,
 )
 
 ENV_PREFIX = "LUMA_BRIDGE_"
+#: Luma's production Dream Machine API (what the official SDK uses by default).
+LUMA_API_BASE_URL = "https://api.lumalabs.ai/dream-machine/v1"
 
 CompressionType = Literal["none", "gzip", "snappy", "lz4", "zstd"]
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
@@ -83,7 +88,11 @@ class Settings(BaseSettings):
         le=65535,
         description="Port of the operator listener (/metrics, /healthz, /readyz).",
     )
-    callback_path: str = Field("/luma/callback", description="Path Luma POSTs callbacks to.")
+    callback_path: str = Field(
+        DEFAULT_CALLBACK_PATH,
+        description="Path Luma POSTs callbacks to; the token follows it (and is redacted "
+        "from request.callback_url before a record is written).",
+    )
     auth_tokens: Annotated[tuple[SecretStr, ...], NoDecode] = Field(
         (),
         description="Comma-separated accepted tokens (several allow rotation).",
@@ -122,6 +131,12 @@ class Settings(BaseSettings):
         description="How far webhook-timestamp may be from now; a webhook-id is refused "
         "twice within it.",
     )
+    hmac_replay_window_size: int = Field(
+        100_000,
+        ge=1,
+        description="Webhook ids remembered (about 300 bytes each) to tell a sender's retry "
+        "from a reused id; more within the window are forgotten early (a metric counts them).",
+    )
     file_reload_seconds: float = Field(
         5.0,
         gt=0,
@@ -148,6 +163,12 @@ class Settings(BaseSettings):
     )
     body_timeout: float = Field(
         10.0, gt=0, le=300, description="Seconds to receive a whole body; then 408."
+    )
+    max_buffered_body_bytes: int = Field(
+        64 * 1024 * 1024,
+        ge=1024,
+        description="Request body bytes held in memory at once, across all requests; "
+        "beyond it, 503. At least MAX_BODY_BYTES.",
     )
     max_connections: int = Field(
         1024,
@@ -222,12 +243,30 @@ class Settings(BaseSettings):
     topic_replication_factor: int = Field(
         3, ge=1, description="Replication factor for `topics create`."
     )
+    topic_min_insync_replicas: int | None = Field(
+        None,
+        ge=1,
+        description="min.insync.replicas for `topics create` (default: the smaller of 2 and "
+        "TOPIC_REPLICATION_FACTOR); TOPIC_CONFIGS wins.",
+    )
     topic_configs: Annotated[dict[str, str], NoDecode] = Field(
         default_factory=dict,
         description="Topic configs for `topics create`, as key=value,key=value.",
     )
     check_topics: bool = Field(
         True, description="At start-up, stop if a topic the bridge writes is missing."
+    )
+
+    # CloudEvents (Kafka protocol binding, binary content mode)
+    cloudevents: bool = Field(
+        True,
+        description="Write CloudEvents ce_* headers on every generation record (binary mode).",
+    )
+    cloudevents_source: str = Field(
+        DEFAULT_CLOUDEVENTS_SOURCE,
+        min_length=1,
+        pattern=r"^\S+$",
+        description="The ce_source attribute: a URI reference naming where events come from.",
     )
 
     # Durability and flow control
@@ -261,8 +300,61 @@ class Settings(BaseSettings):
         25.0, gt=0, description="Seconds from SIGTERM to exit, drain delay included."
     )
 
+    # The reconciler (`luma-kafka-bridge reconcile`; see docs/reconcile.md)
+    luma_api_key: SecretStr | None = Field(
+        None,
+        description="Luma API key the reconciler reads generations with (required by "
+        "`reconcile`; never logged).",
+    )
+    luma_base_url: str = Field(
+        LUMA_API_BASE_URL,
+        pattern=r"^https?://",
+        description="Base URL of Luma's Dream Machine API.",
+    )
+    public_url: str | None = Field(
+        None,
+        pattern=r"^https?://",
+        description="The public callback URL without the token (e.g. "
+        "https://bridge.example.com/luma/callback): generations whose callback_url starts "
+        "with it are this bridge's. Without it the reconciler discovers nothing.",
+    )
+    reconcile_discover: bool = Field(
+        True,
+        description="Page through Luma's generations list for generations Kafka never saw "
+        "(needs PUBLIC_URL).",
+    )
+    reconcile_after_seconds: float = Field(
+        600.0,
+        gt=0,
+        description="A generation silent this long in a non-terminal state is looked up in "
+        "Luma's API; discovery leaves younger generations alone.",
+    )
+    reconcile_lookback_seconds: float = Field(
+        86400.0, gt=0, description="How far back discovery looks, by created_at."
+    )
+    reconcile_interval_seconds: float = Field(
+        60.0, gt=0, description="Seconds between two reconciliation passes."
+    )
+    reconcile_group_id: str | None = Field(
+        None,
+        min_length=1,
+        description="Consumer group of the reconcilers (default: KAFKA_CLIENT_ID-reconciler).",
+    )
+    luma_api_rate_limit: float = Field(
+        5.0, gt=0, description="Requests per second the reconciler sends to Luma's API at most."
+    )
+    luma_api_timeout: float = Field(
+        10.0, gt=0, le=120, description="Seconds one request to Luma's API may take."
+    )
+    luma_api_max_backoff: float = Field(
+        60.0,
+        gt=0,
+        description="Longest wait after a 429 or 5xx from Luma's API (Retry-After is "
+        "honoured up to this).",
+    )
+
     # Operations
-    log_level: LogLevel = Field("INFO", description="Log level.")
+    log_level: LogLevel = Field("INFO", description="DEBUG, INFO, WARNING or ERROR, in any case.")
     log_format: LogFormat = Field(
         "auto", description="json, text, or auto (text on a terminal, else json)."
     )
@@ -280,6 +372,11 @@ class Settings(BaseSettings):
         for secret in value:
             hmac_key(secret)  # raises a ValueError that never quotes the secret
         return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _log_level_in_any_case(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
 
     @field_validator("topic_configs", mode="before")
     @classmethod
@@ -304,6 +401,25 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _min_insync_fits_the_replicas(self) -> Settings:
+        wanted = self.topic_min_insync_replicas
+        if wanted is not None and wanted > self.topic_replication_factor:
+            raise ValueError(
+                f"{env_name('topic_min_insync_replicas')} must not exceed "
+                f"{env_name('topic_replication_factor')}: acks=all could never be met"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _body_budget_holds_a_body(self) -> Settings:
+        if self.max_buffered_body_bytes < self.max_body_bytes:
+            raise ValueError(
+                f"{env_name('max_buffered_body_bytes')} must be at least "
+                f"{env_name('max_body_bytes')}, or no body that large could ever be read"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _tls_is_complete(self) -> Settings:
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError(
@@ -314,6 +430,10 @@ class Settings(BaseSettings):
     def token_values(self) -> tuple[bytes, ...]:
         """The accepted tokens as bytes, for constant-time comparison."""
         return tuple(token.get_secret_value().encode() for token in self.auth_tokens)
+
+    def cloudevents_options(self) -> CloudEvents:
+        """The CloudEvents attributes records carry, as the contract's headers take them."""
+        return CloudEvents(enabled=self.cloudevents, source=self.cloudevents_source)
 
     def hmac_keys(self) -> tuple[bytes, ...]:
         """The HMAC keys (decoded Standard Webhooks secrets)."""
@@ -392,3 +512,23 @@ class EmbeddedBrokerSettings(BaseSettings):
     model_config = SettingsConfigDict(frozen=True)
 
     tansu_bin: Path | None = None
+
+
+class DevStateSettings(BaseSettings):
+    """Where `dev` keeps the state the other commands read (`XDG_STATE_HOME`, the XDG default)."""
+
+    model_config = SettingsConfigDict(frozen=True)
+
+    xdg_state_home: Path | None = None
+
+
+class OtelSettings(BaseSettings):
+    """The standard OpenTelemetry variables that decide whether traces are exported.
+
+    The SDK reads the rest of `OTEL_*` itself (service name, sampler, exporter options).
+    """
+
+    model_config = SettingsConfigDict(frozen=True)
+
+    otel_exporter_otlp_endpoint: str | None = None
+    otel_traces_exporter: str | None = None

@@ -1,10 +1,13 @@
 """A small downstream service: reacts to completed and failed Luma generations.
 
-Try it against `luma-kafka-bridge dev` (it prints the embedded broker's address):
+Try it against `luma-kafka-bridge dev`, from the repository root (`make dev` made `.venv`):
 
-    luma-kafka-bridge dev
-    python examples/downstream_service.py --bootstrap 127.0.0.1:PORT
-    luma-kafka-bridge simulate --url 'CALLBACK URL FROM dev' --count 20
+    .venv/bin/luma-kafka-bridge dev                     # in one terminal
+    .venv/bin/python examples/downstream_service.py     # in another: finds dev's broker
+    .venv/bin/luma-kafka-bridge simulate --count 20     # in a third: sends to dev's URL
+
+Without `--bootstrap` it reads the `LUMA_BRIDGE_*` variables like the bridge, and when
+they name no broker it uses the one a running `luma-kafka-bridge dev` announced.
 
 Stop it with Ctrl-C and start it again: it resumes after the last generation it
 handled (its consumer group keeps the position) and never handles one twice
@@ -17,8 +20,11 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import sys
 
 from bridge.consume import GenerationConsumer, GenerationEvent
+from bridge.devtools.devstate import settings_with_dev_broker
+from bridge.settings import Settings
 
 log = logging.getLogger("downstream")
 
@@ -32,10 +38,10 @@ async def on_failed(event: GenerationEvent) -> None:
     log.warning("failed: %s: %s", event.generation_id, event.failure_reason)
 
 
-async def run(bootstrap: str, group: str, max_events: int | None) -> None:
+async def run(settings: Settings, group: str, max_events: int | None) -> None:
     handled = 0
     async with GenerationConsumer(
-        group_id=group, states=["completed", "failed"], bootstrap_servers=bootstrap
+        group_id=group, states=["completed", "failed"], settings=settings
     ) as events:
         async for event in events:
             if event.stale:  # e.g. a late `completed` after `failed`: nothing new to do
@@ -49,13 +55,21 @@ async def run(bootstrap: str, group: str, max_events: int | None) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--bootstrap", default="127.0.0.1:9092", help="Kafka bootstrap servers")
+    parser.add_argument(
+        "--bootstrap",
+        default=None,
+        help="Kafka bootstrap servers (default: LUMA_BRIDGE_KAFKA_BOOTSTRAP_SERVERS, else the "
+        "broker of a running `luma-kafka-bridge dev`, else localhost:9092)",
+    )
     parser.add_argument("--group", default="downstream-example", help="consumer group")
     parser.add_argument("--max-events", type=int, default=None, help="stop after N events")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    overrides = {"kafka_bootstrap_servers": args.bootstrap} if args.bootstrap else {}
+    settings = settings_with_dev_broker(overrides, note=sys.stderr)
+    log.info("reading %s", settings.kafka_bootstrap_servers)
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(run(args.bootstrap, args.group, args.max_events))
+        asyncio.run(run(settings, args.group, args.max_events))
 
 
 if __name__ == "__main__":

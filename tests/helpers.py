@@ -15,7 +15,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord
 from prometheus_client import CollectorRegistry
 
 from bridge.delivery.publisher import KafkaUnavailable, Placement, Record
-from bridge.delivery.topics import create_topics
+from bridge.delivery.topics import create_topics, missing_topics
 from bridge.server import BridgeServer
 from bridge.settings import Settings, load_settings
 
@@ -111,11 +111,25 @@ def bridge_settings(bootstrap: str, idempotence: bool, **overrides: Any) -> Sett
     return load_settings(**values)
 
 
+async def topics_visible(settings: Settings, timeout: float = 30.0) -> None:
+    """Wait until every required topic shows in the metadata.
+
+    KRaft brokers learn of a created topic from the metadata log a moment after
+    CreateTopics has answered, so a start-up check right after creation may miss it.
+    """
+    deadline = time.monotonic() + timeout
+    while missing := await missing_topics(settings):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"topics {missing} not in the metadata after {timeout}s")
+        await asyncio.sleep(0.1)
+
+
 @asynccontextmanager
 async def running_bridge(settings: Settings, *, create: bool = True) -> AsyncIterator[BridgeServer]:
     """A bridge served in this process, its topics created first."""
     if create:
         await create_topics(settings)
+        await topics_visible(settings)
     server = BridgeServer(settings, registry=CollectorRegistry())
     try:
         await server.start()

@@ -71,3 +71,17 @@ def test_serve_refuses_to_start_without_tokens() -> None:
     assert result.returncode == 1
     assert "LUMA_BRIDGE_AUTH_TOKENS" in result.stderr
     assert "LUMA_BRIDGE_ALLOW_UNAUTHENTICATED" in result.stderr
+
+
+@pytest.mark.parametrize("level", ["debug", "Debug", "DEBUG"])
+def test_log_level_is_accepted_in_any_case(level: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LUMA_BRIDGE_LOG_LEVEL", level)
+    assert load_settings().log_level == "DEBUG"
+
+
+def test_cloudevents_are_on_by_default_and_switch_off() -> None:
+    on = load_settings().cloudevents_options()
+    assert (on.enabled, on.source) == (True, "https://api.lumalabs.ai/dream-machine/v1")
+    assert not load_settings(cloudevents="false").cloudevents_options().enabled
+    with pytest.raises(SettingsError, match="LUMA_BRIDGE_CLOUDEVENTS_SOURCE"):
+        load_settings(cloudevents_source="not a uri")

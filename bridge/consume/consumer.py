@@ -10,8 +10,10 @@ What it adds to a bare `AIOKafkaConsumer`:
 * **Commit after handling.** An event counts as handled when the caller asks for
   the next one (or calls `commit()`); only then may its offset be committed. An
   event the caller raised or broke out of is delivered again after a restart.
-* **Dedupe.** Delivery is at-least-once; a record whose `luma-event-id` was seen
-  within the last `window` events is skipped.
+* **Dedupe.** Delivery is at-least-once; a record whose `luma-transition-id` (or, on
+  records written before that header existed, `luma-event-id`) was seen within the
+  last `window` events is skipped: a redelivered callback, and a callback and the
+  reconciler's record of the same state transition, count once.
 * **No going backwards.** A generation's state only moves forward
   (queued → dreaming → completed | failed). A late `dreaming` after `completed`
   (redelivery, or two topics read at different speeds) is yielded with
@@ -30,11 +32,13 @@ import logging
 from collections import OrderedDict, deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
+from opentelemetry.context import Context
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from pydantic import ValidationError
 
 from bridge.contract.callback import KNOWN_STATES, Generation, Topics, parse_timestamp
@@ -49,7 +53,12 @@ STATE_PROGRESS: dict[str, int] = {"queued": 0, "dreaming": 1, "completed": 2, "f
 #: The states one may follow: the known ones and `unknown` (any state the bridge did not know).
 FOLLOWABLE_STATES = (*KNOWN_STATES, "unknown")
 
+#: W3C Trace Context headers, as the bridge (and OpenTelemetry's Kafka instrumentation) writes them.
+TRACE_HEADERS = ("traceparent", "tracestate")
+_PROPAGATOR = TraceContextTextMapPropagator()
+
 EVENT_ID_HEADER = "luma-event-id"
+TRANSITION_ID_HEADER = "luma-transition-id"
 STATE_HEADER = "luma-state"
 RECEIVED_AT_HEADER = "luma-received-at"
 
@@ -72,8 +81,27 @@ class GenerationEvent:
     #: True when the generation was already seen further along (`furthest_state`).
     stale: bool = False
     furthest_state: str | None = None
-    #: True for a repeated event id; only yielded when `skip_duplicates=False`.
+    #: True for a repeated transition; only yielded when `skip_duplicates=False`.
     duplicate: bool = False
+    #: `luma-transition-id`: the same for every record of one state transition (None on
+    #: records written before the header existed).
+    transition_id: str | None = None
+    #: The record's Kafka timestamp: when the bridge wrote it (None when the broker gives none).
+    written_at: datetime | None = None
+    #: The record's W3C Trace Context headers (`traceparent`, `tracestate`), when it has them.
+    trace_headers: tuple[tuple[str, str], ...] = ()
+
+    def trace_context(self) -> Context:
+        """The callback's trace context, for a span that continues its trace::
+
+        with tracer.start_as_current_span("handle", context=event.trace_context()): ...
+        """
+        return _PROPAGATOR.extract(dict(self.trace_headers))
+
+    @property
+    def dedupe_key(self) -> str:
+        """What duplicates share: the transition id, else the event id."""
+        return self.transition_id or self.event_id
 
     @property
     def generation_id(self) -> str:
@@ -122,6 +150,8 @@ def event_from_record(record: Any) -> GenerationEvent:
         state = headers[STATE_HEADER].decode()
         received_at = parse_timestamp(headers[RECEIVED_AT_HEADER].decode())
         generation = Generation.model_validate_json(record.value)
+        transition_header = headers.get(TRANSITION_ID_HEADER)
+        transition = transition_header.decode() if transition_header is not None else None
     except KeyError as exc:
         raise MalformedRecord(f"missing header {exc.args[0]}") from None
     except (UnicodeDecodeError, ValueError, ValidationError, TypeError):
@@ -134,7 +164,20 @@ def event_from_record(record: Any) -> GenerationEvent:
         topic=record.topic,
         partition=record.partition,
         offset=record.offset,
+        transition_id=transition,
+        written_at=_timestamp(record),
+        trace_headers=tuple(
+            (name, headers[name].decode("latin-1")) for name in TRACE_HEADERS if name in headers
+        ),
     )
+
+
+def _timestamp(record: Any) -> datetime | None:
+    """The record's timestamp (milliseconds since the epoch), None when it has none (-1)."""
+    timestamp = getattr(record, "timestamp", None)
+    if not isinstance(timestamp, int) or timestamp < 0:
+        return None
+    return datetime.fromtimestamp(timestamp / 1000, UTC)
 
 
 class EventMemory:
@@ -346,7 +389,9 @@ class GenerationConsumer:
                 },
             )
             return None
-        duplicate, furthest = self._memory.observe(event.event_id, event.generation_id, event.state)
+        duplicate, furthest = self._memory.observe(
+            event.dedupe_key, event.generation_id, event.state
+        )
         if duplicate and self._skip_duplicates:
             return None
         if self._wanted and event.state not in self._wanted:
@@ -363,7 +408,7 @@ class GenerationConsumer:
             event = event_from_record(record)
         except MalformedRecord:
             return
-        self._memory.observe(event.event_id, event.generation_id, event.state)
+        self._memory.observe(event.dedupe_key, event.generation_id, event.state)
 
     def _mark(self, topic: str, partition: int, offset: int) -> None:
         self._handled[TopicPartition(topic, partition)] = offset + 1

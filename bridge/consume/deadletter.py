@@ -14,6 +14,10 @@ by the pipeline (same raw body, original `luma-received-at`, today's
 letters that were routed are never routed twice. If Kafka stops acknowledging,
 replay stops before that letter and commits nothing past it.
 
+Letters the reconciler wrote because Luma's API does not know a generation
+(`luma-error` is `RECONCILE_NOT_FOUND_ERROR`) hold no callback to replay: they are
+counted as `left_alone` and stay where they are.
+
 Run one replay at a time: partitions are assigned by hand, not shared by a group.
 """
 
@@ -31,7 +35,13 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 from prometheus_client import CollectorRegistry
 
-from bridge.contract.callback import InvalidCallback, Topics, parse_callback, parse_timestamp
+from bridge.contract.callback import (
+    RECONCILE_NOT_FOUND_ERROR,
+    InvalidCallback,
+    Topics,
+    parse_callback,
+    parse_timestamp,
+)
 from bridge.delivery.dedupe import DedupeWindow
 from bridge.delivery.pipeline import Outcome, Pipeline
 from bridge.delivery.publisher import KafkaPublisher
@@ -62,6 +72,7 @@ class ReplaySummary:
     routed: int = 0
     duplicates: int = 0
     still_failing: int = 0
+    left_alone: int = 0
     reasons: Counter[str] = field(default_factory=Counter)
     dry_run: bool = False
 
@@ -71,6 +82,7 @@ class ReplaySummary:
             "routed": self.routed,
             "duplicates": self.duplicates,
             "still_failing": self.still_failing,
+            "left_alone": self.left_alone,
             "reasons": dict(self.reasons),
             "dry_run": self.dry_run,
         }
@@ -80,6 +92,11 @@ class ReplaySummary:
         lines = [
             f"examined {self.examined} dead letters: {verb} {self.routed}, "
             f"{self.duplicates} duplicates, {self.still_failing} still failing"
+            + (
+                f", {self.left_alone} left alone (not found in Luma's API)"
+                if self.left_alone
+                else ""
+            )
         ]
         lines.extend(f"  {count:5}  {reason}" for reason, count in self.reasons.most_common())
         return "\n".join(lines)
@@ -87,6 +104,13 @@ class ReplaySummary:
 
 def default_group(settings: Settings) -> str:
     return f"{settings.kafka_client_id}-deadletter-replay"
+
+
+def _header(record: Any, name: str) -> str | None:
+    for key, value in record.headers or ():
+        if key == name:
+            return bytes(value).decode("utf-8", "replace")
+    return None
 
 
 def received_at_of(record: Any) -> datetime:
@@ -142,6 +166,7 @@ async def replay_dead_letters(
             dedupe=DedupeWindow(
                 size=settings.dedupe_window_size, ttl=settings.dedupe_window_seconds
             ),
+            cloudevents=settings.cloudevents_options(),
         )
         await _replay(consumer, pipeline, topics, summary, dry_run=dry_run)
     finally:
@@ -153,8 +178,10 @@ async def replay_dead_letters(
 async def _replay(
     consumer: Any, pipeline: Pipeline, topics: Topics, summary: ReplaySummary, *, dry_run: bool
 ) -> None:
-    await consumer.topics()  # refreshes metadata, so a topic created just now is known
-    partitions = sorted(consumer.partitions_for_topic(topics.deadletter) or ())
+    # consumer.topics() would fill a throwaway copy of the metadata, and the consumer's own
+    # lists only what it asked for: all topics on Tansu, none on Apache Kafka. So ask.
+    cluster = await consumer._client.fetch_all_metadata()
+    partitions = sorted(cluster.partitions_for_topic(topics.deadletter) or ())
     assigned = [TopicPartition(topics.deadletter, partition) for partition in partitions]
     if not assigned:
         return
@@ -188,6 +215,9 @@ async def _replay(
 async def _replay_one(
     record: Any, pipeline: Pipeline, summary: ReplaySummary, *, dry_run: bool
 ) -> None:
+    if _header(record, ERROR_HEADER) == RECONCILE_NOT_FOUND_ERROR:
+        summary.left_alone += 1  # the reconciler's note, not a callback: nothing to replay
+        return
     body: bytes = record.value or b""
     received_at = received_at_of(record)
     if dry_run:

@@ -12,6 +12,7 @@ import json
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, TextIO
 
 from aiokafka.errors import KafkaError
@@ -73,6 +74,20 @@ def as_json(event: GenerationEvent) -> dict[str, Any]:
     }
 
 
+def written_before(event: GenerationEvent, moment: datetime) -> bool:
+    """Whether the record was in Kafka before `moment`, by its timestamp.
+
+    Without `--from-beginning` a consumer starts at the end offset its broker names.
+    The embedded broker (Tansu) names the offset after the *first* record of the last
+    batch rather than after the batch, so the batch's other records, old ones, would
+    be printed first. Records written before tail started are skipped instead; the
+    bridge's producer stamps each record when it sends it (a spooled callback when it
+    is drained), so this hides only what was already there, give or take the clock
+    difference between the bridge's host and tail's.
+    """
+    return event.written_at is not None and event.written_at < moment
+
+
 async def tail(
     settings: Settings,
     options: TailOptions,
@@ -90,6 +105,10 @@ async def tail(
         () if lifecycle else ("queued", "dreaming", "completed", "failed", "unknown")
     )
     printed = 0
+    # Kafka timestamps are in milliseconds: compare at that precision.
+    now = datetime.now(UTC)
+    started = now.replace(microsecond=now.microsecond // 1000 * 1000)
+    only_new = not options.from_beginning and options.group_id is None
     async with GenerationConsumer(
         group_id=options.group_id,
         states=states,
@@ -99,7 +118,16 @@ async def tail(
         skip_duplicates=False,
         consumer_options=consumer_options,
     ) as events:
+        print(
+            f"following {', '.join(events.topics)}"
+            + ("" if options.from_beginning else " (new events only; --from-beginning for all)")
+            + "; Ctrl-C to stop",
+            file=sys.stderr,
+            flush=True,
+        )
         async for event in events:
+            if only_new and written_before(event, started):
+                continue
             line = (
                 json.dumps(as_json(event), ensure_ascii=False)
                 if options.as_json

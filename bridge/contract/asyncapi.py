@@ -17,11 +17,16 @@ from typing import Any, TextIO
 
 from bridge import __version__
 from bridge.contract.callback import (
+    CLOUDEVENTS_SPECVERSION,
+    CLOUDEVENTS_TYPE_PREFIX,
     CONTENT_TYPE,
     DEFAULT_BOOTSTRAP_SERVERS,
     DEFAULT_CLIENT_ID,
+    DEFAULT_CLOUDEVENTS_SOURCE,
     DEFAULT_TOPIC_PREFIX,
     KNOWN_STATES,
+    RECONCILE_NOT_FOUND_ERROR,
+    CloudEvents,
     Generation,
     InvalidCallback,
     Topics,
@@ -74,7 +79,7 @@ DEADLETTER_EXAMPLE = b'{"id":"abc","state":7}'
 
 #: What each member of the value means. Every model field must be here (checked).
 MEMBER_DESCRIPTIONS: dict[str, str] = {
-    "id": "Unique identifier of the generation; also the record key.",
+    "id": "Unique identifier of the generation (at most 256 characters); also the record key.",
     "state": "Lifecycle state: queued, dreaming, completed or failed "
     "(any other value is routed to the `unknown` topic).",
     "failure_reason": "Why the generation failed, when `state` is `failed`.",
@@ -83,7 +88,10 @@ MEMBER_DESCRIPTIONS: dict[str, str] = {
     "generation_type": "video, image, ... (copied to the `luma-generation-type` header).",
     "model": "Model that produced the generation (for example `ray-2`).",
     "version": "Model version identifier (older callbacks carry the model here).",
-    "request": "Echo of the request that created the generation, as Luma sent it.",
+    "request": "Echo of the request that created the generation, as Luma sent it, except "
+    "that the bridge's write token in `request.callback_url` is replaced with `REDACTED` "
+    "(the path segment after the callback path, and a `token` query parameter) before the "
+    "record is written and its event id computed.",
     "video": "HTTPS URL of the generated video.",
     "image": "HTTPS URL of the generated image.",
     "progress_video": "HTTPS URL of a preview while the generation is dreaming.",
@@ -99,7 +107,24 @@ HEADER_SCHEMAS: dict[str, dict[str, Any]] = {
     "luma-event-id": {
         "type": "string",
         "description": "Deterministic id of this callback (from generation id, state and "
-        "value): a redelivery carries the same id. Consumers dedupe on it.",
+        "the value as written, write token redacted): a redelivery of the same body "
+        "carries the same id.",
+    },
+    "luma-transition-id": {
+        "type": "string",
+        "pattern": "^[0-9a-f]{32}$",
+        "description": "Deterministic id of the state transition (from generation id, state "
+        "and `assets`): the same for every record of one moment of a generation, whether "
+        "written from a callback or by the reconciler from Luma's API, and new for each "
+        "progress update within a state. Consumers dedupe on it (on `luma-event-id` for "
+        "records that lack it). Equal to `ce_id`.",
+    },
+    "luma-source": {
+        "type": "string",
+        "enum": ["callback", "reconciler"],
+        "description": "Who wrote the record: the receiver, from Luma's callback (`callback`), "
+        "or `luma-kafka-bridge reconcile`, from Luma's API after the callback was lost "
+        "(`reconciler`).",
     },
     "luma-state": {
         "type": "string",
@@ -116,9 +141,48 @@ HEADER_SCHEMAS: dict[str, dict[str, Any]] = {
         "type": "string",
         "description": "The value's `generation_type`; absent when the value has none.",
     },
+    "ce_specversion": {
+        "type": "string",
+        "const": CLOUDEVENTS_SPECVERSION,
+        "description": "CloudEvents binary content mode (Kafka protocol binding): the spec "
+        "version. The `ce_` headers are written unless LUMA_BRIDGE_CLOUDEVENTS=false; the "
+        "value is the event's data and `content-type` its datacontenttype.",
+    },
+    "ce_id": {
+        "type": "string",
+        "description": "CloudEvents id: the transition id (`luma-transition-id`), so "
+        "consumers that deduplicate on source and id drop repeated transitions.",
+    },
+    "ce_source": {
+        "type": "string",
+        "format": "uri-reference",
+        "examples": [DEFAULT_CLOUDEVENTS_SOURCE],
+        "description": "CloudEvents source: LUMA_BRIDGE_CLOUDEVENTS_SOURCE (default "
+        f"`{DEFAULT_CLOUDEVENTS_SOURCE}`).",
+    },
+    "ce_type": {
+        "type": "string",
+        "pattern": "^" + CLOUDEVENTS_TYPE_PREFIX.replace(".", r"\.") + ".+$",
+        "examples": [CLOUDEVENTS_TYPE_PREFIX + state for state in KNOWN_STATES],
+        "description": f"CloudEvents type: `{CLOUDEVENTS_TYPE_PREFIX}` and the state.",
+    },
+    "ce_subject": {
+        "type": "string",
+        "description": "CloudEvents subject: the generation id (also the record key).",
+    },
+    "ce_time": {
+        "type": "string",
+        "format": "date-time",
+        "pattern": r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$",
+        "description": "CloudEvents time: when the bridge received the callback "
+        "(`luma-received-at`).",
+    },
     "luma-error": {
         "type": "string",
-        "description": "Why the body was refused. Names members, never echoes their values.",
+        "description": "Why the body was refused. Names members, never echoes their values. "
+        f"`{RECONCILE_NOT_FOUND_ERROR}` marks the reconciler's note that Luma's API does not "
+        "know a generation (value: its id and last state in Kafka as JSON); "
+        "`deadletter replay` leaves those alone.",
     },
 }
 
@@ -131,7 +195,11 @@ def _callback_headers() -> tuple[dict[str, str], list[str]]:
     written = dict(
         (name, value.decode()) for name, value in record_headers(full, EXAMPLE_RECEIVED_AT)
     )
-    always = [name for name, _ in record_headers(bare, EXAMPLE_RECEIVED_AT)]
+    # The ce_ headers can be switched off, so no consumer may require them.
+    cloudevents_off = CloudEvents(enabled=False)
+    always = [
+        name for name, _ in record_headers(bare, EXAMPLE_RECEIVED_AT, cloudevents=cloudevents_off)
+    ]
     return written, always
 
 
@@ -154,8 +222,8 @@ def record_header_schema() -> dict[str, Any]:
     """The headers of per-state and lifecycle records, derived from `record_headers`."""
     written, always = _callback_headers()
     schema = _header_schema(list(written), always)
-    event_id_length = len(written["luma-event-id"])
-    schema["properties"]["luma-event-id"]["pattern"] = f"^[0-9a-f]{{{event_id_length}}}$"
+    for name in ("luma-event-id", "luma-transition-id", "ce_id"):
+        schema["properties"][name]["pattern"] = f"^[0-9a-f]{{{len(written[name])}}}$"
     return schema
 
 
@@ -183,7 +251,9 @@ def _value_schemas(ref_template: str) -> tuple[dict[str, Any], dict[str, dict[st
         "The Generation object exactly as Luma sent it, re-encoded compactly as UTF-8 JSON: "
         "every member is kept, unknown ones included (additionalProperties), so it parses "
         "with the `lumaai` SDK's Generation model. The members listed are the ones the "
-        "bridge validates; their types are checked, their values passed through."
+        "bridge validates; their types are checked, their values passed through. The one "
+        "change: the write token Luma echoes in `request.callback_url` is replaced with "
+        "`REDACTED`, so no reader of the topics holds the bridge's credential."
     )
     for variant in schema["properties"]["created_at"].get("anyOf", []):
         if variant.get("type") == "string":
@@ -306,7 +376,12 @@ def asyncapi_document() -> dict[str, Any]:
                 "order within a partition.\n"
                 "* Value: the Generation object as received, re-encoded compactly.\n"
                 "* Delivery is at-least-once: a record may appear twice; dedupe on the "
-                "`luma-event-id` header.\n"
+                "`luma-transition-id` header (the same for one state transition whether "
+                "it came from a callback or from the reconciler).\n"
+                "* Every generation record is also a CloudEvent in the Kafka protocol "
+                "binding's binary content mode (`ce_` headers, unless "
+                "LUMA_BRIDGE_CLOUDEVENTS=false). Dead letters are not: they carry no "
+                "valid generation id or state to describe.\n"
                 "* Per-generation order holds on the lifecycle topic; the per-state topics "
                 "are separate topics, read at separate speeds.\n\n"
                 "Generated from the bridge's code by `luma-kafka-bridge schema --asyncapi`."
@@ -359,7 +434,9 @@ def asyncapi_document() -> dict[str, Any]:
                     "payload": {
                         "type": "string",
                         "description": "The raw request body, as received (may not be JSON, "
-                        "nor even UTF-8).",
+                        "nor even UTF-8), except that the bridge's write token is replaced with "
+                        "`REDACTED` where it appears literally after the callback path or as "
+                        "`token=`.",
                     },
                     "bindings": {
                         "kafka": {

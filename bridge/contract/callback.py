@@ -11,14 +11,29 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 KNOWN_STATES = ("queued", "dreaming", "completed", "failed")
+#: States after which Luma sends nothing more about a generation.
+TERMINAL_STATES = ("completed", "failed")
+#: How far along its life each known state is; terminal states share the last rank.
+STATE_RANK = {"queued": 0, "dreaming": 1, "completed": 2, "failed": 2}
+#: Who wrote a record: the `luma-source` header.
+SOURCE_CALLBACK = "callback"
+SOURCE_RECONCILER = "reconciler"
+#: The `luma-error` of a dead letter the reconciler wrote because Luma's API does not know the
+#: generation: nothing to replay, so `deadletter replay` leaves it alone.
+RECONCILE_NOT_FOUND_ERROR = "reconciler: Luma's API answered 404 for this generation"
+DEFAULT_CALLBACK_PATH = "/luma/callback"
+#: What a redacted write token is replaced with in `request.callback_url`.
+REDACTED = "REDACTED"
 KNOWN_MODELS = ("ray-2", "ray-flash-2", "ray-1-6", "photon-1", "photon-flash-1")
 CONTENT_TYPE = b"application/json"
 #: Where topic names start unless the operator chooses another prefix.
@@ -27,6 +42,17 @@ DEFAULT_TOPIC_PREFIX = "luma.generation"
 DEFAULT_CLIENT_ID = "luma-kafka-bridge"
 #: The cluster a bridge without configuration looks for (what the AsyncAPI server names).
 DEFAULT_BOOTSTRAP_SERVERS = "localhost:9092"
+#: Where Luma POSTs unless the operator chooses another path; the token follows it.
+DEFAULT_CALLBACK_PATH = "/luma/callback"
+#: What a redacted write token is replaced with in `request.callback_url`.
+REDACTED = "REDACTED"
+#: The longest generation `id` accepted: Luma's are UUIDs (36 characters).
+MAX_GENERATION_ID_CHARS = 256
+#: The CloudEvents `source` of every record unless the operator names another.
+DEFAULT_CLOUDEVENTS_SOURCE = "https://api.lumalabs.ai/dream-machine/v1"
+CLOUDEVENTS_SPECVERSION = "1.0"
+#: `ce_type` is this prefix and the state: `ai.lumalabs.generation.completed`.
+CLOUDEVENTS_TYPE_PREFIX = "ai.lumalabs.generation."
 # Bounds on what a body may hold, far above any Generation: nesting, number literals, strings.
 MAX_JSON_DEPTH = 32
 MAX_NUMBER_CHARS = 100
@@ -61,7 +87,7 @@ class Generation(BaseModel):
 
     model_config = ConfigDict(strict=True, extra="allow")
 
-    id: str = Field(min_length=1)
+    id: str = Field(min_length=1, max_length=MAX_GENERATION_ID_CHARS)
     state: str = Field(min_length=1)
     failure_reason: str | None = None
     created_at: str | None = None
@@ -91,6 +117,7 @@ class Callback:
     state: str
     value: bytes
     event_id: str
+    transition_id: str
     generation_type: str | None
     model: str | None
     created_at: datetime | None
@@ -248,9 +275,124 @@ def event_id_for(generation_id: str, state: str, value: bytes) -> str:
     return digest.hexdigest()
 
 
-def parse_callback(body: bytes) -> Callback:
-    """Validate a raw callback body and derive everything its records need."""
-    document = decode_object(body)
+def transition_id(generation_id: str, state: str, assets: object) -> str:
+    """The identity of one state transition: the same whether the callback or the reconciler wrote it.
+
+    Bodies differ between a callback and an API read of the same moment; id, state and the assets
+    do not, and the assets tell progress updates within one state apart.
+    """  # noqa: E501 - the summary line is shared verbatim with the reconciler
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(orjson.dumps([generation_id, state, assets], option=orjson.OPT_SORT_KEYS))
+    return digest.hexdigest()
+
+
+def transition_id_of(generation_id: str, state: str, assets: object) -> str:
+    """`transition_id`, also for assets orjson cannot encode (integers beyond 64 bits).
+
+    Such a body is valid JSON and accepted; hashing the standard library's sorted, compact
+    encoding instead keeps its id stable rather than failing the request over and over.
+    """
+    try:
+        return transition_id(generation_id, state, assets)
+    except orjson.JSONEncodeError:
+        encoded = json.dumps(
+            [generation_id, state, assets],
+            sort_keys=True,
+            separators=(",", ":"),
+            ensure_ascii=False,
+        )
+        return hashlib.blake2b(encoded.encode(), digest_size=16).hexdigest()
+
+
+def redact_url_token(url: str, callback_path: str) -> str:
+    """`url` without a write token: the path segment after `callback_path` and any
+    `token` query parameter become `REDACTED`; everything else is kept as it was.
+
+    The path is matched wherever it appears in the URL's path, so a prefix added by
+    an ingress (`/hooks/luma/callback/<token>`) is covered too. A URL that cannot be
+    parsed is replaced whole: it may still hold the token.
+    """
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return REDACTED
+    path = _redact_path_token(parts.path, callback_path)
+    query = parts.query
+    if query and any(name == "token" for name, _ in parse_qsl(query, keep_blank_values=True)):
+        pairs = parse_qsl(query, keep_blank_values=True)
+        query = urlencode(
+            [(name, REDACTED if name == "token" else value) for name, value in pairs],
+            safe="/:",
+        )
+    netloc = parts.netloc
+    if "@" in netloc:  # a password in the userinfo is a credential too
+        userinfo, _, host = netloc.rpartition("@")
+        user, colon, _ = userinfo.partition(":")
+        netloc = f"{user}:{REDACTED}@{host}" if colon else netloc
+    if (path, query, netloc) == (parts.path, parts.query, parts.netloc):
+        return url
+    return urlunsplit((parts.scheme, netloc, path, query, parts.fragment))
+
+
+def _redact_path_token(path: str, callback_path: str) -> str:
+    marker = callback_path.rstrip("/") + "/"
+    start = path.find(marker)
+    if start < 0:
+        return path
+    token_start = start + len(marker)
+    token_end = path.find("/", token_start)
+    token_end = len(path) if token_end < 0 else token_end
+    if token_start == token_end:
+        return path
+    return path[:token_start] + REDACTED + path[token_end:]
+
+
+def redact_callback_token(value: dict[str, Any], callback_path: str) -> dict[str, Any]:
+    """A Generation without the bridge's write token in `request.callback_url`.
+
+    Luma echoes the callback URL it was given, and that URL carries the token that
+    lets anyone write to the bridge: it must not reach Kafka's readers. Returns
+    `value` itself when there is nothing to redact, else a copy (never mutates).
+    Used on callbacks before the event id is computed, and by anything else that
+    writes a Generation it got from Luma.
+    """
+    request = value.get("request")
+    if not isinstance(request, dict):
+        return value
+    url = request.get("callback_url")
+    if not isinstance(url, str):
+        return value
+    redacted = redact_url_token(url, callback_path)
+    if redacted == url:
+        return value
+    return {**value, "request": {**request, "callback_url": redacted}}
+
+
+_TOKEN_QUERY = re.compile(rb"([?&]token=)[^&#\"\\\s]+")
+
+
+def redact_raw_token(body: bytes, callback_path: str) -> bytes:
+    """Best-effort redaction of the write token in raw bytes (a dead letter's body).
+
+    A dead letter keeps the body as received, but not the credential: the segment
+    after `callback_path` and a `token=` query value are replaced where they appear
+    literally (slashes escaped as JSON allows, `\\/`, included).
+    """
+    segments = [re.escape(part.encode()) for part in callback_path.strip("/").split("/")]
+    slash = rb"\\?/"
+    marker = slash + slash.join(segments) + slash
+    path_token = re.compile(rb"(" + marker + rb")[^/?#\"\\\s]+")
+    body = path_token.sub(rb"\g<1>" + REDACTED.encode(), body)
+    return _TOKEN_QUERY.sub(rb"\g<1>" + REDACTED.encode(), body)
+
+
+def parse_callback(body: bytes, *, callback_path: str = DEFAULT_CALLBACK_PATH) -> Callback:
+    """Validate a raw callback body and derive everything its records need.
+
+    The write token in `request.callback_url` is redacted before the value and the
+    event id are made (`redact_callback_token`).
+    """
+    document = redact_callback_token(decode_object(body), callback_path)
     value = encode_compact(document)
     try:
         generation = Generation.model_validate(document)
@@ -263,6 +405,7 @@ def parse_callback(body: bytes) -> Callback:
         state=generation.state,
         value=value,
         event_id=event_id_for(generation.id, generation.state, value),
+        transition_id=transition_id_of(generation.id, generation.state, document.get("assets")),
         generation_type=generation.generation_type,
         model=model,
         created_at=parse_timestamp(generation.created_at) if generation.created_at else None,
@@ -274,17 +417,63 @@ def rfc3339(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def record_headers(callback: Callback, received_at: datetime) -> list[tuple[str, bytes]]:
-    """The headers of a callback's records (per-state and lifecycle alike)."""
+@dataclass(frozen=True, slots=True)
+class CloudEvents:
+    """Whether records carry CloudEvents attributes (Kafka binding, binary mode), and the source."""
+
+    enabled: bool = True
+    source: str = DEFAULT_CLOUDEVENTS_SOURCE
+
+
+#: Records carry CloudEvents attributes with the default source unless told otherwise.
+CLOUDEVENTS_ON = CloudEvents()
+
+
+def record_headers(
+    callback: Callback,
+    received_at: datetime,
+    *,
+    cloudevents: CloudEvents = CLOUDEVENTS_ON,
+    source: str = SOURCE_CALLBACK,
+) -> list[tuple[str, bytes]]:
+    """The headers of a callback's records (per-state and lifecycle alike).
+
+    `source` says who wrote it: the receiver (`callback`) or the reconciler, which
+    read the same Generation from Luma's API (`reconciler`).
+    """
+    received = rfc3339(received_at).encode()
     headers = [
         ("content-type", CONTENT_TYPE),
         ("luma-event-id", callback.event_id.encode()),
+        ("luma-transition-id", callback.transition_id.encode()),
         ("luma-state", callback.state.encode()),
-        ("luma-received-at", rfc3339(received_at).encode()),
+        ("luma-received-at", received),
+        ("luma-source", source.encode()),
     ]
     if callback.generation_type is not None:
         headers.append(("luma-generation-type", callback.generation_type.encode()))
+    if cloudevents.enabled:
+        headers.extend(cloudevents_headers(callback, received, cloudevents.source))
     return headers
+
+
+def cloudevents_headers(
+    callback: Callback, received: bytes, source: str
+) -> list[tuple[str, bytes]]:
+    """CloudEvents' Kafka protocol binding, binary content mode: the attributes as `ce_` headers.
+
+    The value is the event's data and `content-type` its `datacontenttype`, both already
+    written; `ce_id` is the transition id, so a consumer deduplicating on source and id
+    drops a callback and the reconciler's record of the same transition alike.
+    """
+    return [
+        ("ce_specversion", CLOUDEVENTS_SPECVERSION.encode()),
+        ("ce_id", callback.transition_id.encode()),
+        ("ce_source", source.encode()),
+        ("ce_type", (CLOUDEVENTS_TYPE_PREFIX + callback.state).encode()),
+        ("ce_subject", callback.generation_id.encode()),
+        ("ce_time", received),
+    ]
 
 
 def deadletter_headers(reason: str, received_at: datetime) -> list[tuple[str, bytes]]:

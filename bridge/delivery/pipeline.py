@@ -14,17 +14,22 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from bridge.contract.callback import (
+    CLOUDEVENTS_ON,
+    DEFAULT_CALLBACK_PATH,
     Callback,
+    CloudEvents,
     InvalidCallback,
     Topics,
     deadletter_headers,
     parse_callback,
     record_headers,
+    redact_raw_token,
 )
 from bridge.delivery.dedupe import DedupeWindow
 from bridge.delivery.publisher import KafkaUnavailable, Placement, Publisher, Record
 from bridge.delivery.spool import Spool, SpoolFull
 from bridge.ops.metrics import Metrics, model_label, state_label
+from bridge.ops.tracing import TRACING_OFF, Tracing
 
 log = logging.getLogger("bridge.delivery.pipeline")
 
@@ -64,20 +69,27 @@ class Pipeline:
         lifecycle: bool,
         dedupe: DedupeWindow,
         spool: Spool | None = None,
+        callback_path: str = DEFAULT_CALLBACK_PATH,
+        cloudevents: CloudEvents = CLOUDEVENTS_ON,
+        tracing: Tracing = TRACING_OFF,
     ) -> None:
         self._publisher = publisher
+        self._callback_path = callback_path
         self._topics = topics
         self._metrics = metrics
         self._ack_timeout = ack_timeout
         self._lifecycle = lifecycle
         self._dedupe = dedupe
         self._spool = spool
+        self._cloudevents = cloudevents
+        self._tracing = tracing
         self._in_flight: dict[str, asyncio.Future[Result]] = {}
 
     async def handle(self, body: bytes, received_at: datetime) -> Result:
         """Validate `body` and write it; never raises for anything the sender did."""
         try:
-            callback = parse_callback(body)
+            with self._tracing.span("validate"):
+                callback = parse_callback(body, callback_path=self._callback_path)
         except InvalidCallback as exc:
             return await self._dead_letter(body, exc, received_at)
         if callback.event_id in self._dedupe:
@@ -90,6 +102,13 @@ class Pipeline:
                 return self._duplicate(callback)
             return outcome
         return await self._publish_once(callback, received_at)
+
+    async def dead_letter(
+        self, body: bytes, error: InvalidCallback, received_at: datetime
+    ) -> Result:
+        """Dead-letter a body the edge found invalid before it could be parsed (for
+        example one that does not decode as its Content-Encoding says)."""
+        return await self._dead_letter(body, error, received_at)
 
     async def _publish_once(self, callback: Callback, received_at: datetime) -> Result:
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
@@ -117,7 +136,9 @@ class Pipeline:
             # Queue behind what is already spooled, so arrival order is kept.
             return (), await self._append_to_spool(records)
         try:
-            return tuple(await self._publisher.publish(records, self._ack_timeout)), None
+            with self._tracing.span("kafka produce", records=len(records)):
+                placed = await self._publisher.publish(records, self._ack_timeout)
+            return tuple(placed), None
         except KafkaUnavailable as exc:
             if self._spool is None:
                 return (), f"Kafka unavailable: {exc.reason}"
@@ -126,7 +147,8 @@ class Pipeline:
     async def _append_to_spool(self, records: list[Record]) -> str | None:
         assert self._spool is not None
         try:
-            await self._spool.append(records)
+            with self._tracing.span("spool append", records=len(records)):
+                await self._spool.append(records)
         except SpoolFull:
             self._metrics.shed.labels(reason="spool_full").inc()
             return "Kafka unavailable and the spool is full"
@@ -138,7 +160,8 @@ class Pipeline:
     def records_for(self, callback: Callback, received_at: datetime) -> list[Record]:
         """The per-state record and, when enabled, the lifecycle record."""
         key = callback.generation_id.encode()
-        headers = record_headers(callback, received_at)
+        headers = record_headers(callback, received_at, cloudevents=self._cloudevents)
+        headers += self._tracing.record_headers()
         records = [Record(self._topics.for_state(callback.state), key, callback.value, headers)]
         if self._lifecycle:
             records.append(Record(self._topics.lifecycle, key, callback.value, headers))
@@ -165,7 +188,9 @@ class Pipeline:
         if body_id in self._dedupe:
             return Result(Outcome.INVALID, error.reason)
         headers = deadletter_headers(error.reason, received_at)
-        record = Record(self._topics.deadletter, None, body, headers)
+        # The raw body is the evidence, but the write token in it must not reach Kafka.
+        evidence = redact_raw_token(body, self._callback_path)
+        record = Record(self._topics.deadletter, None, evidence, headers)
         placements, failure = await self._write([record])
         if failure is not None:
             # The raw body must be kept before we say "invalid": otherwise Luma would not

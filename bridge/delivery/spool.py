@@ -25,6 +25,7 @@ from typing import TypeVar
 
 from bridge.delivery.publisher import KafkaUnavailable, Publisher, Record
 from bridge.ops.metrics import Metrics
+from bridge.ops.tracing import TRACING_OFF, Tracing
 
 log = logging.getLogger("bridge.delivery.spool")
 T = TypeVar("T")
@@ -256,9 +257,12 @@ class SpoolDrainer:
     ACK_TIMEOUT = 10.0
     MAX_BACKOFF = 5.0
 
-    def __init__(self, spool: Spool, publisher: Publisher) -> None:
+    def __init__(
+        self, spool: Spool, publisher: Publisher, *, tracing: Tracing = TRACING_OFF
+    ) -> None:
         self._spool = spool
         self._publisher = publisher
+        self._tracing = tracing
 
     async def run(self) -> None:
         """Drain forever; wakes when records are spooled. Cancel to stop."""
@@ -280,7 +284,8 @@ class SpoolDrainer:
         if batch is None:
             return False
         try:
-            await self._publisher.publish(batch.records, ack_timeout)
+            with self._tracing.drain_span(batch.records):
+                await self._publisher.publish(batch.records, ack_timeout)
         except KafkaUnavailable as exc:
             log.debug("spool drain waiting for Kafka", extra={"fields": {"reason": exc.reason}})
             return False

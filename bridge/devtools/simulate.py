@@ -153,20 +153,31 @@ def invalid_body(rng: random.Random) -> bytes:
 
 
 def planned_bodies(options: SimulateOptions, rng: random.Random) -> Iterator[list[bytes]]:
-    """Groups of bodies to send in order (one generation's lifecycle, or one odd body)."""
+    """Groups of bodies to send in order: one generation's callbacks, or one invalid body.
+
+    `options.count` bodies in all. Each one is, with chance `invalid_ratio`, an invalid
+    body instead of the next callback of a lifecycle; the lifecycle the count cuts
+    short ends early. A redelivered callback counts as one of the `count`.
+    """
     remaining = options.count
     created = datetime.now(UTC) - timedelta(minutes=2)
     while remaining > 0:
-        if rng.random() < options.invalid_ratio:
-            group = [invalid_body(rng)]
-        else:
-            group = [json.dumps(c).encode() for c in generation_lifecycle(rng, created)]
-            if rng.random() < options.duplicate_ratio:
-                # Luma redelivers the same callback as if our first 200 got lost.
-                group.insert(rng.randrange(len(group)) + 1, group[rng.randrange(len(group))])
-        group = group[:remaining]
-        remaining -= len(group)
-        yield group
+        lifecycle = [json.dumps(c).encode() for c in generation_lifecycle(rng, created)]
+        if rng.random() < options.duplicate_ratio:
+            # Luma redelivers the same callback as if our first 200 got lost.
+            repeated = rng.randrange(len(lifecycle))
+            lifecycle.insert(repeated + 1, lifecycle[repeated])
+        group: list[bytes] = []
+        for body in lifecycle:
+            while remaining > 0 and rng.random() < options.invalid_ratio:
+                remaining -= 1
+                yield [invalid_body(rng)]
+            if remaining == 0:
+                break
+            group.append(body)
+            remaining -= 1
+        if group:
+            yield group
 
 
 class Pacer:

@@ -7,9 +7,12 @@ and is compared in constant time against every accepted token. Tokens come from
 token can be rotated without a restart.
 
 `Authenticator` puts the checks together: source allow-list, token, and (when
-configured) a Standard Webhooks signature. Every configured check is evaluated
-whatever the others said, and a failure is one answer (401, same body) whatever
-was wrong, so neither the answer nor its timing tells which part failed.
+configured) a Standard Webhooks signature. A failure is one answer (401, same
+body) whatever was wrong. The source and the token are both evaluated, whatever
+the other said, from the request head, before the body is read: a stranger
+cannot make the bridge buffer a body. The signature can only be checked once the
+body is in, so a request's timing can tell a wrong token from a wrong signature;
+docs/security.md says why that trade is made.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from pathlib import Path
 from aiohttp import web
 
 from bridge.edge.access import IPAddress, SourcePolicy
-from bridge.edge.signing import SignatureCheck
+from bridge.edge.signing import Claim, SignatureCheck, body_digest
 
 log = logging.getLogger("bridge.edge.auth")
 
@@ -155,10 +158,17 @@ class Decision:
     authorized: bool
     source: IPAddress | None
     webhook_id: str | None = None
+    # The same webhook id and body were seen before: the sender's retry.
+    repeat: bool = False
 
 
 class Authenticator:
-    """Source allow-list, token and (optional) signature, checked together."""
+    """Source allow-list, token and (optional) signature.
+
+    The source and token are checked from the request head, before a byte of the
+    body is read (`allowed_before_body`), both of them whatever the other said. The
+    signature covers the body, so it is checked once the body is in (`verify_body`).
+    """
 
     def __init__(
         self,
@@ -176,6 +186,31 @@ class Authenticator:
         """Whether the body must be read before deciding (it is signed)."""
         return self.signatures is not None
 
+    def allowed_before_body(self, request: web.Request, source: IPAddress | None) -> bool:
+        """Source and token, both checked (no early exit); True when neither is configured."""
+        allowed = self.sources.allows(source)
+        allowed &= self.tokens.is_authorized(request)
+        return allowed
+
+    def verify_body(
+        self, request: web.Request, body: bytes, *, source: IPAddress | None
+    ) -> Decision:
+        """The signature over `body`, and the webhook id's claim; call after
+        `allowed_before_body` held. Without signatures configured, always authorized.
+
+        A new webhook id is claimed with the body's digest; the same id with the same
+        body is a `repeat` (authorized: the sender's retry); with another body, refused.
+        """
+        if self.signatures is None:
+            return Decision(True, source)
+        verdict = self.signatures.verify(request.headers, body)
+        if not verdict.valid or verdict.webhook_id is None:
+            return Decision(False, source)
+        claim = self.signatures.replays.claim(verdict.webhook_id, body_digest(body))
+        if claim is Claim.CONFLICT:
+            return Decision(False, source)
+        return Decision(True, source, verdict.webhook_id, repeat=claim is Claim.REPEAT)
+
     def authenticate(
         self,
         request: web.Request,
@@ -183,24 +218,26 @@ class Authenticator:
         *,
         source: IPAddress | None = None,
     ) -> Decision:
-        """Every configured check runs; the request passes only if all of them hold.
-
-        `source` is `self.sources.source(request)`, when the caller has it already.
-        With signatures configured, `body` is the whole body and a valid request's
-        webhook id is claimed, so the same signed request is refused a second time.
-        """
+        """Every check in one call, for callers that have the whole body already."""
         if source is None:
             source = self.sources.source(request)
-        authorized = self.sources.allows(source)
-        authorized &= self.tokens.is_authorized(request)
-        webhook_id = None
-        if self.signatures is not None:
-            verdict = self.signatures.verify(request.headers, body or b"")
-            authorized &= verdict.valid
-            if authorized and verdict.webhook_id is not None:
-                authorized = self.signatures.replays.claim(verdict.webhook_id)
-                webhook_id = verdict.webhook_id if authorized else None
-        return Decision(authorized, source, webhook_id)
+        if not self.allowed_before_body(request, source):
+            # The signature is still computed, so the time taken does not tell which failed.
+            if self.signatures is not None:
+                self.signatures.verify(request.headers, body or b"")
+            return Decision(False, source)
+        return self.verify_body(request, body or b"", source=source)
+
+    def accepted_event(self, decision: Decision) -> str | None:
+        """The event id an earlier delivery under this decision's webhook id was written as."""
+        if self.signatures is None or decision.webhook_id is None:
+            return None
+        return self.signatures.replays.accepted_event(decision.webhook_id)
+
+    def accepted(self, decision: Decision, event_id: str) -> None:
+        """Remember that the callback under this decision's webhook id was written."""
+        if self.signatures is not None and decision.webhook_id is not None:
+            self.signatures.replays.mark_accepted(decision.webhook_id, event_id)
 
     def release(self, decision: Decision) -> None:
         """Let the sender retry a signed request that was answered with a retryable error."""

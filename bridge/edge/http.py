@@ -6,9 +6,16 @@ logged and answered 503, which Luma retries. Refusals before the pipeline (429,
 413, 415, 408) are all the `rejected` outcome, so the metric's label set (which
 the dashboard and alerts use) does not grow.
 
-The order: rate limit (429), then authentication (401), then content type (415)
-and body (413, 408). When signatures are configured the body is read first
-(bounded by the same limits), since the signature covers it.
+The order: rate limit (429), then source and token from the request head (401,
+before a byte of the body is read), then content type and encoding (415), then
+the body (413, 408, and 503 when the global body budget is spent), its
+Content-Encoding (a body that does not decode as it says is 400 `invalid`, its
+raw bytes dead-lettered), and the signature when one is configured (401). An
+answer given before the whole body was read closes the connection
+(`Connection: close`): the rest of that body is not a request.
+
+The listener must not decode Content-Encoding itself (`GuardedSite` turns
+aiohttp's `auto_decompress` off): `bridge.edge.encoding` does it here.
 """
 
 from __future__ import annotations
@@ -22,14 +29,24 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import PayloadEncodingError
 from aiohttp.typedefs import Middleware
 
+from bridge.contract.callback import DEFAULT_CALLBACK_PATH, InvalidCallback, parse_callback
 from bridge.delivery.pipeline import Outcome, Pipeline, Result
 from bridge.edge.access import IPAddress
 from bridge.edge.auth import TOKEN_MATCH, Authenticator, masked_path
-from bridge.edge.limits import mark_body_received, mark_request_started
+from bridge.edge.encoding import (
+    DecodedTooLarge,
+    UndecodableBody,
+    UnsupportedEncoding,
+    codings,
+    decode_body,
+)
+from bridge.edge.limits import BodyBudget, BodyLimit, mark_body_received, mark_request_started
 from bridge.edge.ratelimit import RateLimiter
 from bridge.ops.metrics import Metrics, state_label
+from bridge.ops.tracing import TRACING_OFF, Tracing
 
 log = logging.getLogger("bridge.edge.http")
 
@@ -45,6 +62,11 @@ _STATUS = {
 
 
 DEFAULT_BODY_TIMEOUT = 10.0
+#: The shed metric's reason when the global body budget is spent.
+BODY_BUDGET = "body_budget"
+#: The dead-letter metric's reason for a body that does not decode as its Content-Encoding says.
+ENCODING_REASON = "encoding"
+_UNAUTHORIZED = Result(Outcome.UNAUTHORIZED, "missing or wrong credentials")
 
 
 class Rejected(Exception):
@@ -70,6 +92,35 @@ def error_body(status: str, reason: str) -> dict[str, str]:
     return {"status": status, "error": reason}
 
 
+class Shed(Exception):
+    """Answered 503 at once, to protect the bridge (counted by `reason` in the shed metric)."""
+
+    def __init__(self, label: str, reason: str) -> None:
+        super().__init__(reason)
+        self.label = label
+        self.reason = reason
+
+
+class _Reservation:
+    """One request's share of the `BodyBudget`, given back when the request is answered."""
+
+    def __init__(self, budget: BodyBudget | None) -> None:
+        self._budget = budget
+        self.held = 0
+
+    def grow_to(self, size: int) -> None:
+        if self._budget is None or size <= self.held:
+            return
+        if not self._budget.reserve(size - self.held):
+            raise Shed(BODY_BUDGET, "too many request bodies in flight")
+        self.held = size
+
+    def release(self) -> None:
+        if self._budget is not None:
+            self._budget.release(self.held)
+        self.held = 0
+
+
 class CallbackHandler:
     """Handles `POST {callback_path}[/{token}]`."""
 
@@ -83,14 +134,21 @@ class CallbackHandler:
         max_inflight: int,
         body_timeout: float = DEFAULT_BODY_TIMEOUT,
         rate_limiter: RateLimiter | None = None,
+        body_budget: BodyBudget | None = None,
+        body_limit: BodyLimit | None = None,
+        callback_path: str = DEFAULT_CALLBACK_PATH,
+        tracing: Tracing = TRACING_OFF,
     ) -> None:
         self._pipeline = pipeline
+        self._tracing = tracing
         self._auth = auth
         self._metrics = metrics
-        self._max_body_bytes = max_body_bytes
+        self._limit = body_limit or BodyLimit(max_body_bytes)
         self._max_inflight = max_inflight
         self._body_timeout = body_timeout
         self._rate_limiter = rate_limiter
+        self._budget = body_budget
+        self._callback_path = callback_path
         self._inflight = 0
 
     async def handle(self, request: web.Request) -> web.Response:
@@ -102,53 +160,108 @@ class CallbackHandler:
         else:
             self._inflight += 1
             self._metrics.inflight.inc()
+            reservation = _Reservation(self._budget)
             try:
-                result, status = await self._handle(request, source)
+                result, status = await self._handle(request, source, reservation)
             except Rejected as exc:
                 result, status = Result(Outcome.REJECTED, exc.reason), exc.status
+            except Shed as exc:
+                self._metrics.shed.labels(reason=exc.label).inc()
+                result, status = Result(Outcome.UNAVAILABLE, exc.reason), None
             finally:
+                reservation.release()
                 self._inflight -= 1
                 self._metrics.inflight.dec()
         response = self._answer(result, status)
+        if not request.content.is_eof():
+            # Answered before the whole body arrived: what follows on this connection is
+            # the rest of that body, not a request. Say so, rather than reset it later.
+            response.force_close()
         self._observe(request, source, result, response.status, started)
         return response
 
     async def _handle(
-        self, request: web.Request, source: IPAddress | None
+        self, request: web.Request, source: IPAddress | None, reservation: _Reservation
     ) -> tuple[Result, int | None]:
         if self._rate_limiter is not None and not self._rate_limiter.allow(source):
             raise Rejected(429, "too many requests from this source")
-        body = await self._read_body(request) if self._auth.needs_body else None
-        decision = self._auth.authenticate(request, body, source=source)
-        if not decision.authorized:
-            # One answer whatever was wrong: source, token, signature or a replay.
-            return Result(Outcome.UNAUTHORIZED, "missing or wrong credentials"), None
+        if not self._auth.allowed_before_body(request, source):
+            # Decided from the head alone: a stranger's body is never read or buffered.
+            return _UNAUTHORIZED, None
         if not is_json_content_type(request):
             raise Rejected(415, "content type must be application/json")
-        if body is None:
-            body = await self._read_body(request)
-        result = await self._pipeline.handle(body, datetime.now(UTC))
+        encoding = request.headers.get("Content-Encoding")
+        try:
+            codings(encoding)
+        except UnsupportedEncoding as exc:
+            raise Rejected(415, str(exc)) from None
+        raw = await self._read_body(request, reservation)
+        undecodable: UndecodableBody | None = None
+        try:
+            body = decode_body(raw, encoding, max_bytes=self._limit.bytes)
+        except DecodedTooLarge:
+            raise Rejected(413, self._limit.because) from None
+        except UndecodableBody as exc:
+            body, undecodable = raw, exc
+        if body is not raw:
+            reservation.grow_to(len(raw) + len(body))
+        # One answer whatever was wrong: source, token, signature or a reused webhook id.
+        decision = self._auth.verify_body(request, body, source=source)
+        if not decision.authorized:
+            return _UNAUTHORIZED, None
+        received_at = datetime.now(UTC)
+        if undecodable is not None:
+            # The sender's error, not ours: 400, and the bytes as received kept as evidence.
+            refused = InvalidCallback(undecodable.reason, ENCODING_REASON)
+            result = await self._pipeline.dead_letter(raw, refused, received_at)
+        elif decision.repeat and (known := self._auth.accepted_event(decision)) is not None:
+            result = self._repeated(body, known)
+        else:
+            with self._tracing.request(request.headers, request.remote):
+                result = await self._pipeline.handle(body, received_at)
         if result.outcome is Outcome.UNAVAILABLE:
             self._auth.release(decision)  # the sender will retry the same signed request
+        elif result.callback is not None:
+            self._auth.accepted(decision, result.callback.event_id)
         return result, None
 
-    async def _read_body(self, request: web.Request) -> bytes:
-        too_large = Rejected(413, f"body larger than {self._max_body_bytes} bytes")
-        if (request.content_length or 0) > self._max_body_bytes:
+    def _repeated(self, body: bytes, event_id: str) -> Result:
+        """A Standard Webhooks retry of a callback already written: a duplicate, not a replay."""
+        callback = parse_callback(body, callback_path=self._callback_path)
+        if callback.event_id != event_id:  # pragma: no cover - same body digest, same id
+            raise RuntimeError("a repeated webhook id's body gave another event id")
+        self._metrics.duplicate_deliveries.labels(state=state_label(callback.state)).inc()
+        return Result(Outcome.DUPLICATE, "", callback)
+
+    async def _read_body(self, request: web.Request, reservation: _Reservation) -> bytes:
+        """The body as sent (still content-encoded), within the size limit, the time
+        limit and the global budget."""
+        limit = self._limit.bytes
+        too_large = Rejected(413, self._limit.because)
+        declared = request.content_length
+        if declared is not None and declared > limit:
             raise too_large
+        reservation.grow_to(declared or 0)
+        chunks: list[bytes] = []
+        size = 0
         try:
             async with asyncio.timeout(self._body_timeout):
-                # Streams and stops as soon as client_max_size (= max_body_bytes) is passed.
-                body = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            raise too_large from None
+                while chunk := await request.content.readany():
+                    size += len(chunk)
+                    if size > limit:
+                        raise too_large
+                    reservation.grow_to(size)
+                    chunks.append(chunk)
         except TimeoutError:
             raise Rejected(408, "body not received in time") from None
         except ConnectionError:
             # The client went away, or its connection was closed to make room (bridge.edge.limits).
             raise Rejected(400, "connection closed before the body was received") from None
+        except PayloadEncodingError:
+            # A broken chunked encoding, or fewer bytes than Content-Length said.
+            raise Rejected(400, "malformed request body") from None
         mark_body_received(request)
-        return body
+        return b"".join(chunks)
 
     def _answer(self, result: Result, status: int | None) -> web.Response:
         status = status or _STATUS[result.outcome]
@@ -230,6 +343,8 @@ def json_errors(metrics: Metrics) -> Middleware:
                 status=503,
                 headers={"Retry-After": RETRY_AFTER_SECONDS},
             )
+            # Whatever went wrong may have left the request half-read: do not reuse it.
+            response.force_close()
         metrics.callbacks.labels(state="none", outcome=outcome.value).inc()
         return response
 

@@ -266,6 +266,10 @@ class GuardedSite(web.BaseSite):
             "lingering_time": LINGER_SECONDS,
             # aiohttp's access log would show the token in the path; edge.http logs it masked.
             "access_log": None,
+            # bridge.edge.encoding decodes Content-Encoding, so a body that lies about it is
+            # answered 400 with its raw bytes dead-lettered (aiohttp's own decoding fails
+            # deep inside the read, with the connection left in an unknown state).
+            "auto_decompress": False,
         }
         self.port = 0
 
@@ -296,6 +300,55 @@ class GuardedSite(web.BaseSite):
         )
         sockets = self._server.sockets
         self.port = int(sockets[0].getsockname()[1]) if sockets else self._port
+
+
+class BodyBudget:
+    """Bytes of request bodies held in memory at once, across every request.
+
+    MAX_INFLIGHT_REQUESTS times MAX_BODY_BYTES is far more than a pod's memory (1024 x
+    1 MiB by default): without a global bound, strangers sending large bodies could
+    make the bridge buffer its way out of memory. A request reserves what it
+    declares (`Content-Length`) before reading, and grows its reservation as chunks
+    arrive when it declared nothing; beyond the budget it is answered 503.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.held = 0
+
+    def reserve(self, size: int) -> bool:
+        """Take `size` more bytes of the budget; False (and nothing taken) when it has no room."""
+        if self.held + size > self.max_bytes:
+            return False
+        self.held += size
+        return True
+
+    def release(self, size: int) -> None:
+        self.held -= size
+
+
+class BodyLimit:
+    """The largest body the callback listener accepts, which Kafka can lower.
+
+    Starts at MAX_BODY_BYTES. When the start-up check reads the topics'
+    `max.message.bytes` and one of them cannot take a record that large, the
+    server lowers it, so such a body is refused with 413 at the door instead of
+    being acknowledged and then refused by Kafka for good.
+    """
+
+    def __init__(self, max_body_bytes: int) -> None:
+        self.configured = max_body_bytes
+        self.bytes = max_body_bytes
+        self.because = f"body larger than {max_body_bytes} bytes"
+
+    def lower_to(self, size: int, because: str) -> None:
+        """Refuse bodies above `size` (never raises the limit above MAX_BODY_BYTES)."""
+        if size < self.configured:
+            self.bytes = size
+            self.because = because
+        else:
+            self.bytes = self.configured
+            self.because = f"body larger than {self.configured} bytes"
 
 
 def raise_fd_limit(max_connections: int) -> None:

@@ -3,8 +3,9 @@
 A signed request carries `webhook-id`, `webhook-timestamp` (Unix seconds) and
 `webhook-signature` (space-separated `v1,<base64 HMAC-SHA256>` entries) over
 `{id}.{timestamp}.{body}`. A request is genuine when one of its signatures matches
-one of the configured secrets (several, for rotation), its timestamp is within the
-tolerance of now, and its id was not already used within that tolerance.
+one of the configured secrets (several, for rotation) and its timestamp is within
+the tolerance of now. Its id is the sender's idempotency key: a retry with the same
+id and body is answered as a duplicate, another body under a used id is refused.
 
 Every presented signature is compared with every expected one without an early
 exit, so the time taken does not tell which part was wrong. The stdlib `hmac`
@@ -15,13 +16,13 @@ the library would not do the replay check or the no-early-exit comparison.
 from __future__ import annotations
 
 import base64
+import enum
 import hashlib
 import hmac
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-
-from bridge.delivery.dedupe import DedupeWindow
 
 ID_HEADER = "webhook-id"
 TIMESTAMP_HEADER = "webhook-timestamp"
@@ -68,24 +69,93 @@ def _presented(header: str) -> list[bytes]:
     return signatures
 
 
+class Claim(enum.Enum):
+    """What a webhook id's arrival is, next to the ids already seen."""
+
+    NEW = "new"  # first time within the window
+    REPEAT = "repeat"  # seen, with the same body: the sender's retry (Standard Webhooks)
+    CONFLICT = "conflict"  # seen, with another body: refused
+
+
+@dataclass(slots=True)
+class _Seen:
+    expiry: float
+    body_digest: bytes
+    event_id: str | None = None  # set once the callback was accepted
+
+
+def body_digest(body: bytes) -> bytes:
+    """What a webhook id is remembered with: enough to tell a retry from another body."""
+    return hashlib.blake2b(body, digest_size=16).digest()
+
+
 class ReplayGuard:
-    """Webhook ids already used, each remembered for as long as its timestamp is acceptable."""
+    """Webhook ids already used, each with its body's digest, for as long as its
+    timestamp is acceptable.
+
+    Standard Webhooks makes `webhook-id` the sender's idempotency key: a retry after
+    a lost answer carries the same id and the same body, and must not be refused.
+    So a repeat with the same body is a `REPEAT` (answered as a duplicate), and only
+    another body under a used id is a `CONFLICT`.
+
+    Bounded by time (`ttl`) and by memory (`size` ids, about 300 bytes each): when
+    more ids arrive within the window than it can hold, the oldest are forgotten
+    before their time, and `on_early_eviction` is called for each, so the shrinking
+    window shows in a metric instead of going unseen.
+    """
 
     def __init__(
-        self, *, ttl: float, size: int = REMEMBERED_IDS, clock: Callable[[], float] = time.monotonic
+        self,
+        *,
+        ttl: float,
+        size: int = REMEMBERED_IDS,
+        clock: Callable[[], float] = time.monotonic,
+        on_early_eviction: Callable[[], None] | None = None,
     ) -> None:
-        self._used = DedupeWindow(size=size, ttl=ttl, clock=clock)
+        self._ttl = ttl
+        self._size = size
+        self._clock = clock
+        self._on_early_eviction = on_early_eviction
+        self._seen: OrderedDict[str, _Seen] = OrderedDict()  # insertion order = expiry order
 
-    def claim(self, webhook_id: str) -> bool:
-        """Record `webhook_id` as used; False if it already was (a replay)."""
-        if webhook_id in self._used:
-            return False
-        self._used.add(webhook_id)
-        return True
+    def __len__(self) -> int:
+        return len(self._seen)
+
+    def claim(self, webhook_id: str, digest: bytes) -> Claim:
+        """Record `webhook_id` with its body's `digest`, or say how it was seen before."""
+        now = self._clock()
+        self._expire(now)
+        seen = self._seen.get(webhook_id)
+        if seen is not None:
+            return Claim.REPEAT if seen.body_digest == digest else Claim.CONFLICT
+        self._seen[webhook_id] = _Seen(now + self._ttl, digest)
+        while len(self._seen) > self._size:
+            self._seen.popitem(last=False)
+            if self._on_early_eviction is not None:
+                self._on_early_eviction()  # younger than ttl, or _expire had dropped it
+        return Claim.NEW
+
+    def accepted_event(self, webhook_id: str) -> str | None:
+        """The event id a seen webhook id's callback was accepted as, if it was."""
+        seen = self._seen.get(webhook_id)
+        return seen.event_id if seen is not None and seen.expiry > self._clock() else None
+
+    def mark_accepted(self, webhook_id: str, event_id: str) -> None:
+        """Remember what `webhook_id`'s callback was written as, for its retries."""
+        seen = self._seen.get(webhook_id)
+        if seen is not None:
+            seen.event_id = event_id
 
     def release(self, webhook_id: str) -> None:
         """Forget `webhook_id`, so the sender may retry it (after an answer it should retry)."""
-        self._used.discard(webhook_id)
+        self._seen.pop(webhook_id, None)
+
+    def _expire(self, now: float) -> None:
+        while self._seen:
+            oldest = next(iter(self._seen.values()))
+            if oldest.expiry > now:
+                return
+            self._seen.popitem(last=False)
 
 
 class SignatureCheck:
@@ -97,13 +167,18 @@ class SignatureCheck:
         *,
         tolerance: float,
         wall_clock: Callable[[], float] = time.time,
+        remembered_ids: int = REMEMBERED_IDS,
+        on_early_eviction: Callable[[], None] | None = None,
     ) -> None:
         if not keys:
             raise ValueError("SignatureCheck needs at least one key")
         self._keys = keys
         self._tolerance = tolerance
         self._wall_clock = wall_clock
-        self.replays = ReplayGuard(ttl=2 * tolerance)
+        # A timestamp is fresh for `tolerance` either side of now: remember ids that long.
+        self.replays = ReplayGuard(
+            ttl=2 * tolerance, size=remembered_ids, on_early_eviction=on_early_eviction
+        )
 
     def verify(self, headers: Mapping[str, str], body: bytes) -> Verdict:
         """Check the signature; the webhook id is not claimed yet (see `ReplayGuard.claim`)."""

@@ -11,8 +11,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from bridge import __version__
 from bridge.contract.callback import KNOWN_MODELS, KNOWN_STATES
 
-DEADLETTER_REASONS = ("json", "shape", "schema")
-SHED_REASONS = ("inflight_limit", "spool_full")
+DEADLETTER_REASONS = ("json", "shape", "schema", "encoding")
+SHED_REASONS = ("inflight_limit", "spool_full", "body_budget")
 OUTCOMES = ("accepted", "duplicate", "invalid", "unauthorized", "rejected", "unavailable")
 
 # 1 ms to 5 s (Luma's timeout), dense where answers normally land.
@@ -175,6 +175,12 @@ class Metrics:
             "Spooled callbacks later acknowledged by Kafka and removed from the spool.",
             registry=registry,
         )
+        self.webhook_ids_evicted_early = Counter(
+            "luma_bridge_webhook_ids_evicted_early",
+            "Webhook ids forgotten before their replay window ended, because more signed "
+            "requests arrived within it than LUMA_BRIDGE_HMAC_REPLAY_WINDOW_SIZE holds.",
+            registry=registry,
+        )
         self._callback_children: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
         self._pre_create_series()
 
@@ -206,3 +212,120 @@ class Metrics:
             self.deadletters.labels(reason=reason)
         for reason in ("timeout", "not_connected"):
             self.produce_errors.labels(reason=reason)
+
+
+#: What a lookup in Luma's API found, the `outcome` label of the reconciler's lookups.
+LOOKUP_OUTCOMES = ("unchanged", "repaired", "not_found", "unknown_state", "error")
+#: Why the reconciler wrote a record: a generation gone silent, or one Kafka never saw.
+REPAIR_KINDS = ("stale", "discovered")
+#: The reconciler's calls to Luma's API, and what went wrong with them.
+LUMA_ENDPOINTS = ("get", "list")
+LUMA_ERROR_REASONS = (
+    "rate_limited",
+    "server_error",
+    "timeout",
+    "connection",
+    "unauthorized",
+    "not_found",
+    "invalid_answer",
+    "other",
+)
+#: How long stuck generations have been silent: upper bounds of the `age` label.
+STUCK_AGE_BOUNDS = ((1800, "30m"), (7200, "2h"), (21600, "6h"), (86400, "24h"))
+STUCK_AGE_OLDER = "older"
+LUMA_API_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+def stuck_age_label(seconds: float) -> str:
+    """The `age` label of a generation silent for `seconds`: the first bound it stays under."""
+    for bound, label in STUCK_AGE_BOUNDS:
+        if seconds <= bound:
+            return label
+    return STUCK_AGE_OLDER
+
+
+class ReconcilerMetrics:
+    """The series of `luma-kafka-bridge reconcile`, on an injected registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.tracked = Gauge(
+            "luma_bridge_reconciler_generations_tracked",
+            "Generations in a non-terminal state that this reconciler follows.",
+            registry=registry,
+        )
+        self.stuck = Gauge(
+            "luma_bridge_reconciler_stuck_generations",
+            "Tracked generations silent longer than RECONCILE_AFTER_SECONDS, by state and "
+            "by how long they have been silent (age: at most 30m, 2h, 6h, 24h, or older).",
+            ["state", "age"],
+            registry=registry,
+        )
+        self.lookups = Counter(
+            "luma_bridge_reconciler_lookups",
+            "Generations looked up in Luma's API, by what the lookup found.",
+            ["outcome"],
+            registry=registry,
+        )
+        self.records_written = Counter(
+            "luma_bridge_reconciler_records_written",
+            "States the reconciler wrote because a callback never arrived, by state and kind "
+            "(stale: a tracked generation gone silent; discovered: one Kafka never saw).",
+            ["state", "kind"],
+            registry=registry,
+        )
+        self.deadletters = Counter(
+            "luma_bridge_reconciler_deadletters",
+            "Tracked generations Luma's API does not know (404), written to the dead-letter topic.",
+            registry=registry,
+        )
+        self.luma_api_duration = Histogram(
+            "luma_bridge_reconciler_luma_api_duration_seconds",
+            "Time one request to Luma's API took, by endpoint.",
+            ["endpoint"],
+            buckets=LUMA_API_BUCKETS,
+            registry=registry,
+        )
+        self.luma_api_errors = Counter(
+            "luma_bridge_reconciler_luma_api_errors",
+            "Requests to Luma's API that failed, by endpoint and reason.",
+            ["endpoint", "reason"],
+            registry=registry,
+        )
+        self.passes = Counter(
+            "luma_bridge_reconciler_passes",
+            "Reconciliation passes completed.",
+            registry=registry,
+        )
+        self.last_pass = Gauge(
+            "luma_bridge_reconciler_last_pass_timestamp_seconds",
+            "When the last reconciliation pass completed (Unix time).",
+            registry=registry,
+        )
+        self.ready = Gauge(
+            "luma_bridge_reconciler_ready",
+            "1 when the reconciler follows the lifecycle topic and Luma accepts its key, else 0.",
+            registry=registry,
+        )
+        self.build_info = Gauge(
+            "luma_bridge_reconciler_build_info",
+            "Always 1; the version label says which build is running.",
+            ["version"],
+            registry=registry,
+        )
+        self.build_info.labels(version=__version__).set(1)
+        for outcome in LOOKUP_OUTCOMES:
+            self.lookups.labels(outcome=outcome)
+        for state in (*KNOWN_STATES, "other"):
+            for kind in REPAIR_KINDS:
+                self.records_written.labels(state=state, kind=kind)
+        for endpoint in LUMA_ENDPOINTS:
+            self.luma_api_duration.labels(endpoint=endpoint)
+            for reason in LUMA_ERROR_REASONS:
+                self.luma_api_errors.labels(endpoint=endpoint, reason=reason)
+
+    def set_stuck(self, counts: dict[tuple[str, str], int]) -> None:
+        """Replace the stuck gauge with `counts` by (state, age): ones no longer stuck read 0."""
+        for state in ("queued", "dreaming", "other"):
+            for _, age in (*STUCK_AGE_BOUNDS, (0, STUCK_AGE_OLDER)):
+                self.stuck.labels(state=state, age=age).set(counts.get((state, age), 0))

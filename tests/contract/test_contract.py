@@ -115,11 +115,14 @@ def test_topics_route_known_states_and_fold_the_rest_into_unknown() -> None:
 def test_headers_carry_the_derived_metadata() -> None:
     callback = parse_callback(encode({**SEED_COMPLETED_VIDEO, "generation_type": "video"}))
     received = datetime(2026, 5, 30, 12, 35, 0, 250_000, tzinfo=UTC)
-    assert dict(record_headers(callback, received)) == {
+    headers = dict(record_headers(callback, received))
+    assert {name: value for name, value in headers.items() if not name.startswith("ce_")} == {
         "content-type": b"application/json",
         "luma-event-id": callback.event_id.encode(),
+        "luma-transition-id": callback.transition_id.encode(),
         "luma-state": b"completed",
         "luma-received-at": b"2026-05-30T12:35:00.250Z",
+        "luma-source": b"callback",
         "luma-generation-type": b"video",
     }
 

@@ -98,8 +98,13 @@ def one(manifests: list[Manifest], kind: str, name: str | None = None) -> Manife
 
 
 def workload(manifests: list[Manifest]) -> Manifest:
-    """The bridge's Deployment or StatefulSet."""
-    found = [m for m in manifests if m["kind"] in ("Deployment", "StatefulSet")]
+    """The bridge's Deployment or StatefulSet (not the reconciler's Deployment)."""
+    found = [
+        m
+        for m in manifests
+        if m["kind"] in ("Deployment", "StatefulSet")
+        and m["metadata"]["labels"].get("app.kubernetes.io/component") == "bridge"
+    ]
     assert len(found) == 1
     return found[0]
 

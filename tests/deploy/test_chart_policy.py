@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from bridge.contract.callback import Topics
+from bridge.delivery.topics import creation_configs
 from bridge.settings import Settings, load_settings
 from tests.deploy.rendering import (
     CHART_DIR,
@@ -127,6 +128,15 @@ def bridge_settings(
     return load_settings()
 
 
+def bridge_parts(manifests: list[Manifest]) -> list[Manifest]:
+    """Leave out the reconciler's resources (tests/deploy/test_reconciler_chart.py)."""
+    return [
+        m
+        for m in manifests
+        if m["metadata"]["labels"].get("app.kubernetes.io/component") != "reconciler"
+    ]
+
+
 def port_number(container: dict[str, Any], port: int | str) -> int:
     if isinstance(port, int):
         return port
@@ -194,14 +204,14 @@ def test_pod_wiring_matches_the_bridge_settings(
         (rule,) = route["spec"]["rules"]
         assert rule["matches"][0]["path"]["value"] == settings.callback_path
         assert rule["backendRefs"][0]["port"] == ports["callback"]["port"]
-    for monitor in of_kind(manifests, "ServiceMonitor"):
+    for monitor in bridge_parts(of_kind(manifests, "ServiceMonitor")):
         (endpoint,) = monitor["spec"]["endpoints"]
         assert (endpoint["port"], endpoint["path"]) == ("admin", "/metrics")
         assert (
             monitor["spec"]["selector"]["matchLabels"].items()
             <= service["metadata"]["labels"].items()
         )
-    for policy in of_kind(manifests, "NetworkPolicy"):
+    for policy in bridge_parts(of_kind(manifests, "NetworkPolicy")):
         ingress_ports = [r["ports"][0]["port"] for r in policy["spec"]["ingress"]]
         assert sorted(port_number(container, p) for p in ingress_ports) == sorted(
             [settings.port, settings.admin_port]
@@ -240,9 +250,8 @@ def test_kafka_topics_are_the_bridge_topics(
         assert topic["spec"]["replicas"] == settings.topic_replication_factor
         assert topic["metadata"]["labels"]["strimzi.io/cluster"] == "my-cluster"
         assert topic["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
-        assert {k: str(v) for k, v in topic["spec"].get("config", {}).items()} == (
-            settings.topic_configs
-        )
+        # The same configs `topics create` would set with the pods' settings.
+        assert topic["spec"]["config"] == creation_configs(settings)
 
 
 def test_dashboard_configmap_is_the_dashboard_file() -> None:
@@ -350,6 +359,67 @@ def test_statefulset_keeps_a_claim_per_pod() -> None:
     assert one(manifests, "PodDisruptionBudget")["spec"]["minAvailable"] == 2
 
 
+QUANTITY_UNITS = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+# SQLite and its WAL take about 1.43 times the payload (issue 11, finding 5).
+SPOOL_DISK_OVERHEAD = 1.5
+
+
+def quantity_bytes(quantity: str) -> int:
+    for unit, factor in QUANTITY_UNITS.items():
+        if quantity.endswith(unit):
+            return int(float(quantity[: -len(unit)]) * factor)
+    return int(quantity)
+
+
+def test_the_default_install_keeps_the_spool_on_a_claim_per_pod(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Only kafka.bootstrapServers set: spooled callbacks survive pod deletion, rollouts and
+    scale-down (issue 11, finding 6: the default was a Deployment with an emptyDir spool
+    and an HPA that scales down when CPU is low, as it is during a Kafka outage)."""
+    manifests = render(load_value_set("minimal"))
+    bridge = workload(manifests)
+    assert bridge["kind"] == "StatefulSet"
+    pod = bridge["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    settings = bridge_settings(monkeypatch, manifests, container)
+    assert settings.spool_enabled
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    (claim,) = bridge["spec"]["volumeClaimTemplates"]
+    assert mounts[claim["metadata"]["name"]] == str(settings.spool_dir)
+    # The spool is the claim, not a pod volume that dies with the pod.
+    assert claim["metadata"]["name"] not in {v["name"] for v in pod["volumes"]}
+    assert bridge["spec"]["persistentVolumeClaimRetentionPolicy"] == {
+        "whenDeleted": "Retain",
+        "whenScaled": "Retain",
+    }
+    storage = quantity_bytes(claim["spec"]["resources"]["requests"]["storage"])
+    assert storage >= SPOOL_DISK_OVERHEAD * settings.spool_max_bytes
+    # Nothing scales it down behind the operator's back.
+    assert of_kind(manifests, "HorizontalPodAutoscaler") == []
+    assert bridge["spec"]["replicas"] >= 2
+    assert "WARNING" not in notes(load_value_set("minimal"))
+
+
+def test_an_emptydir_spool_is_a_choice_and_says_it_can_lose_data() -> None:
+    values = {"kafka": {"bootstrapServers": "kafka:9092"}, "workload": {"kind": "Deployment"}}
+    bridge = workload(render(values))
+    spool = next(v for v in bridge["spec"]["template"]["spec"]["volumes"] if v["name"] == "spool")
+    assert "emptyDir" in spool
+    assert "loses the callbacks" in notes(values)
+
+
+def test_autoscaling_keeps_every_spool() -> None:
+    values = {"kafka": {"bootstrapServers": "kafka:9092"}, "autoscaling": {"enabled": True}}
+    manifests = render(values)
+    bridge = workload(manifests)
+    assert bridge["kind"] == "StatefulSet"
+    assert bridge["spec"]["persistentVolumeClaimRetentionPolicy"]["whenScaled"] == "Retain"
+    assert one(manifests, "HorizontalPodAutoscaler")["spec"]["scaleTargetRef"]["kind"] == (
+        "StatefulSet"
+    )
+
+
 def test_network_policy_allows_only_what_the_bridge_needs() -> None:
     values = load_value_set("full")
     policy = one(render(values), "NetworkPolicy")
@@ -455,6 +525,21 @@ BAD_COMBINATIONS: list[tuple[str, dict[str, Any]]] = [
     ),
     ("topics.strimzi.clusterName is required", {"topics": {"strimzi": {"enabled": True}}}),
     (
+        "autoscaling a Deployment deletes a scaled-away pod's spool",
+        {"workload": {"kind": "Deployment"}, "autoscaling": {"enabled": True}},
+    ),
+    (
+        "autoscaling with spool.persistence.retentionPolicy.whenScaled=Delete",
+        {
+            "autoscaling": {"enabled": True},
+            "spool": {"persistence": {"retentionPolicy": {"whenScaled": "Delete"}}},
+        },
+    ),
+    (
+        "topics.minInsyncReplicas must not exceed topics.replicationFactor",
+        {"topics": {"replicationFactor": 2, "minInsyncReplicas": 3}},
+    ),
+    (
         "set only one of minAvailable and maxUnavailable",
         {"podDisruptionBudget": {"minAvailable": 1}},
     ),
@@ -491,9 +576,12 @@ CHART_MANAGED_SETTINGS = {
     "kafka_security_protocol", "kafka_sasl_mechanism", "kafka_sasl_username",
     "kafka_sasl_password", "kafka_ssl_cafile", "kafka_ssl_certfile", "kafka_ssl_keyfile",
     "topic_prefix", "topic_partitions", "topic_replication_factor", "topic_configs",
+    "topic_min_insync_replicas",
     "spool_enabled", "spool_dir", "drain_delay", "shutdown_timeout",
     # Secrets and secret files: from the chart's (or an existing) Secret, never the ConfigMap.
     "auth_tokens_file", "hmac_secrets", "tls_cert_file", "tls_key_file",
+    # The reconciler's own values (reconciler.apiKeySecret, .lumaBaseUrl, .publicUrl).
+    "luma_api_key", "luma_base_url", "public_url",
 }  # fmt: skip
 
 

@@ -27,7 +27,7 @@ from tests.deploy.rendering import (
 )
 
 BUILTIN_GROUPS = {"", "apps", "batch", "autoscaling", "policy", "networking.k8s.io"}
-EXPECTED_VALUE_SETS = {"minimal", "full", "statefulset", "existing-secret", "strimzi"}
+EXPECTED_VALUE_SETS = {"minimal", "full", "statefulset", "existing-secret", "strimzi", "reconciler"}
 
 
 def crd_schema_path(manifest: Manifest) -> str:
@@ -103,10 +103,10 @@ def test_upgrade_renders_the_same_resources(value_set: str) -> None:
 
 def test_validation_catches_a_bad_manifest() -> None:
     # The validator itself must be able to fail: an unknown field and a CRD typo.
-    deployment = next(m for m in render(load_value_set("full")) if m["kind"] == "Deployment")
-    deployment["spec"]["template"]["spec"]["containers"][0]["livenessProbes"] = {}
+    bridge = next(m for m in render(load_value_set("full")) if m["kind"] == "StatefulSet")
+    bridge["spec"]["template"]["spec"]["containers"][0]["livenessProbes"] = {}
     with pytest.raises(AssertionError, match="livenessProbes"):
-        validate_manifest(deployment, KUBE_VERSIONS[-1])
+        validate_manifest(bridge, KUBE_VERSIONS[-1])
     monitor = next(m for m in render(load_value_set("full")) if m["kind"] == "ServiceMonitor")
     monitor["spec"]["endpoints"][0]["intervall"] = "30s"
     with pytest.raises(AssertionError, match="intervall"):
@@ -117,7 +117,7 @@ def test_all_on_renders_every_kind() -> None:
     kinds = {m["kind"] for m in render(load_value_set("full"))}
     assert kinds >= {
         "ConfigMap",
-        "Deployment",
+        "StatefulSet",
         "HTTPRoute",
         "HorizontalPodAutoscaler",
         "Ingress",

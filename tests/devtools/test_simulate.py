@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import random
 import time
 from collections.abc import AsyncIterator
@@ -12,7 +13,13 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from bridge.devtools.simulate import SimulateOptions, generation_lifecycle, simulate
+from bridge.contract.callback import InvalidCallback, parse_callback
+from bridge.devtools.simulate import (
+    SimulateOptions,
+    generation_lifecycle,
+    planned_bodies,
+    simulate,
+)
 
 
 class FlakyReceiver:
@@ -80,3 +87,32 @@ def test_lifecycles_go_queued_dreaming_then_completed_or_failed() -> None:
         assert states[:2] == ["queued", "dreaming"]
         finals.add(states[2])
     assert finals == {"completed", "failed"}
+
+
+def test_count_is_the_number_of_bodies_and_invalid_ones_are_drawn_per_body() -> None:
+    options = SimulateOptions(url="http://unused", count=3000, invalid_ratio=0.3, seed=7)
+    groups = list(planned_bodies(options, random.Random(7)))
+    bodies = [body for group in groups for body in group]
+    assert len(bodies) == 3000
+    invalid = [body for body in bodies if not _is_valid(body)]
+    assert 0.27 <= len(invalid) / len(bodies) <= 0.33
+    lifecycle_groups = [group for group in groups if _is_valid(group[0])]
+    assert all(len({json.loads(b)["id"] for b in group}) == 1 for group in lifecycle_groups)
+
+
+def test_count_cuts_the_last_lifecycle_short_and_counts_redeliveries() -> None:
+    options = SimulateOptions(url="http://unused", count=7, duplicate_ratio=1.0, seed=1)
+    groups = list(planned_bodies(options, random.Random(1)))
+    assert [len(group) for group in groups] == [4, 3]
+    first = groups[0]
+    # The redelivery follows its first delivery, as Luma retrying a lost answer would.
+    assert sum(first[i] == first[i - 1] for i in range(1, 4)) == 1
+    assert len(set(first)) == 3
+
+
+def _is_valid(body: bytes) -> bool:
+    try:
+        parse_callback(body)
+    except InvalidCallback:
+        return False
+    return True

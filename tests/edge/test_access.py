@@ -15,7 +15,7 @@ import pytest
 from bridge.edge.access import SourcePolicy, parse_address
 from bridge.edge.auth import read_token_file
 from bridge.edge.ratelimit import RateLimiter
-from bridge.edge.signing import SignatureCheck, sign
+from bridge.edge.signing import Claim, ReplayGuard, SignatureCheck, sign
 from bridge.server import AUTHENTICATOR
 from bridge.settings import SettingsError, load_settings
 from tests.edge.support import (
@@ -102,12 +102,55 @@ def test_source_walks_past_every_trusted_proxy() -> None:
     assert SourcePolicy().allows(None)  # no allow-list: any source
 
 
-async def test_a_valid_signature_passes_and_its_replay_is_refused() -> None:
-    async with running_edge(hmac_secrets=HMAC_SECRET) as edge:
+async def test_a_repeated_webhook_id_with_the_same_body_is_a_duplicate_not_a_replay() -> None:
+    """Standard Webhooks: the id is the sender's idempotency key. A retry after a lost
+    200 carries the same id and body and must get 200 (issue 11: it got 401)."""
+    # Event-id dedupe off: the webhook id alone keeps the retry from being written twice.
+    async with running_edge(hmac_secrets=HMAC_SECRET, dedupe_window_size=0) as edge:
         good = request_bytes(headers=signed_headers(SEED_BODY))
-        assert (await send_raw(edge.port, good)).status == 200
-        assert unauthorized(await send_raw(edge.port, good))  # the same request again
+        first = await send_raw(edge.port, good)
+        assert first.status == 200
+        again = await send_raw(edge.port, good)  # the same request again
+        assert again.status == 200
+        assert json.loads(again.body) == {**json.loads(first.body), "duplicate": True}
         assert len(edge.publisher.records) == 2  # per-state and lifecycle, once
+        # Another body under a used id is refused.
+        other = SEED_BODY.replace(b"completed", b"failed")
+        reused = request_bytes(body=other, headers=signed_headers(other))
+        assert unauthorized(await send_raw(edge.port, reused))
+        assert len(edge.publisher.records) == 2
+
+
+def test_the_replay_window_counts_ids_it_forgets_early() -> None:
+    now = [0.0]
+    evicted: list[None] = []
+    guard = ReplayGuard(
+        ttl=10, size=2, clock=lambda: now[0], on_early_eviction=lambda: evicted.append(None)
+    )
+    assert guard.claim("a", b"1") is Claim.NEW
+    assert guard.claim("a", b"1") is Claim.REPEAT
+    assert guard.claim("a", b"2") is Claim.CONFLICT
+    guard.claim("b", b"1")
+    guard.claim("c", b"1")  # over the size within the window: "a" forgotten early
+    assert len(evicted) == 1
+    assert guard.claim("a", b"2") is Claim.NEW  # and "b" goes early to make room
+    assert len(evicted) == 2
+    now[0] = 100.0  # everything expired: forgetting on time is not counted
+    guard.claim("d", b"1")
+    guard.claim("e", b"1")
+    assert len(evicted) == 2
+    assert len(guard) == 2
+
+
+async def test_early_evictions_show_in_the_metric() -> None:
+    async with running_edge(hmac_secrets=HMAC_SECRET, hmac_replay_window_size=1) as edge:
+        for webhook_id in ("msg_a", "msg_b", "msg_c"):
+            body = SEED_BODY.replace(b"completed", webhook_id.encode())
+            headers = signed_headers(body, webhook_id=webhook_id)
+            assert (
+                await send_raw(edge.port, request_bytes(body=body, headers=headers))
+            ).status == 200
+        assert edge.sample("luma_bridge_webhook_ids_evicted_early_total") == 2
 
 
 @pytest.mark.parametrize(

@@ -23,7 +23,7 @@ from bridge.delivery.topics import create_topics
 from bridge.edge.signing import sign
 from tests.conftest import KafkaBroker
 from tests.faults.harness import TOKEN, BridgeProcess, new_prefix
-from tests.helpers import SEED_COMPLETED_VIDEO, bridge_settings, wait_until
+from tests.helpers import SEED_COMPLETED_VIDEO, bridge_settings, topics_visible, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -58,6 +58,7 @@ def bridge(kafka_broker: KafkaBroker) -> Iterator[BridgeProcess]:
         kafka_broker.bootstrap, kafka_broker.supports_idempotence, topic_prefix=prefix
     )
     asyncio.run(create_topics(settings))
+    asyncio.run(topics_visible(settings))
     workdir = Path(tempfile.mkdtemp(prefix="luma-bridge-attack-"))
     tokens_file = workdir / "tokens"
     tokens_file.write_text(FILE_TOKEN + "\n")

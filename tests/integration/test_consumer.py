@@ -160,8 +160,9 @@ async def test_a_late_state_is_reported_stale_even_after_a_restart(
         await events.commit()
     assert (dreaming.stale, completed.stale) == (False, False)
 
-    # Luma's late retry of an earlier state, seen by a restarted consumer.
-    late = generation("gen-late", "dreaming", assets=None, progress="late retry")
+    # A late progress update of an earlier state, seen by a restarted consumer. (A late
+    # `dreaming` with the same assets would be the same transition: skipped as a duplicate.)
+    late = generation("gen-late", "dreaming", assets={"progress_video": "https://cdn/late.mp4"})
     await send(bridge, late)
     await send(bridge, generation("gen-late", "failed", assets=None, failure_reason="moderation"))
     async with consumer(group_id=name, lifecycle=True) as events:

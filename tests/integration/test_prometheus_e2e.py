@@ -6,7 +6,9 @@ scrapes its admin port every second and loads the shipped rules file. The
 traffic covers every outcome the metrics can tell apart: simulated generation
 lifecycles in all states with Luma's retries, redeliveries, invalid bodies
 (dead letters), an unknown state, an unauthorized and a rejected (415) request,
-and callbacks sent while Kafka is frozen (503s and produce errors).
+and callbacks sent while Kafka is frozen (503s and produce errors). The reconciler
+(`python -m bridge reconcile`, against a fake of Luma's API served by the test) runs
+beside it under the same scrape job, so its dashboard row and alerts are checked too.
 
 Then, through Prometheus's HTTP API:
 
@@ -51,6 +53,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bridge.devtools.embedded import EmbeddedBroker, free_port
+from bridge.devtools.fake_luma import FakeLumaAPI
 from bridge.devtools.simulate import SimulateOptions, simulate
 from tests.ops.support import (
     RULES_PATH,
@@ -67,6 +70,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
 JOB = "luma-kafka-bridge"
 TOKEN = "e2e-token-0123456789"
+LUMA_API_KEY = "e2e-luma-key-0123456789"
 GRAFANA_VALUES = {
     "job": JOB,
     "instance": ".*",
@@ -91,6 +95,8 @@ class Layout:
     prometheus_config: Path
     bridge_log: IO[bytes]
     prometheus_log: IO[bytes]
+    reconciler_admin_port: int
+    reconciler_log: IO[bytes]
 
     @property
     def callback_url(self) -> str:
@@ -178,6 +184,7 @@ def generation(state: str) -> dict[str, Any]:
 def layout(tmp_path: Path) -> Iterator[Layout]:
     prometheus_bin = require_tool("prometheus")
     admin_port = free_port()
+    reconciler_admin_port = free_port()
     config = tmp_path / "prometheus.yml"
     config.write_text(
         json.dumps(  # JSON is YAML
@@ -187,7 +194,14 @@ def layout(tmp_path: Path) -> Iterator[Layout]:
                 "scrape_configs": [
                     {
                         "job_name": JOB,
-                        "static_configs": [{"targets": [f"127.0.0.1:{admin_port}"]}],
+                        "static_configs": [
+                            {
+                                "targets": [
+                                    f"127.0.0.1:{admin_port}",
+                                    f"127.0.0.1:{reconciler_admin_port}",
+                                ]
+                            }
+                        ],
                     }
                 ],
             }
@@ -196,6 +210,7 @@ def layout(tmp_path: Path) -> Iterator[Layout]:
     with (
         (tmp_path / "bridge.log").open("wb") as bridge_log,
         (tmp_path / "prometheus.log").open("wb") as prometheus_log,
+        (tmp_path / "reconciler.log").open("wb") as reconciler_log,
     ):
         yield Layout(
             workdir=tmp_path,
@@ -206,6 +221,8 @@ def layout(tmp_path: Path) -> Iterator[Layout]:
             prometheus_config=config,
             bridge_log=bridge_log,
             prometheus_log=prometheus_log,
+            reconciler_admin_port=reconciler_admin_port,
+            reconciler_log=reconciler_log,
         )
 
 
@@ -261,8 +278,47 @@ async def bridge(
 
 
 @pytest.fixture
+async def reconciler(
+    layout: Layout,
+    own_broker: EmbeddedBroker,
+    bridge: asyncio.subprocess.Process,
+    http: aiohttp.ClientSession,
+) -> AsyncIterator[asyncio.subprocess.Process]:
+    """`reconcile` on the bridge's broker and a fake Luma API; discovery lists every second."""
+    async with FakeLumaAPI(api_key=LUMA_API_KEY) as api:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bridge", "reconcile",
+            "--kafka-bootstrap-servers", own_broker.bootstrap,
+            "--kafka-enable-idempotence", "false",
+            "--topic-replication-factor", "1",
+            "--host", "127.0.0.1",
+            "--admin-port", str(layout.reconciler_admin_port),
+            "--luma-base-url", api.base_url,
+            "--public-url", layout.callback_url,
+            "--reconcile-interval-seconds", "1",
+            "--log-format", "json",
+            env={**os.environ, "LUMA_BRIDGE_LUMA_API_KEY": LUMA_API_KEY},
+            stdout=layout.reconciler_log, stderr=layout.reconciler_log,
+        )  # fmt: skip
+        try:
+            readyz = f"http://127.0.0.1:{layout.reconciler_admin_port}/readyz"
+
+            async def ready() -> bool:
+                assert process.returncode is None, layout.tail(layout.reconciler_log)
+                return await answers_200(http, readyz)
+
+            await eventually(ready, "the reconciler to be ready")
+            yield process
+        finally:
+            await stop_process(process)
+
+
+@pytest.fixture
 async def prometheus(
-    layout: Layout, bridge: asyncio.subprocess.Process, http: aiohttp.ClientSession
+    layout: Layout,
+    bridge: asyncio.subprocess.Process,
+    reconciler: asyncio.subprocess.Process,
+    http: aiohttp.ClientSession,
 ) -> AsyncIterator[PrometheusAPI]:
     process = await asyncio.create_subprocess_exec(
         layout.prometheus_bin,
@@ -395,6 +451,7 @@ async def send_traffic(
             "luma_bridge_generation_age_seconds_count",
             "luma_bridge_callback_duration_seconds_count",
             "luma_bridge_kafka_produce_duration_seconds_count",
+            "luma_bridge_reconciler_luma_api_duration_seconds_count",
         ):
             if not (await prometheus.value(f"sum(increase({name}[1m]))") or 0) > 0:
                 return False
@@ -412,7 +469,7 @@ async def test_every_panel_and_alert_has_data(
     started = time.time()
 
     async def bridge_is_up() -> bool:
-        return await prometheus.value(f'up{{job="{JOB}"}}') == 1
+        return await prometheus.value(f'min(up{{job="{JOB}"}})') == 1
 
     await eventually(bridge_is_up, "Prometheus to scrape the bridge")
     await send_traffic(http, layout, own_broker, prometheus)

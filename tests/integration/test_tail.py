@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sys
+from datetime import UTC, datetime
 
 import pytest
+from aiokafka import AIOKafkaProducer
 
+from bridge.contract.callback import parse_callback, record_headers
 from bridge.server import BridgeServer
 from bridge.settings import Settings
 from tests.consume.support import generation, send
@@ -107,3 +111,69 @@ async def test_tail_json_lines_follow_chosen_states(
     assert completed["received_at"].endswith("Z")
     failed = next(e for e in events if e["state"] == "failed")
     assert failed["failure_reason"] == SEED_FAILED_VIDEO["failure_reason"]
+
+
+async def write_old_records(settings: Settings, count: int) -> None:
+    """Records already on the lifecycle topic, in one batch (one partition, one send)."""
+    producer = AIOKafkaProducer(
+        bootstrap_servers=settings.kafka_bootstrap_servers,
+        enable_idempotence=False,
+        linger_ms=200,
+    )
+    await producer.start()
+    try:
+        sent = []
+        for n in range(count):
+            callback = parse_callback(json.dumps(generation(f"old-{n}", "queued")).encode())
+            sent.append(
+                await producer.send(
+                    f"{settings.topic_prefix}.lifecycle",
+                    callback.value,
+                    key=b"one-partition",
+                    headers=record_headers(callback, datetime.now(UTC)),
+                )
+            )
+        await asyncio.gather(*sent)
+    finally:
+        await producer.stop()
+
+
+async def test_tail_without_from_beginning_prints_only_new_events(
+    bridge: BridgeServer, settings: Settings
+) -> None:
+    # Tansu answers "latest" with the offset after the first record of the last batch,
+    # not after the batch: a consumer starting there would read old records first.
+    await write_old_records(settings, 3)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bridge",
+        "tail",
+        "--max-events",
+        "1",
+        "--kafka-bootstrap-servers",
+        settings.kafka_bootstrap_servers,
+        "--topic-prefix",
+        settings.topic_prefix,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert process.stderr is not None
+        async with asyncio.timeout(30):
+            while b"following" not in await process.stderr.readline():
+                pass
+            # Keep sending until tail shows something: it starts reading at its first fetch.
+            sent = 0
+            while process.returncode is None:
+                await send(bridge, generation(f"new-{sent}", "queued"))
+                sent += 1
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(process.wait()), 0.5)
+        out = await process.stdout.read() if process.stdout else b""
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    (line,) = out.decode().splitlines()
+    assert line.split()[2].startswith("new-"), line

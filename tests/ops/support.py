@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 from prometheus_client import CollectorRegistry
 
-from bridge.ops.metrics import Metrics
+from bridge.ops.metrics import Metrics, ReconcilerMetrics
 from tests.conftest import unavailable
 
 REPO = Path(__file__).resolve().parents[2]
@@ -88,9 +88,10 @@ def panel_targets(dashboard: Mapping[str, Any]) -> list[PanelTarget]:
 
 
 def metric_families() -> dict[str, str]:
-    """Each metric family a fresh bridge defines, by name, with its type."""
+    """Each metric family a fresh bridge and a fresh reconciler define, by name, with its type."""
     registry = CollectorRegistry()
     Metrics(registry)
+    ReconcilerMetrics(registry)
     return {family.name: family.type for family in registry.collect()}
 
 

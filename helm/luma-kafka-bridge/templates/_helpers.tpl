@@ -128,11 +128,20 @@ app.kubernetes.io/component: bridge
 {{- if and .Values.topics.strimzi.enabled (not .Values.topics.strimzi.clusterName) }}
 {{- fail "topics.strimzi.clusterName is required when topics.strimzi.enabled" }}
 {{- end }}
+{{- if and (not (kindIs "invalid" .Values.topics.minInsyncReplicas)) (gt (int .Values.topics.minInsyncReplicas) (int .Values.topics.replicationFactor)) }}
+{{- fail "topics.minInsyncReplicas must not exceed topics.replicationFactor: acks=all could never be met" }}
+{{- end }}
+{{- if and .Values.autoscaling.enabled .Values.spool.enabled (ne .Values.workload.kind "StatefulSet") }}
+{{- fail "autoscaling a Deployment deletes a scaled-away pod's spool with the callbacks it holds: use workload.kind=StatefulSet (the default), or autoscaling.enabled=false" }}
+{{- end }}
+{{- if and .Values.autoscaling.enabled .Values.spool.enabled (eq .Values.workload.kind "StatefulSet") (eq .Values.spool.persistence.retentionPolicy.whenScaled "Delete") }}
+{{- fail "autoscaling with spool.persistence.retentionPolicy.whenScaled=Delete deletes a scaled-away pod's spool with the callbacks it holds: set whenScaled=Retain" }}
+{{- end }}
 {{- if and .Values.podDisruptionBudget.enabled (not (kindIs "invalid" .Values.podDisruptionBudget.minAvailable)) (not (kindIs "invalid" .Values.podDisruptionBudget.maxUnavailable)) }}
 {{- fail "podDisruptionBudget: set only one of minAvailable and maxUnavailable (null the other)" }}
 {{- end }}
 {{- range $key, $_ := .Values.settings }}
-{{- if has ($key | snakecase) (list "host" "port" "admin_port" "callback_path" "auth_tokens" "kafka_bootstrap_servers" "kafka_security_protocol" "kafka_sasl_mechanism" "kafka_sasl_username" "kafka_sasl_password" "kafka_ssl_cafile" "kafka_ssl_certfile" "kafka_ssl_keyfile" "topic_prefix" "topic_partitions" "topic_replication_factor" "topic_configs" "spool_enabled" "spool_dir" "drain_delay" "shutdown_timeout" "auth_tokens_file" "hmac_secrets" "tls_cert_file" "tls_key_file") }}
+{{- if has ($key | snakecase) (list "host" "port" "admin_port" "callback_path" "auth_tokens" "kafka_bootstrap_servers" "kafka_security_protocol" "kafka_sasl_mechanism" "kafka_sasl_username" "kafka_sasl_password" "kafka_ssl_cafile" "kafka_ssl_certfile" "kafka_ssl_keyfile" "topic_prefix" "topic_partitions" "topic_replication_factor" "topic_min_insync_replicas" "topic_configs" "spool_enabled" "spool_dir" "drain_delay" "shutdown_timeout" "auth_tokens_file" "hmac_secrets" "tls_cert_file" "tls_key_file") }}
 {{- fail (printf "settings.%s is set by a dedicated chart value; see values.yaml" $key) }}
 {{- end }}
 {{- end }}
@@ -171,6 +180,9 @@ LUMA_BRIDGE_KAFKA_SSL_KEYFILE: {{ printf "%s/client/%s" (include "luma-kafka-bri
 LUMA_BRIDGE_TOPIC_PREFIX: {{ .Values.topics.prefix | quote }}
 LUMA_BRIDGE_TOPIC_PARTITIONS: {{ .Values.topics.partitions | quote }}
 LUMA_BRIDGE_TOPIC_REPLICATION_FACTOR: {{ .Values.topics.replicationFactor | quote }}
+{{- if not (kindIs "invalid" .Values.topics.minInsyncReplicas) }}
+LUMA_BRIDGE_TOPIC_MIN_INSYNC_REPLICAS: {{ .Values.topics.minInsyncReplicas | quote }}
+{{- end }}
 {{- with .Values.topics.config }}
 LUMA_BRIDGE_TOPIC_CONFIGS: {{ include "luma-kafka-bridge.pairs" . | quote }}
 {{- end }}
@@ -299,4 +311,19 @@ LUMA_BRIDGE_SHUTDOWN_TIMEOUT: {{ .Values.lifecycle.shutdownTimeoutSeconds | quot
 {{- end }}
 {{- $names = append $names (printf "%s.deadletter" $prefix) }}
 {{- toJson $names }}
+{{- end }}
+
+{{/*
+The configs every topic is created with, as `topics create` sets them: min.insync.replicas
+(topics.minInsyncReplicas, else the smaller of 2 and the replication factor) and a
+max.message.bytes that fits the largest body with its key and headers; topics.config wins.
+*/}}
+{{- define "luma-kafka-bridge.topicConfigs" -}}
+{{- $minInsync := .Values.topics.minInsyncReplicas -}}
+{{- if kindIs "invalid" $minInsync }}{{ $minInsync = min 2 (int .Values.topics.replicationFactor) }}{{ end -}}
+{{- $maxBody := 1048576 -}}
+{{- if hasKey .Values.settings "maxBodyBytes" }}{{ $maxBody = int .Values.settings.maxBodyBytes }}{{ end -}}
+{{- $configs := dict "min.insync.replicas" (toString (int $minInsync)) "max.message.bytes" (toString (add $maxBody 65536)) -}}
+{{- range $key, $value := .Values.topics.config }}{{ $_ := set $configs $key (include "luma-kafka-bridge.settingValue" $value) }}{{ end -}}
+{{- toJson $configs -}}
 {{- end }}

@@ -1,0 +1,172 @@
+"""The write token in `request.callback_url` never reaches a record (issue 11).
+
+Luma echoes the callback URL it was given in the Generation it POSTs, and that
+URL carries the token that lets anyone write to the bridge. The seed's own
+example is used, with the callback URL its server section describes.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import yaml
+
+from bridge.contract.asyncapi import value_schema
+from bridge.contract.callback import (
+    REDACTED,
+    event_id_for,
+    parse_callback,
+    redact_callback_token,
+    redact_raw_token,
+    redact_url_token,
+)
+
+SEED = Path("/work/shared/seed/luma-dream-machine-callback.asyncapi.yaml")
+TOKEN = "s3cr3t-t0ken-0123456789abcdef"
+PATH = "/luma/callback"
+
+
+def seed_document() -> dict[str, Any]:
+    if SEED.exists():
+        loaded: dict[str, Any] = yaml.safe_load(SEED.read_text())
+        return loaded
+    # The seed lives beside the repository on the build machine; the test keeps a copy
+    # of the two parts it needs so it runs anywhere.
+    return {
+        "servers": {
+            "customer-callback": {
+                "variables": {"callback_url": {"default": "https://example.com/luma/callback"}}
+            }
+        },
+        "channels": {},
+        "components": {"messages": {"GenerationCallback": {"examples": [SEED_EXAMPLE]}}},
+    }
+
+
+SEED_EXAMPLE = {
+    "name": "completed-video",
+    "payload": {
+        "id": "d1ad97c4-9d8f-4e3a-9c2e-3b8c0b9b1e2a",
+        "state": "completed",
+        "failure_reason": None,
+        "created_at": "2026-05-30T12:34:56.000Z",
+        "assets": {"video": "https://storage.cdn-luma.com/.../generation.mp4"},
+        "version": "ray-2",
+        "request": {
+            "prompt": "A teddy bear in sunglasses playing electric guitar and dancing",
+            "aspect_ratio": "16:9",
+            "loop": False,
+        },
+    },
+}
+
+
+def seed_callback_with_url(url_of: str) -> dict[str, Any]:
+    """The seed's completed-video example as Luma echoes it: with `request.callback_url`."""
+    seed = seed_document()
+    examples = seed["components"]["messages"]["GenerationCallback"]["examples"]
+    example = next(e for e in examples if e["name"] == "completed-video")
+    payload: dict[str, Any] = copy.deepcopy(example["payload"])
+    base = seed["servers"]["customer-callback"]["variables"]["callback_url"]["default"]
+    payload["request"]["callback_url"] = url_of.format(base=base, token=TOKEN)
+    return payload
+
+
+@pytest.mark.parametrize(
+    ("url", "redacted"),
+    [
+        ("{base}/{token}", f"https://example.com/luma/callback/{REDACTED}"),
+        ("{base}?token={token}", f"https://example.com/luma/callback?token={REDACTED}"),
+        (
+            "{base}/{token}?token={token}&x=1",
+            f"https://example.com/luma/callback/{REDACTED}?token={REDACTED}&x=1",
+        ),
+        # An ingress prefix in front of the bridge's own path.
+        (
+            "https://example.com/hooks/luma/callback/{token}",
+            f"https://example.com/hooks/luma/callback/{REDACTED}",
+        ),
+        ("{base}", "https://example.com/luma/callback"),
+    ],
+)
+def test_the_token_never_reaches_the_record_value(url: str, redacted: str) -> None:
+    payload = seed_callback_with_url(url)
+    callback = parse_callback(json.dumps(payload).encode(), callback_path=PATH)
+    assert TOKEN.encode() not in callback.value
+    value = orjson.loads(callback.value)
+    assert value["request"]["callback_url"] == redacted
+    # Everything else is kept as received.
+    del value["request"]["callback_url"], payload["request"]["callback_url"]
+    assert value == payload
+
+
+def test_the_event_id_is_computed_after_redaction() -> None:
+    """Two tokens for one generation (rotation) give one event id, and the id is the
+    hash of what is written, so consumers can recompute it from the record."""
+    old = parse_callback(json.dumps(seed_callback_with_url("{base}/{token}")).encode())
+    payload = seed_callback_with_url("{base}/{token}")
+    payload["request"]["callback_url"] = payload["request"]["callback_url"].replace(
+        TOKEN, "another-token-after-rotation"
+    )
+    new = parse_callback(json.dumps(payload).encode())
+    assert old.event_id == new.event_id
+    assert old.event_id == event_id_for(old.generation_id, old.state, old.value)
+
+
+def test_redaction_is_pure_and_leaves_other_values_alone() -> None:
+    payload = seed_callback_with_url("{base}/{token}")
+    before = copy.deepcopy(payload)
+    redacted = redact_callback_token(payload, PATH)
+    assert payload == before  # not mutated
+    assert redacted["request"]["callback_url"].endswith("/" + REDACTED)
+    plain = seed_callback_with_url("{base}")
+    assert redact_callback_token(plain, PATH) is plain
+    for odd in (
+        {"id": "g", "state": "queued"},
+        {"request": None},
+        {"request": {"callback_url": 7}},
+    ):
+        assert redact_callback_token(odd, PATH) is odd
+
+
+def test_a_custom_callback_path_and_userinfo_are_redacted() -> None:
+    url = f"https://bridge:pw@example.com/hooks/luma/{TOKEN}/?token={TOKEN}#frag"
+    redacted = redact_url_token(url, "/hooks/luma")
+    assert TOKEN not in redacted
+    assert "pw" not in redacted
+    assert redacted == (
+        f"https://bridge:{REDACTED}@example.com/hooks/luma/{REDACTED}/?token={REDACTED}#frag"
+    )
+
+
+def test_a_dead_letter_body_keeps_its_bytes_but_not_the_token() -> None:
+    payload = seed_callback_with_url("{base}/{token}?token={token}")
+    payload["state"] = 7  # invalid: this body is dead-lettered raw
+    body = json.dumps(payload, indent=2).encode()
+    evidence = redact_raw_token(body, PATH)
+    assert TOKEN.encode() not in evidence
+    assert evidence == body.replace(TOKEN.encode(), REDACTED.encode())
+
+
+def test_the_published_contract_says_the_token_is_redacted() -> None:
+    schema = value_schema()
+    assert REDACTED in schema["properties"]["request"]["description"]
+    assert REDACTED in schema["description"]
+    assert schema["properties"]["id"]["maxLength"] == 256
+    published = Path(__file__).parents[2] / "docs" / "asyncapi.yaml"
+    assert "request.callback_url" in published.read_text()
+
+
+def test_a_dead_letter_with_escaped_slashes_loses_the_token_too() -> None:
+    body = (
+        b'{"id":"g","state":7,"request":{"callback_url":'
+        b'"https:\\/\\/example.com\\/luma\\/callback\\/' + TOKEN.encode() + b'"}}'
+    )
+    evidence = redact_raw_token(body, PATH)
+    assert TOKEN.encode() not in evidence
+    assert evidence.endswith(b"\\/luma\\/callback\\/" + REDACTED.encode() + b'"}}')

@@ -1,0 +1,512 @@
+"""Failover on a real Apache Kafka cluster: one controller and three brokers (RF 3, min ISR 2).
+
+Each scenario runs the bridge as its own process (the real CLI, idempotent producer on,
+acks=all) with its client connections going through a TCP proxy per broker, drives
+Luma-shaped load with `simulate` (Luma's retries included), breaks the cluster while the
+load runs, repairs it, and audits the lifecycle topic: nothing answered 200 missing, each
+generation's states in order, duplicates counted. The numbers go to `FAULT_REPORT` and
+the README's fault table. One cluster serves every scenario; each one leaves it whole.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import os
+import tempfile
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
+
+import aiohttp
+import pytest
+from aiokafka import ConsumerRecord
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.errors import KafkaError
+
+from bridge.delivery.topics import create_topics
+from bridge.devtools.embedded import free_port
+from bridge.settings import load_settings
+from tests.conftest import kafka_version, unavailable
+from tests.faults.harness import BridgeProcess, audit, new_prefix, run_simulate
+from tests.helpers import consume, topics_visible
+from tests.kafka.launcher import KafkaCluster, KafkaLauncherError, missing_tools
+
+# Broker restarts on a busy 2-core machine take a while: more than the suite's 300 s.
+pytestmark = [pytest.mark.faults, pytest.mark.kafka_cluster, pytest.mark.timeout(900)]
+
+OUTAGE = float(os.environ.get("FAULT_OUTAGE_SECONDS", "5"))
+STATE_RANK = {"queued": 0, "dreaming": 1, "completed": 2, "failed": 2}
+BROKER_IDS = (1, 2, 3)
+
+
+class BrokerProxies:
+    """A TCP proxy in front of each broker's client listener, in a thread of its own.
+
+    Brokers advertise the proxy's port, so every client connection goes through it;
+    replication and the controller do not. `cut(node)` makes the broker a black hole
+    for clients (connections accepted, nothing answered, as in a network partition);
+    `restore(node)` drops those connections so clients reconnect.
+    """
+
+    def __init__(self, node_ids: tuple[int, ...]) -> None:
+        self.ports = {node: free_port() for node in node_ids}
+        self.targets: dict[int, int] = {}
+        self._cut: set[int] = set()
+        self._writers: dict[int, set[asyncio.StreamWriter]] = {n: set() for n in node_ids}
+        self._loop = asyncio.new_event_loop()
+        self._servers: list[asyncio.Server] = []
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+
+    def start(self, targets: dict[int, int]) -> None:
+        self.targets = targets
+        self._thread.start()
+        self._call(self._open()).result(timeout=10)
+
+    def cut(self, node: int) -> None:
+        self._call(self._set_cut(node, True)).result(timeout=10)
+
+    def restore(self, node: int) -> None:
+        self._call(self._set_cut(node, False)).result(timeout=10)
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self._call(self._close()).result(timeout=10)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)
+
+    def _call(self, coro: Any) -> Future[Any]:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop)
+
+    async def _open(self) -> None:
+        for node, port in self.ports.items():
+            server = await asyncio.start_server(
+                functools.partial(self._connect, node), "127.0.0.1", port
+            )
+            self._servers.append(server)
+
+    async def _close(self) -> None:
+        for server in self._servers:
+            server.close()
+        for writers in self._writers.values():
+            for writer in writers:
+                writer.close()
+
+    async def _set_cut(self, node: int, cut: bool) -> None:
+        if cut:
+            self._cut.add(node)
+        else:
+            self._cut.discard(node)
+        for writer in list(self._writers[node]):  # both ways: live connections end now
+            writer.close()
+
+    async def _connect(
+        self, node: int, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter
+    ) -> None:
+        self._writers[node].add(client_w)
+        try:
+            if node in self._cut:
+                while await client_r.read(65536):  # swallowed: no answer ever comes
+                    pass
+                return
+            broker_r, broker_w = await asyncio.open_connection("127.0.0.1", self.targets[node])
+            self._writers[node].add(broker_w)
+            await asyncio.gather(self._pump(client_r, broker_w), self._pump(broker_r, client_w))
+        except OSError:
+            pass
+        finally:
+            for writer in [w for w in self._writers[node] if w is client_w]:
+                self._writers[node].discard(writer)
+            client_w.close()
+
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while chunk := await reader.read(65536):
+                writer.write(chunk)
+                await writer.drain()
+        except OSError:
+            pass
+        finally:
+            writer.close()
+
+
+@dataclass
+class Cluster:
+    kafka: KafkaCluster
+    proxies: BrokerProxies
+
+    @property
+    def bootstrap(self) -> str:
+        """Through the proxies, as the bridge sees the cluster."""
+        return self.kafka.bootstrap
+
+    @property
+    def direct(self) -> str:
+        """The brokers' own listeners, for the audit's reader and admin calls."""
+        return self.kafka.direct_bootstrap
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    missing = missing_tools()
+    if missing:
+        unavailable(f"the kafka_cluster scenarios need {' and '.join(missing)}")
+    proxies = BrokerProxies(BROKER_IDS)
+    directory = Path(tempfile.mkdtemp(prefix="luma-kafka-cluster-"))
+    try:
+        kafka = KafkaCluster.controller_and_brokers(
+            directory, kafka_version(), advertised_ports=proxies.ports
+        )
+    except KafkaLauncherError as exc:
+        pytest.fail(f"Apache Kafka cannot be fetched: {exc}")
+    proxies.start({node.node_id: node.client_port or 0 for node in kafka.brokers})
+    try:
+        kafka.start()
+    except KafkaLauncherError as exc:
+        proxies.stop()
+        kafka.kill()  # the log tails are in the message; the directory stays for a look
+        pytest.fail(f"the 3-broker cluster did not start: {exc}")
+    try:
+        yield Cluster(kafka, proxies)
+    finally:
+        proxies.stop()
+        kafka.remove()
+
+
+@pytest.fixture
+async def bridge(cluster: Cluster, tmp_path: Path) -> AsyncIterator[BridgeProcess]:
+    """The bridge on the cluster with production settings: idempotence on, RF 3, min ISR 2."""
+    await asyncio.to_thread(cluster.kafka.wait_for_brokers, BROKER_IDS)
+    prefix = new_prefix()
+    settings = load_settings(
+        kafka_bootstrap_servers=cluster.direct,
+        topic_prefix=prefix,
+        topic_partitions=3,
+        topic_replication_factor=3,
+        topic_configs={"min.insync.replicas": "2"},
+    )
+    await create_topics(settings)
+    await topics_visible(settings)
+    assert await topic_layout(cluster, prefix) == {(3, "2")}  # RF 3, min ISR 2, read back
+    process = BridgeProcess(
+        cluster.bootstrap,
+        spool_dir=tmp_path,
+        prefix=prefix,
+        kafka_enable_idempotence="true",
+    )
+    process.start()
+    try:
+        await process.wait_ready(timeout=60)
+        yield process
+    finally:
+        process.stop()
+    await fully_replicated(cluster, prefix)  # the next scenario starts from a whole cluster
+
+
+class Load:
+    """Luma-shaped load (`simulate`, 100 callbacks/s, Luma's retries) until `stop()`.
+
+    Runs `simulate` in rounds of 300 callbacks, each round new generations, so the load
+    lasts as long as the fault does, however long the machine takes to restart brokers.
+    """
+
+    ROUND = 300
+    RATE = 100.0
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.summary: dict[str, Any] = {"sent": 0, "statuses": {}}
+        self.acked: list[str] = []
+        self._stopping = asyncio.Event()
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        seed = 100
+        while not self._stopping.is_set():
+            summary, acked = await run_simulate(self.url, self.ROUND, rate=self.RATE, seed=seed)
+            seed += 1
+            self.summary["sent"] += summary["sent"]
+            for status, count in summary["statuses"].items():
+                self.summary["statuses"][status] = self.summary["statuses"].get(status, 0) + count
+            self.acked += acked
+
+    async def stop(self) -> tuple[dict[str, Any], list[str]]:
+        """Let the running round finish; what was sent and acknowledged."""
+        self._stopping.set()
+        await self._task
+        return self.summary, self.acked
+
+
+async def partitions(cluster: Cluster, prefix: str) -> list[dict[str, Any]]:
+    """Every partition of the scenario's topics: topic, partition, leader, replicas, isr."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=cluster.direct, request_timeout_ms=5000)
+    await admin.start()
+    try:
+        topics = [t for t in await admin.list_topics() if t.startswith(prefix + ".")]
+        described = await admin.describe_topics(topics)
+    finally:
+        await admin.close()
+    return [{"topic": t["topic"], **p} for t in described for p in t["partitions"]]
+
+
+async def topic_layout(cluster: Cluster, prefix: str) -> set[tuple[int, str]]:
+    """(replicas, min.insync.replicas) of every partition of the scenario's topics."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=cluster.direct, request_timeout_ms=5000)
+    await admin.start()
+    try:
+        topics = [t for t in await admin.list_topics() if t.startswith(prefix + ".")]
+        described = await admin.describe_topics(topics)
+        resources = [ConfigResource(ConfigResourceType.TOPIC, t) for t in topics]
+        responses = await admin.describe_configs(resources)
+    finally:
+        await admin.close()
+    min_isr = {
+        resource[3]: entry[1]
+        for response in responses
+        for resource in response.resources
+        for entry in resource[4]
+        if entry[0] == "min.insync.replicas"
+    }
+    return {(len(p["replicas"]), min_isr[t["topic"]]) for t in described for p in t["partitions"]}
+
+
+async def fully_replicated(cluster: Cluster, prefix: str, timeout: float = 120.0) -> float:
+    """Wait until every partition has all three replicas in sync; seconds it took."""
+    started = time.monotonic()
+    while True:
+        with contextlib.suppress(KafkaError):  # a broker on its way up may not answer yet
+            if all(len(p["isr"]) == 3 for p in await partitions(cluster, prefix)):
+                return time.monotonic() - started
+        if time.monotonic() - started > timeout:
+            raise AssertionError(
+                f"ISR not whole after {timeout}s: {await partitions(cluster, prefix)}"
+            )
+        await asyncio.sleep(0.25)
+
+
+async def lifecycle_leader(cluster: Cluster, prefix: str) -> int:
+    found = [p for p in await partitions(cluster, prefix) if p["topic"] == f"{prefix}.lifecycle"]
+    return int(found[0]["leader"])
+
+
+async def answered(bridge: BridgeProcess) -> float:
+    """Callbacks the bridge has answered so far, whatever the outcome."""
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"http://127.0.0.1:{bridge.admin_port}/metrics") as response,
+    ):
+        text = await response.text()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("luma_bridge_callbacks_total{")
+    )
+
+
+async def load_established(bridge: BridgeProcess, at_least: int = 150) -> None:
+    deadline = time.monotonic() + 60
+    while await answered(bridge) < at_least:
+        assert time.monotonic() < deadline, f"load did not reach {at_least}: {bridge.log_text()}"
+        await asyncio.sleep(0.1)
+
+
+async def spool_drained(bridge: BridgeProcess, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while await bridge.metric("luma_bridge_spool_records") > 0:
+        assert time.monotonic() < deadline, f"spool not drained in {timeout}s"
+        await asyncio.sleep(0.1)
+
+
+def recovery(cluster: Cluster, bridge: BridgeProcess) -> asyncio.Task[float]:
+    """Started at the repair: seconds until every partition has its three in-sync replicas
+    again and the bridge's spool is empty (measured while the load goes on)."""
+
+    async def measure(repaired_at: float) -> float:
+        await fully_replicated(cluster, bridge.prefix)
+        await spool_drained(bridge)
+        return time.monotonic() - repaired_at
+
+    return asyncio.create_task(measure(time.monotonic()))
+
+
+def order_violations(records: list[ConsumerRecord]) -> int:
+    """Generations whose states, in the order first written, go backwards in the lifecycle.
+
+    A small function of its own so a shared audit can replace it. Duplicates of a state
+    already seen are left to the duplicate count.
+    """
+    seen: dict[bytes, list[str]] = {}
+    for record in sorted(records, key=lambda r: (r.partition, r.offset)):
+        state = dict(record.headers)["luma-state"].decode()
+        states = seen.setdefault(record.key or b"", [])
+        if state not in states:
+            states.append(state)
+    return sum(
+        1
+        for states in seen.values()
+        if [STATE_RANK[s] for s in states] != sorted(STATE_RANK[s] for s in states)
+    )
+
+
+async def check(
+    scenario: str,
+    cluster: Cluster,
+    bridge: BridgeProcess,
+    load: Load,
+    *,
+    recovery: asyncio.Task[float],
+) -> dict[str, Any]:
+    """Wait for the load and the spool, then audit the lifecycle topic; the numbers."""
+    recovered = await recovery  # the load goes on meanwhile
+    summary, acked = await load.stop()
+    await spool_drained(bridge)
+    expect = set(acked)
+    records = await consume(
+        cluster.direct,
+        f"{bridge.prefix}.lifecycle",
+        done=lambda rs, idle: (
+            idle and expect <= {dict(r.headers)["luma-event-id"].decode() for r in rs}
+        ),
+        timeout=90,
+    )
+    found = [dict(r.headers)["luma-event-id"].decode() for r in records]
+    result = audit(scenario, summary, acked, found)
+    numbers = {
+        **result.as_dict(),
+        "order_violations": order_violations(records),
+        "recover_s": round(recovered, 1),
+        "kafka": cluster.kafka.version,
+    }
+    print(json.dumps(numbers))
+    report = os.environ.get("FAULT_REPORT")
+    if report:
+        line = json.dumps({**numbers, "scenario": f"{scenario} (full audit)"}) + "\n"
+        with Path(report).open("a") as out:  # noqa: ASYNC230 (one short line, once)
+            out.write(line)
+    assert result.missing == 0, numbers
+    assert numbers["order_violations"] == 0, numbers
+    assert result.acknowledged > 0, numbers
+    return numbers
+
+
+async def test_partition_leader_sigkilled_and_restarted(
+    cluster: Cluster, bridge: BridgeProcess
+) -> None:
+    load = Load(bridge.url)
+    await load_established(bridge)
+    leader = cluster.kafka.broker(await lifecycle_leader(cluster, bridge.prefix))
+    leader.kill()
+    survivors = [n for n in BROKER_IDS if n != leader.node_id]
+    # Fenced by the controller after broker.session.timeout.ms: leadership moves.
+    await asyncio.to_thread(cluster.kafka.wait_for_brokers, survivors, 60)
+    assert await lifecycle_leader(cluster, bridge.prefix) != leader.node_id
+    await asyncio.sleep(OUTAGE)  # the outage: the broker stays dead this long
+    leader.start()
+    repaired = recovery(cluster, bridge)
+    await asyncio.to_thread(cluster.kafka.wait_for_brokers, BROKER_IDS)
+    await check(
+        "Kafka: partition leader SIGKILLed, restarted", cluster, bridge, load, recovery=repaired
+    )
+
+
+async def test_rolling_restart_of_all_three_brokers(
+    cluster: Cluster, bridge: BridgeProcess
+) -> None:
+    load = Load(bridge.url)
+    await load_established(bridge)
+    for node_id in BROKER_IDS:  # as Strimzi does: one at a time, the next once ISR is whole
+        node = cluster.kafka.broker(node_id)
+        await asyncio.to_thread(node.stop)
+        node.start()
+        await asyncio.to_thread(cluster.kafka.wait_for_brokers, BROKER_IDS)
+        await fully_replicated(cluster, bridge.prefix)
+    repaired = recovery(cluster, bridge)
+    await check("Kafka: rolling restart of 3 brokers", cluster, bridge, load, recovery=repaired)
+
+
+async def test_two_brokers_down_spools_then_drains_in_order(
+    cluster: Cluster, bridge: BridgeProcess
+) -> None:
+    load = Load(bridge.url)
+    await load_established(bridge)
+    down = [cluster.kafka.broker(2), cluster.kafka.broker(3)]
+    for node in down:
+        node.kill()
+    # One replica left, min.insync.replicas=2: acks=all writes get NotEnoughReplicas.
+    await asyncio.to_thread(cluster.kafka.wait_for_brokers, [1], 60)
+    await bridge.wait_for_metric("luma_bridge_spool_records", 100, timeout=60)
+    await asyncio.sleep(OUTAGE)
+    for node in down:
+        node.start()
+    repaired = recovery(cluster, bridge)
+    await asyncio.to_thread(cluster.kafka.wait_for_brokers, BROKER_IDS)
+    numbers = await check(
+        "Kafka: 2 of 3 brokers down (NotEnoughReplicas)",
+        cluster,
+        bridge,
+        load,
+        recovery=repaired,
+    )
+    assert set(numbers["statuses"]) == {"200"}, numbers  # spooled, never refused
+
+
+async def test_whole_cluster_stopped_and_started_with_its_data(
+    cluster: Cluster, bridge: BridgeProcess
+) -> None:
+    load = Load(bridge.url)
+    await load_established(bridge, at_least=300)
+    await asyncio.to_thread(cluster.kafka.stop)  # brokers, then the controller
+    await bridge.wait_for_metric("luma_bridge_spool_records", 100, timeout=60)
+    await asyncio.sleep(OUTAGE)
+    for node in cluster.kafka.nodes:  # the same data directories: nothing formatted anew
+        node.start()
+    repaired = recovery(cluster, bridge)
+    await asyncio.to_thread(cluster.kafka.wait_for_brokers, BROKER_IDS)
+    numbers = await check(
+        "Kafka: whole cluster stopped and started", cluster, bridge, load, recovery=repaired
+    )
+    assert set(numbers["statuses"]) == {"200"}, numbers
+
+
+async def test_one_broker_cut_off_from_the_bridge(cluster: Cluster, bridge: BridgeProcess) -> None:
+    load = Load(bridge.url)
+    await load_established(bridge)
+    # The leader stays in the cluster (replication and controller untouched) and stays
+    # leader: only the bridge cannot reach it, so its partitions must time out to the spool.
+    leader = await lifecycle_leader(cluster, bridge.prefix)
+    cluster.proxies.cut(leader)
+    try:
+        await bridge.wait_for_metric("luma_bridge_spool_records", 20, timeout=60)
+        await asyncio.sleep(OUTAGE)
+    finally:
+        cluster.proxies.restore(leader)
+    repaired = recovery(cluster, bridge)
+    await check("Kafka: one broker cut off by a proxy", cluster, bridge, load, recovery=repaired)
+
+
+def test_the_order_audit_counts_a_generation_that_goes_backwards() -> None:
+    def record(offset: int, key: bytes, state: str) -> ConsumerRecord:
+        headers = [("luma-state", state.encode()), ("luma-event-id", f"{key!r}{state}".encode())]
+        return cast(
+            ConsumerRecord,
+            SimpleNamespace(partition=0, offset=offset, key=key, headers=headers),
+        )
+
+    in_order = [
+        record(0, b"a", "queued"),
+        record(1, b"a", "dreaming"),
+        record(2, b"a", "completed"),
+    ]
+    assert order_violations(in_order) == 0
+    duplicate = [*in_order, record(3, b"a", "queued")]  # a redelivery: counted as a duplicate
+    assert order_violations(duplicate) == 0
+    backwards = [record(0, b"b", "dreaming"), record(1, b"b", "queued"), *in_order]
+    assert order_violations(backwards) == 1
