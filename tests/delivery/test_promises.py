@@ -120,8 +120,13 @@ async def test_a_callback_after_a_spooled_one_queues_behind_it(tmp_path: Path) -
 
 
 async def test_a_full_spool_answers_503_and_counts_the_shed_callback(tmp_path: Path) -> None:
+    async with bridge(tmp_path / "measure") as measuring:  # what one callback takes
+        assert measuring.spool is not None
+        measuring.publisher.failing = "KafkaTimeoutError"
+        assert await measuring.post(state("queued")) == 200
+        one_callback = measuring.spool.size
     # Room for one callback's two records, not for a second one.
-    async with bridge(tmp_path, spool_max_bytes=len(state("queued")) * 3) as running:
+    async with bridge(tmp_path / "full", spool_max_bytes=one_callback * 3 // 2) as running:
         assert running.spool is not None
         running.publisher.failing = "KafkaTimeoutError"
         assert await running.post(state("queued")) == 200
