@@ -256,7 +256,6 @@ def test_headers_leave_out_an_absent_generation_type() -> None:
     assert "luma-generation-type" not in names
 
 
-
 def test_a_lone_surrogate_is_refused_as_not_utf8_json() -> None:
     with pytest.raises(InvalidCallback) as raised:
         parse_callback(b'{"id":"x","state":"queued","n":"\\udc00"}')
