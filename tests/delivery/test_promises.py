@@ -29,7 +29,7 @@ from bridge.delivery.spool import ROW_OVERHEAD_BYTES, WAL_FACTOR, Spool
 from bridge.ops.metrics import Metrics
 from bridge.server import callback_app
 from bridge.settings import load_settings
-from tests.helpers import SEED_COMPLETED_VIDEO, TOKEN, MemoryPublisher
+from tests.helpers import SEED_COMPLETED_VIDEO, TOKEN, MemoryPublisher, wait_until
 
 PATH = f"/luma/callback/{TOKEN}"
 GENERATION = "0b8e4c5e-2f7a-4d6b-9a53-6a1d3c2b1f00"
@@ -281,3 +281,38 @@ async def test_generation_age_is_observed_from_created_at_and_never_negative() -
     assert (
         metrics.registry.get_sample_value("luma_bridge_generation_age_seconds_sum", labels) == 0.5
     )
+
+
+async def test_records_are_keyed_by_generation_id() -> None:
+    async with bridge() as running:
+        assert await running.post(state("queued")) == 200
+        assert [(r.topic, r.key) for r in running.publisher.records] == [
+            ("t.queued", GENERATION.encode()),
+            ("t.lifecycle", GENERATION.encode()),
+        ]
+
+
+async def test_a_redelivery_waiting_on_an_interrupted_first_delivery_is_answered_unavailable() -> (
+    None
+):
+    publisher = MemoryPublisher()
+    publisher.gate = asyncio.Event()
+    pipeline = Pipeline(
+        publisher=publisher,
+        topics=Topics("t"),
+        metrics=Metrics(CollectorRegistry()),
+        ack_timeout=30,
+        lifecycle=True,
+        dedupe=DedupeWindow(size=10, ttl=60),
+    )
+    body = state("queued")
+    first = asyncio.create_task(pipeline.handle(body, datetime.now(UTC)))
+    await wait_until(lambda: publisher.calls == 1, what="the first delivery in flight")
+    second = asyncio.create_task(pipeline.handle(body, datetime.now(UTC)))
+    await asyncio.sleep(0)  # let the redelivery start waiting on the first
+    first.cancel()
+    result = await second
+    assert (result.outcome.value, result.reason) == ("unavailable", "interrupted")
+    assert result.callback is not None
+    assert result.callback.generation_id == GENERATION
+    assert publisher.calls == 1

@@ -250,7 +250,10 @@ async def test_rate_limit_answers_429_per_source_and_never_writes() -> None:
         assert statuses == [200, 200, 429, 429]
         answer = await send_raw(edge.port, request_bytes())
         assert answer.headers["retry-after"] == "2"
-        assert json.loads(answer.body)["status"] == "rejected"
+        assert json.loads(answer.body) == {
+            "status": "rejected",
+            "error": "too many requests from this source",
+        }
         assert edge.sample("luma_bridge_callbacks_total", state="none", outcome="rejected") == 3
 
 

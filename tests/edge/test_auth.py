@@ -221,3 +221,14 @@ async def test_a_bearer_token_after_more_than_one_space_is_still_found(app: App)
         headers={"Content-Type": "application/json", "Authorization": f"Bearer  {TOKENS[1]}"},
     )
     assert response.status == 200
+
+
+def test_a_token_is_required_unless_explicitly_not_and_always_with_a_tokens_file(
+    tmp_path: Path,
+) -> None:
+    source = tmp_path / "tokens"
+    source.write_text("one\n")
+    assert TokenAuth((), allow_unauthenticated=False).required
+    assert TokenAuth((b"t",), allow_unauthenticated=True).required
+    assert TokenAuth((), allow_unauthenticated=True, tokens_file=source).required
+    assert not TokenAuth((), allow_unauthenticated=True).required

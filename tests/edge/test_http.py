@@ -125,7 +125,9 @@ async def test_a_redelivery_while_the_first_is_in_flight_waits_for_its_outcome(
     )
     edge.publisher.gate.set()
     assert (await first)[0] == 200
-    assert (await second)[0] == 200
+    status, answer = await second
+    assert (status, answer.get("duplicate")) == (200, True)
+    assert edge.sample("luma_bridge_duplicate_deliveries_total", state="completed") == 1
     assert edge.publisher.calls == 1
     assert len(edge.publisher.records) == 2
 
@@ -381,3 +383,38 @@ async def test_the_inflight_bound_counts_every_callback_in_flight_and_frees_each
         assert edge.sample("luma_bridge_inflight_requests") == 0
     finally:
         await edge.client.close()
+
+
+async def test_refusals_before_the_pipeline_say_why(edge: Edge) -> None:
+    response = await edge.client.post(PATH, data=b"{}", headers={"Content-Type": "text/csv"})
+    assert (response.status, await response.json()) == (
+        415,
+        {"status": "rejected", "error": "content type must be application/json"},
+    )
+    # Without a signature to check, the body of an unauthenticated request is never read.
+    big = request_bytes(path="/luma/callback/wrong", body=b"", headers={"Content-Length": "99999"})
+    async with running_edge() as listener:
+        assert (await send_raw(listener.port, big, timeout=3)).status == 401
+
+
+async def test_a_streamed_body_over_the_limit_is_refused(edge: Edge) -> None:
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(5):
+            yield b"x" * 1000  # 5000 bytes in all, over the 4096 of this edge
+
+    response = await edge.client.post(
+        PATH, data=chunks(), headers={"Content-Type": "application/json"}
+    )
+    assert response.status == 413
+    assert edge.publisher.records == []
+
+
+async def test_the_logged_latency_is_the_observed_answer_time_in_milliseconds(
+    edge: Edge, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="bridge.edge.http")
+    assert (await edge.client.post(PATH, json=SEED_COMPLETED_VIDEO)).status == 200
+    (record,) = [r for r in caplog.records if r.getMessage() == "callback"]
+    seconds = edge.sample("luma_bridge_callback_duration_seconds_sum", outcome="accepted")
+    assert 0 < seconds < 60
+    assert record.__dict__["fields"]["latency_ms"] == round(seconds * 1000, 3)
