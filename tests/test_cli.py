@@ -75,8 +75,15 @@ def test_tail_and_simulate_options_show_their_defaults() -> None:
 
 def test_serve_lists_every_setting_but_topic_creation_and_dev_has_no_broker_flag() -> None:
     serve = option_entries(help_text("serve"))
-    creation = set(SETTING_GROUPS["topic creation"])
-    assert {flag_name(name) for name in Settings.model_fields if name not in creation} <= set(serve)
+    not_served = {
+        name
+        for group in ("topic creation", "Luma's API", "reconciliation")
+        for name in SETTING_GROUPS[group]
+    }
+    assert {flag_name(name) for name in Settings.model_fields if name not in not_served} <= set(
+        serve
+    )
+    assert "--luma-api-key" not in serve
     assert "--topic-partitions" not in serve
     dev = option_entries(help_text("dev"))
     assert "--kafka-bootstrap-servers" not in dev

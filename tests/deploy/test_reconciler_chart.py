@@ -17,6 +17,7 @@ from tests.deploy.rendering import (
     of_kind,
     render,
     value_set_names,
+    workload,
 )
 
 COMPONENT = "app.kubernetes.io/component"
@@ -47,8 +48,7 @@ def test_enabled_renders_its_own_deployment_service_and_monitor() -> None:
     pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
     assert deployment["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
     # The bridge's workload does not select the reconciler's pods, nor the other way round.
-    bridges = [m for m in of_kind(manifests, "Deployment") if m is not deployment]
-    (bridge,) = bridges
+    bridge = workload(manifests)
     assert not bridge["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
 
 
