@@ -250,10 +250,15 @@ def test_received_at_is_written_in_utc_whatever_the_local_zone(
 
 
 def test_headers_leave_out_an_absent_generation_type() -> None:
-    callback = parse_callback(encode(SEED_COMPLETED_VIDEO))
-    names = [name for name, _ in record_headers(callback, datetime.now(UTC))]
-    assert "luma-event-id" in names
-    assert "luma-generation-type" not in names
+    now = datetime.now(UTC)
+    bare = parse_callback(encode(SEED_COMPLETED_VIDEO))
+    typed = parse_callback(encode({**SEED_COMPLETED_VIDEO, "generation_type": "video"}))
+    without = [name for name, _ in record_headers(bare, now)]
+    with_type = [name for name, _ in record_headers(typed, now)]
+    assert "luma-generation-type" not in without
+    # The same headers otherwise, in the same order.
+    assert [name for name in with_type if name != "luma-generation-type"] == without
+    assert without[:2] == ["content-type", "luma-event-id"]
 
 
 def test_a_lone_surrogate_is_refused_as_not_utf8_json() -> None:

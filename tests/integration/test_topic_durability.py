@@ -7,7 +7,9 @@ about, and a body a topic cannot take is refused at the door (413), never acknow
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 
 import aiohttp
 import pytest
@@ -15,12 +17,27 @@ import pytest
 from bridge.delivery.topics import (
     DOOR_HEADROOM_BYTES,
     RECORD_HEADROOM_BYTES,
+    TopicFacts,
     create_topics,
     inspect_topics,
     required_topics,
 )
+from bridge.settings import Settings
 from tests.conftest import KafkaBroker
 from tests.helpers import SEED_COMPLETED_VIDEO, bridge_settings, callback_url, running_bridge
+
+
+async def facts_of_every_topic(settings: Settings, timeout: float = 30.0) -> TopicFacts:
+    """The topics' facts once the cluster's metadata shows every one of them (a broker
+    may take a moment after creating them)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        facts = await inspect_topics(settings)
+        if set(required_topics(settings)) <= set(facts.max_message_bytes):
+            return facts
+        if time.monotonic() > deadline:
+            raise AssertionError(f"topics not all described after {timeout}s: {facts}")
+        await asyncio.sleep(0.2)
 
 
 async def test_topics_create_sets_min_insync_replicas_and_max_message_bytes(
@@ -28,7 +45,7 @@ async def test_topics_create_sets_min_insync_replicas_and_max_message_bytes(
 ) -> None:
     settings = bridge_settings(kafka_broker.bootstrap, kafka_broker.supports_idempotence)
     await create_topics(settings)
-    facts = await inspect_topics(settings)
+    facts = await facts_of_every_topic(settings)
     expected_min_insync = min(2, settings.topic_replication_factor)
     for topic in required_topics(settings):
         assert facts.min_insync_replicas[topic] == expected_min_insync
@@ -47,7 +64,7 @@ async def test_existing_topics_are_not_altered_and_a_single_replica_is_warned_ab
     # Created again with other configs: the existing topics keep theirs.
     again = settings.model_copy(update={"topic_configs": {"min.insync.replicas": "2"}})
     await create_topics(again)
-    facts = await inspect_topics(again)
+    facts = await facts_of_every_topic(again)
     assert set(facts.min_insync_replicas.values()) == {1}
     with caplog.at_level(logging.WARNING, logger="bridge.server"):
         async with running_bridge(again, create=False):
