@@ -732,23 +732,68 @@ def _admin(settings: Settings) -> AIOKafkaAdminClient:
 
 
 async def partition_counts(settings: Settings, topics: list[str]) -> dict[str, int]:
-    """How many partitions each existing topic of `topics` has."""
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap_servers,
-        client_id=f"{settings.kafka_client_id}-reconciler-metadata",
-        request_timeout_ms=settings.kafka_request_timeout_ms,
-        **security_options(settings),
-    )
-    await _started(consumer)
+    """How many partitions each existing topic of `topics` has.
+
+    Asked of the cluster (DescribeTopics), not of a client's cached metadata, which on
+    Apache Kafka lists only the topics that client has used. A topic created a moment ago
+    can be listed before its partitions are: it is left out until they are.
+    """
+    admin = _admin(settings)
+    await admin.start()
     try:
-        present = await consumer.topics()
-        return {
-            topic: len(consumer.partitions_for_topic(topic) or ())
-            for topic in topics
-            if topic in present
-        }
+        listed = set(await admin.list_topics())
+        wanted = [topic for topic in topics if topic in listed]
+        described = await admin.describe_topics(wanted) if wanted else []
     finally:
-        await consumer.stop()
+        await admin.close()
+    return {
+        topic["topic"]: len(topic["partitions"])
+        for topic in described
+        if topic.get("error_code") == 0 and topic.get("partitions")
+    }
+
+
+#: How long a topic created a moment ago may take to show in the cluster's metadata.
+TOPIC_VISIBLE_SECONDS = 30.0
+
+
+def _raise_for_refused_topic(response: object) -> None:
+    """Apache Kafka answers a refused creation in the response, not with an exception."""
+    for name, code, message, *_ in getattr(response, "topic_errors", []):
+        if code and code != TopicAlreadyExistsError.errno:
+            raise ReconcilerError(
+                f"cannot create topic {name}: error {code} {message or ''}; check the "
+                "replication factor (TOPIC_REPLICATION_FACTOR) and the Kafka user's rights"
+            )
+
+
+async def _visible_partition_counts(settings: Settings, topic: str) -> dict[str, int]:
+    """`partition_counts` of a topic just created, once the cluster's metadata shows it.
+
+    Apache Kafka's metadata lags behind a creation for a moment; a consumer assigned to
+    a topic its metadata does not show yet only logs errors.
+    """
+    deadline = time.monotonic() + TOPIC_VISIBLE_SECONDS
+    while True:
+        counts = await partition_counts(settings, [topic])
+        if topic in counts:
+            return counts
+        if time.monotonic() > deadline:
+            raise ReconcilerError(
+                f"topic {topic} was created but is not in the cluster's metadata after "
+                f"{TOPIC_VISIBLE_SECONDS:.0f} s; check the brokers' logs, then start again"
+            )
+        await asyncio.sleep(0.2)
+
+
+async def topic_exists(settings: Settings, topic: str) -> bool:
+    """Whether the cluster lists `topic`, with or without its partitions yet."""
+    admin = _admin(settings)
+    await admin.start()
+    try:
+        return topic in set(await admin.list_topics())
+    finally:
+        await admin.close()
 
 
 async def ensure_state_topic(settings: Settings) -> int:
@@ -761,6 +806,8 @@ async def ensure_state_topic(settings: Settings) -> int:
     lifecycle = Topics(settings.topic_prefix).lifecycle
     changelog = state_topic(settings)
     counts = await partition_counts(settings, [lifecycle, changelog])
+    if lifecycle not in counts and await topic_exists(settings, lifecycle):
+        counts.update(await _visible_partition_counts(settings, lifecycle))
     if lifecycle not in counts:
         raise ReconcilerError(
             f"topic {lifecycle} is missing on {settings.kafka_bootstrap_servers}: create the "
@@ -778,13 +825,14 @@ async def ensure_state_topic(settings: Settings) -> int:
                 topic_configs={"cleanup.policy": "compact"},
             )
             with contextlib.suppress(TopicAlreadyExistsError):
-                await admin.create_topics([topic])
+                response = await admin.create_topics([topic])
+                _raise_for_refused_topic(response)
             log.info(
                 "changelog topic created", extra=_fields(topic=changelog, partitions=partitions)
             )
         finally:
             await admin.close()
-        counts = await partition_counts(settings, [changelog])
+        counts = await _visible_partition_counts(settings, changelog)
     if counts.get(changelog, partitions) != partitions:
         raise ReconcilerError(
             f"topic {changelog} has {counts[changelog]} partitions but {lifecycle} has "
