@@ -93,7 +93,7 @@ async def create_topics(settings: Settings) -> dict[str, str]:
             except TopicAlreadyExistsError:
                 outcome[name] = "exists"
                 continue
-            if _raise_for_topic_errors(response):
+            if raise_for_topic_errors(response):
                 # Listed as missing a moment ago: a broker's metadata lags behind creation.
                 outcome[name] = "exists"
                 continue
@@ -104,7 +104,7 @@ async def create_topics(settings: Settings) -> dict[str, str]:
         await admin.close()
 
 
-def _raise_for_topic_errors(response: object) -> bool:
+def raise_for_topic_errors(response: object) -> bool:
     """Raise for a refused topic; True when the topic already existed."""
     existed = False
     for topic, code, message, *_ in getattr(response, "topic_errors", []):

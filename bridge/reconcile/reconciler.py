@@ -62,6 +62,7 @@ from bridge.delivery.publisher import (
     keyed_partitioner,
     producer_options,
 )
+from bridge.delivery.topics import existing_topics, raise_for_topic_errors
 from bridge.ops.metrics import Metrics, ReconcilerMetrics, stuck_age_label
 from bridge.reconcile.luma import GenerationNotFound, KeyRejected, LumaAPIError, LumaClient
 from bridge.reconcile.tracking import Tracked, Tracker, decode_entry, encode_entry
@@ -757,16 +758,6 @@ async def partition_counts(settings: Settings, topics: list[str]) -> dict[str, i
 TOPIC_VISIBLE_SECONDS = 30.0
 
 
-def _raise_for_refused_topic(response: object) -> None:
-    """Apache Kafka answers a refused creation in the response, not with an exception."""
-    for name, code, message, *_ in getattr(response, "topic_errors", []):
-        if code and code != TopicAlreadyExistsError.errno:
-            raise ReconcilerError(
-                f"cannot create topic {name}: error {code} {message or ''}; check the "
-                "replication factor (TOPIC_REPLICATION_FACTOR) and the Kafka user's rights"
-            )
-
-
 async def _visible_partition_counts(settings: Settings, topic: str) -> dict[str, int]:
     """`partition_counts` of a topic just created, once the cluster's metadata shows it.
 
@@ -786,16 +777,6 @@ async def _visible_partition_counts(settings: Settings, topic: str) -> dict[str,
         await asyncio.sleep(0.2)
 
 
-async def topic_exists(settings: Settings, topic: str) -> bool:
-    """Whether the cluster lists `topic`, with or without its partitions yet."""
-    admin = _admin(settings)
-    await admin.start()
-    try:
-        return topic in set(await admin.list_topics())
-    finally:
-        await admin.close()
-
-
 async def ensure_state_topic(settings: Settings) -> int:
     """Create the compacted changelog topic if missing; returns the lifecycle's partition count.
 
@@ -806,7 +787,7 @@ async def ensure_state_topic(settings: Settings) -> int:
     lifecycle = Topics(settings.topic_prefix).lifecycle
     changelog = state_topic(settings)
     counts = await partition_counts(settings, [lifecycle, changelog])
-    if lifecycle not in counts and await topic_exists(settings, lifecycle):
+    if lifecycle not in counts and lifecycle in await existing_topics(settings):
         counts.update(await _visible_partition_counts(settings, lifecycle))
     if lifecycle not in counts:
         raise ReconcilerError(
@@ -826,7 +807,13 @@ async def ensure_state_topic(settings: Settings) -> int:
             )
             with contextlib.suppress(TopicAlreadyExistsError):
                 response = await admin.create_topics([topic])
-                _raise_for_refused_topic(response)
+                try:
+                    raise_for_topic_errors(response)
+                except KafkaError as exc:
+                    raise ReconcilerError(
+                        f"{exc}; check the replication factor (TOPIC_REPLICATION_FACTOR) and "
+                        "the Kafka user's rights"
+                    ) from None
             log.info(
                 "changelog topic created", extra=_fields(topic=changelog, partitions=partitions)
             )
