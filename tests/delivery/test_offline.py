@@ -41,6 +41,7 @@ def test_inspect_without_a_spool_says_where_it_looked(
     assert "no spool in" in capsys.readouterr().err
 
 
+@pytest.mark.integration
 def test_drain_sends_a_left_behind_spool_in_order_and_empties_it(
     left_behind: Path, kafka_bootstrap: str, capsys: pytest.CaptureFixture[str]
 ) -> None:

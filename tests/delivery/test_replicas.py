@@ -9,6 +9,8 @@ import uuid
 from contextlib import AsyncExitStack
 from pathlib import Path
 
+import pytest
+
 from bridge.settings import Settings
 from tests.conftest import KafkaBroker
 from tests.consume.support import follow, generation, new_group, send, take
@@ -22,6 +24,7 @@ def replica(settings: Settings) -> Settings:
     )
 
 
+@pytest.mark.integration
 async def test_two_replicas_may_interleave_a_generation_and_the_consumer_flags_it(
     kafka_broker: KafkaBroker,
 ) -> None:
