@@ -1,0 +1,149 @@
+"""`Pipeline` on its own, on an in-memory publisher: what each outcome carries (reason,
+callback, placements, spooled), the records it makes, the dead-letter path the edge calls,
+and its spans when tracing exports."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from prometheus_client import CollectorRegistry
+
+from bridge.contract.callback import InvalidCallback, Topics
+from bridge.delivery.dedupe import DedupeWindow
+from bridge.delivery.lanes import Lanes
+from bridge.delivery.pipeline import Outcome, Pipeline
+from bridge.delivery.publisher import Placement
+from bridge.ops.metrics import Metrics
+from bridge.ops.tracing import Tracing
+from tests.helpers import SEED_COMPLETED_VIDEO, MemoryPublisher
+
+GENERATION = "0b8e4c5e-2f7a-4d6b-9a53-6a1d3c2b1f00"
+
+
+def state(name: str) -> bytes:
+    return json.dumps({**SEED_COMPLETED_VIDEO, "id": GENERATION, "state": name}).encode()
+
+
+def pipeline(
+    publisher: MemoryPublisher, metrics: Metrics, *, lifecycle: bool = True, **options: object
+) -> Pipeline:
+    return Pipeline(
+        publisher=publisher,
+        topics=Topics("t"),
+        metrics=metrics,
+        ack_timeout=1.0,
+        lifecycle=lifecycle,
+        dedupe=DedupeWindow(size=100, ttl=60),
+        **options,  # type: ignore[arg-type]
+    )
+
+
+async def test_an_accepted_callback_carries_its_placements() -> None:
+    publisher = MemoryPublisher()
+    result = await pipeline(publisher, Metrics(CollectorRegistry())).handle(
+        state("queued"), datetime.now(UTC)
+    )
+    assert result.outcome is Outcome.ACCEPTED
+    assert result.reason == ""
+    assert result.callback is not None
+    assert result.callback.generation_id == GENERATION
+    assert result.placements == (Placement("t.queued", 0, 0), Placement("t.lifecycle", 0, 1))
+    assert result.spooled is False
+
+
+async def test_without_the_lifecycle_topic_one_record_per_callback() -> None:
+    publisher = MemoryPublisher()
+    result = await pipeline(publisher, Metrics(CollectorRegistry()), lifecycle=False).handle(
+        state("dreaming"), datetime.now(UTC)
+    )
+    assert result.outcome is Outcome.ACCEPTED
+    assert [r.topic for r in publisher.records] == ["t.dreaming"]
+
+
+async def test_a_record_kafka_refuses_for_good_is_rejected_with_its_reason() -> None:
+    publisher = MemoryPublisher()
+    publisher.failing = "RecordTooLargeError"
+    result = await pipeline(publisher, Metrics(CollectorRegistry())).handle(
+        state("queued"), datetime.now(UTC)
+    )
+    assert result.outcome is Outcome.REJECTED
+    assert result.reason == "Kafka refuses this callback for good: RecordTooLargeError"
+    assert result.callback is not None
+    # Not remembered as written: a retry is tried again.
+    publisher.failing = None
+    again = await pipeline(publisher, Metrics(CollectorRegistry())).handle(
+        state("queued"), datetime.now(UTC)
+    )
+    assert again.outcome is Outcome.ACCEPTED
+
+
+async def test_kafka_unavailable_without_a_spool_answers_unavailable_with_the_reason() -> None:
+    publisher = MemoryPublisher()
+    publisher.failing = "KafkaTimeoutError"
+    metrics = Metrics(CollectorRegistry())
+    result = await pipeline(publisher, metrics).handle(state("queued"), datetime.now(UTC))
+    assert result.outcome is Outcome.UNAVAILABLE
+    assert result.reason == "Kafka unavailable: KafkaTimeoutError"
+    assert result.callback is not None
+    assert not metrics.registry.get_sample_value("luma_bridge_shed_total", {"reason": "spool_full"})
+
+
+async def test_the_edge_dead_letters_a_body_it_could_not_decode() -> None:
+    publisher = MemoryPublisher()
+    metrics = Metrics(CollectorRegistry())
+    line = pipeline(publisher, metrics)
+    error = InvalidCallback("body does not decode as gzip", "encoding")
+    result = await line.dead_letter(b"\x1f\x8bnot gzip", error, datetime.now(UTC))
+    assert result.outcome is Outcome.INVALID
+    assert result.reason == "body does not decode as gzip"
+    assert result.callback is None
+    assert result.placements == (Placement("t.deadletter", 0, 0),)
+    assert [(r.topic, r.key, r.value) for r in publisher.records] == [
+        ("t.deadletter", None, b"\x1f\x8bnot gzip")
+    ]
+    assert (
+        metrics.registry.get_sample_value("luma_bridge_deadletters_total", {"reason": "encoding"})
+        == 1
+    )
+    # Luma's retries of the same body: answered 400 again, dead-lettered once.
+    again = await line.dead_letter(b"\x1f\x8bnot gzip", error, datetime.now(UTC))
+    assert (again.outcome, again.reason, again.placements) == (
+        Outcome.INVALID,
+        "body does not decode as gzip",
+        (),
+    )
+    assert len(publisher.records) == 1
+
+
+async def test_the_pipeline_uses_the_lanes_it_is_given() -> None:
+    publisher = MemoryPublisher()
+    metrics = Metrics(CollectorRegistry())
+    lanes = Lanes(publisher=publisher, spool=None, metrics=metrics)
+    other = MemoryPublisher()
+    line = pipeline(other, metrics, lanes=lanes)
+    assert (await line.handle(state("queued"), datetime.now(UTC))).outcome is Outcome.ACCEPTED
+    assert len(publisher.records) == 2
+    assert other.records == []
+
+
+async def test_spans_are_exported_for_validation_and_the_kafka_write() -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing = Tracing(tracer_provider=provider)
+    publisher = MemoryPublisher()
+    line = pipeline(publisher, Metrics(CollectorRegistry()), tracing=tracing)
+    with tracing.request({}, None):
+        result = await line.handle(state("queued"), datetime.now(UTC))
+    assert result.outcome is Outcome.ACCEPTED
+    spans = {span.name: span for span in exporter.get_finished_spans()}
+    assert {"validate", "kafka produce"} <= spans.keys()
+    assert spans["kafka produce"].attributes == {"records": 2}
+    # Each record carries the trace it was written in.
+    for record in publisher.records:
+        assert "traceparent" in dict(record.headers)
+    provider.shutdown()
