@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from typing import Any, NamedTuple
 
 import pytest
+from aiohttp.test_utils import TestClient, TestServer
 from aiokafka import errors
 from prometheus_client import CollectorRegistry
 
@@ -28,8 +29,12 @@ from bridge.delivery.publisher import (
     wait_all,
 )
 from bridge.ops.metrics import Metrics
+from bridge.server import callback_app
 from bridge.settings import Settings, load_settings
+from tests.edge.support import PATH, SEED_BODY
 from tests.helpers import TOKEN
+
+LUMA_TIMEOUT = 5.0
 
 
 class Metadata(NamedTuple):
@@ -138,6 +143,25 @@ RECORDS = [
     Record("t.completed", b"g", b"{}", [("luma-state", b"completed")]),
     Record("t.lifecycle", b"g", b"{}", []),
 ]
+
+
+async def test_with_the_default_ack_timeout_a_silent_broker_is_answered_503_before_luma_gives_up(
+    stand_in: type[StandInProducer],
+) -> None:
+    stand_in.mode = "never"
+    configured = settings()
+    assert configured.kafka_ack_timeout == 4.0  # the default this test is about
+    metrics = Metrics(CollectorRegistry())
+    async with KafkaPublisher(configured, metrics=metrics) as publisher:
+        app = callback_app(configured, publisher=publisher, metrics=metrics)
+        async with TestClient(TestServer(app)) as client:
+            started = time.monotonic()
+            response = await client.post(
+                PATH, data=SEED_BODY, headers={"Content-Type": "application/json"}
+            )
+            elapsed = time.monotonic() - started
+    assert response.status == 503
+    assert configured.kafka_ack_timeout <= elapsed < LUMA_TIMEOUT, f"answered after {elapsed:.2f}s"
 
 
 async def test_acknowledged_records_are_placed_and_timed_by_topic(
