@@ -181,11 +181,6 @@ class Authenticator:
         self.sources = sources or SourcePolicy()
         self.signatures = signatures
 
-    @property
-    def needs_body(self) -> bool:
-        """Whether the body must be read before deciding (it is signed)."""
-        return self.signatures is not None
-
     def allowed_before_body(self, request: web.Request, source: IPAddress | None) -> bool:
         """Source and token, both checked (no early exit); True when neither is configured."""
         allowed = self.sources.allows(source)
@@ -210,23 +205,6 @@ class Authenticator:
         if claim is Claim.CONFLICT:
             return Decision(False, source)
         return Decision(True, source, verdict.webhook_id, repeat=claim is Claim.REPEAT)
-
-    def authenticate(
-        self,
-        request: web.Request,
-        body: bytes | None = None,
-        *,
-        source: IPAddress | None = None,
-    ) -> Decision:
-        """Every check in one call, for callers that have the whole body already."""
-        if source is None:
-            source = self.sources.source(request)
-        if not self.allowed_before_body(request, source):
-            # The signature is still computed, so the time taken does not tell which failed.
-            if self.signatures is not None:
-                self.signatures.verify(request.headers, body or b"")
-            return Decision(False, source)
-        return self.verify_body(request, body or b"", source=source)
 
     def accepted_event(self, decision: Decision) -> str | None:
         """The event id an earlier delivery under this decision's webhook id was written as."""
