@@ -44,7 +44,7 @@ class Metadata(NamedTuple):
 
 class StandInSender:
     def __init__(self) -> None:
-        self.sender_task: asyncio.Task[bool] = asyncio.create_task(asyncio.Event().wait())
+        self.sender_task: asyncio.Task[Any] = asyncio.create_task(asyncio.Event().wait())
 
 
 class StandInProducer:
@@ -435,3 +435,69 @@ def test_the_producer_options_come_from_the_settings() -> None:
     assert options["security_protocol"] == "PLAINTEXT"
     lz4 = publisher_module.producer_options(settings(kafka_compression_type="lz4"))
     assert lz4["compression_type"] == "lz4"
+
+
+async def test_a_renewal_that_cannot_reach_the_cluster_leaves_the_publisher_not_connected(
+    stand_in: type[StandInProducer], caplog: pytest.LogCaptureFixture
+) -> None:
+    publisher = KafkaPublisher(settings(), metrics=Metrics(CollectorRegistry()))
+    await publisher.start()
+    stand_in.mode = "unreachable"
+    with (
+        caplog.at_level(logging.WARNING, logger="bridge.delivery.publisher"),
+        pytest.raises(KafkaUnavailable),
+    ):
+        await publisher.renew()
+    assert [r.getMessage() for r in caplog.records] == [
+        "renewing the Kafka producer after an error that left it unusable"
+    ]
+    assert not await publisher.check_connection(0.1)
+    futures = publisher.send(RECORDS[:1])
+    assert isinstance(futures[0].exception(), NotConnected)
+    stand_in.mode = "ack"
+    await publisher.renew()  # the next renewal works
+    assert await publisher.check_connection(0.1)
+    await publisher.stop(timeout=1.0)
+
+
+class Unclosable:
+    """A producer whose flush and client close hang, and whose client close then fails."""
+
+    def __init__(self, *, closes: str) -> None:
+        self.closes = closes
+        self.client = self
+
+    async def stop(self) -> None:
+        await asyncio.Event().wait()
+
+    async def close(self) -> None:
+        if self.closes == "raises":
+            raise errors.KafkaConnectionError()
+        await asyncio.Event().wait()
+
+
+@pytest.mark.parametrize("closes", ["raises", "hangs"])
+async def test_abandoning_a_producer_is_bounded_whatever_its_internals(closes: str) -> None:
+    """No `_sender` (a different aiokafka): the client is closed and nothing else is tried."""
+    began = time.monotonic()
+    await publisher_module._abandon(Unclosable(closes=closes))
+    assert time.monotonic() - began < 1.0  # each step waits at most 0.25 s
+
+
+async def test_abandoning_waits_briefly_for_a_sender_task_slow_to_stop() -> None:
+    async def slow_to_stop() -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            await asyncio.sleep(2)  # a slow clean-up; a second cancellation cuts it short
+            raise
+
+    producer = Unclosable(closes="raises")
+    sender = StandInSender.__new__(StandInSender)
+    sender.sender_task = asyncio.create_task(slow_to_stop())
+    producer._sender = sender  # type: ignore[attr-defined]
+    await asyncio.sleep(0)
+    began = time.monotonic()
+    await publisher_module._abandon(producer)
+    assert time.monotonic() - began < 1.0
+    assert sender.sender_task.cancelled()
