@@ -269,12 +269,13 @@ class KafkaPublisher:
         abandoned and every record it still holds is failed with `ProducerClosed`: the
         caller keeps those in the spool for the next start.
         """
-        if not self._started or self._producer is None:
+        if not self._started:
             return
         logging.getLogger(RetryCounter.LOGGER).removeFilter(self._retry_counter)
         self._started = False
         producer, self._producer = self._producer, None
-        await self._close(producer, timeout)
+        if producer is not None:  # None after a renewal that could not start a new one
+            await self._close(producer, timeout)
 
     async def renew(self) -> None:
         """Replace the producer: close the old one at once and start a new one."""

@@ -66,6 +66,7 @@ class StandInProducer:
         self.pending: list[asyncio.Future[Metadata]] = []
         self.started = False
         self.stops = 0
+        self.attempts = 0
         self.client_closed = False
         self.client = self  # fetch_all_metadata() and close() live on aiokafka's client
         self._sender = StandInSender()
@@ -80,6 +81,8 @@ class StandInProducer:
         self.stops += 1
         if self.mode == "hang":
             await asyncio.Event().wait()
+        if self.mode == "slow":  # a flush that takes a moment, within any sane timeout
+            await asyncio.sleep(0.05)
         self.started = False
         self._sender.sender_task.cancel()
 
@@ -96,6 +99,9 @@ class StandInProducer:
         self, topic: str, value: bytes, *, key: bytes | None, headers: list[tuple[str, bytes]]
     ) -> asyncio.Future[Metadata]:
         future: asyncio.Future[Metadata] = asyncio.get_running_loop().create_future()
+        self.attempts += 1
+        if self.stops:
+            raise errors.ProducerClosed()  # as aiokafka's send() on a stopped producer
         if self.mode == "refuse":
             raise errors.KafkaTimeoutError()
         if self.mode == "stuck":
@@ -282,7 +288,9 @@ async def test_a_flush_that_hangs_is_abandoned_after_the_stop_timeout(
     assert producer.client_closed
     assert producer._sender.sender_task.cancelled()
     assert isinstance(futures[0].exception(), errors.ProducerClosed)
-    assert "did not flush in time" in caplog.text
+    assert [r.getMessage() for r in caplog.records] == [
+        "the Kafka producer did not flush in time; its records stay spooled"
+    ]
     assert not publisher.connected
 
 
@@ -332,18 +340,19 @@ async def test_publishing_before_start_or_after_stop_is_not_connected(
 ) -> None:
     metrics = Metrics(CollectorRegistry())
     publisher = KafkaPublisher(settings(), metrics=metrics)
-    assert not publisher.connected
+    assert publisher.connected is False
     with pytest.raises(KafkaUnavailable) as raised:
         await publisher.publish(RECORDS, ack_timeout=1.0)
     assert raised.value.reason == "NotConnected"
     futures = publisher.send(RECORDS[:1])
     assert isinstance(futures[0].exception(), NotConnected)
+    assert str(futures[0].exception()) == "NotConnected: not_connected"
     await publisher.start()
     assert publisher.connected
     await publisher.stop()
     await publisher.stop()  # safe twice
     assert stand_in.made[-1].stops == 1
-    assert not publisher.connected
+    assert publisher.connected is False
     with pytest.raises(KafkaUnavailable):
         await publisher.publish(RECORDS, ack_timeout=1.0)
     assert sample(metrics, "luma_bridge_kafka_produce_errors_total", reason="not_connected") == 5
@@ -380,10 +389,12 @@ async def test_retries_are_counted_only_while_the_publisher_runs(
     metrics = Metrics(CollectorRegistry())
     sender_log = logging.getLogger(RetryCounter.LOGGER)
     async with KafkaPublisher(settings(), metrics=metrics) as publisher:
+        sender_log.warning("Cannot send %r to %s: %r", "ProduceRequest", 1, "timeout")
+        assert sample(metrics, "luma_bridge_kafka_produce_retries_total") == 1
         await publisher.renew()  # a second start() must not add the counter twice
         sender_log.warning("Cannot send %r to %s: %r", "ProduceRequest", 1, "timeout")
     sender_log.warning("Cannot send %r to %s: %r", "ProduceRequest", 1, "timeout")
-    assert sample(metrics, "luma_bridge_kafka_produce_retries_total") == 1
+    assert sample(metrics, "luma_bridge_kafka_produce_retries_total") == 2
 
 
 def test_the_retry_counter_counts_only_warnings_and_never_swallows_a_record() -> None:
@@ -454,6 +465,8 @@ async def test_a_renewal_that_cannot_reach_the_cluster_leaves_the_publisher_not_
     assert not await publisher.check_connection(0.1)
     futures = publisher.send(RECORDS[:1])
     assert isinstance(futures[0].exception(), NotConnected)
+    await publisher.stop()  # nothing left to stop
+    assert publisher.connected is False
     stand_in.mode = "ack"
     await publisher.renew()  # the next renewal works
     assert await publisher.check_connection(0.1)
@@ -501,3 +514,49 @@ async def test_abandoning_waits_briefly_for_a_sender_task_slow_to_stop() -> None
     await publisher_module._abandon(producer)
     assert time.monotonic() - began < 1.0
     assert sender.sender_task.cancelled()
+
+
+async def test_a_flush_that_finishes_within_the_timeout_is_not_abandoned(
+    stand_in: type[StandInProducer], caplog: pytest.LogCaptureFixture
+) -> None:
+    publisher = KafkaPublisher(settings(), metrics=Metrics(CollectorRegistry()))
+    await publisher.start()
+    stand_in.mode = "slow"
+    with caplog.at_level(logging.WARNING, logger="bridge.delivery.publisher"):
+        await publisher.stop(timeout=0.9)
+    assert caplog.records == []
+    assert not stand_in.made[-1].client_closed
+
+
+async def test_nothing_is_kept_for_records_that_ended(
+    stand_in: type[StandInProducer], started: tuple[KafkaPublisher, Metrics]
+) -> None:
+    publisher, _ = started
+    await publisher.publish(RECORDS, ack_timeout=1.0)
+    stand_in.mode = "error"
+    futures = publisher.send(RECORDS)
+    await asyncio.wait(futures, timeout=5)
+    for _ in range(3):  # the hand-over task's own done callback runs after it
+        await asyncio.sleep(0)
+    assert publisher._outstanding == set()
+    assert publisher._handing == set()
+
+
+async def test_a_hand_over_cut_short_by_stop_still_hands_over_the_rest(
+    stand_in: type[StandInProducer],
+) -> None:
+    """The first send waits (metadata) when the producer is stopped: that record fails as
+    closed, and each following one gets the producer's own answer (closed, counted)."""
+    metrics = Metrics(CollectorRegistry())
+    publisher = KafkaPublisher(settings(), metrics=metrics)
+    await publisher.start()
+    stand_in.mode = "stuck"
+    futures = publisher.send(RECORDS)
+    await asyncio.sleep(0)
+    stand_in.mode = "slow"
+    await publisher.stop(timeout=1.0)
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert all(isinstance(f.exception(), errors.ProducerClosed) for f in futures)
+    assert stand_in.made[-1].attempts == 2
+    assert sample(metrics, "luma_bridge_kafka_produce_errors_total", reason="ProducerClosed") == 1

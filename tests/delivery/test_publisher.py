@@ -68,6 +68,8 @@ def test_the_retry_openings_are_aiokafkas_own_words() -> None:
         (errors.ProducerFenced(), Failure.PRODUCER),
         (errors.KafkaError("Unexpected error during batch delivery"), Failure.PRODUCER),
         (NotConnected(), Failure.RETRY),
+        (errors.InvalidRequiredAcksError(), Failure.TOPIC),
+        (errors.UnknownError(), Failure.TOPIC),
     ],
 )
 def test_errors_are_sorted_by_what_can_be_done_about_them(
