@@ -12,7 +12,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client import CollectorRegistry
 
-from bridge.contract.callback import InvalidCallback, Topics
+from bridge.contract.callback import CloudEvents, InvalidCallback, Topics
 from bridge.delivery.dedupe import DedupeWindow
 from bridge.delivery.lanes import Lanes
 from bridge.delivery.pipeline import Outcome, Pipeline
@@ -143,7 +143,37 @@ async def test_spans_are_exported_for_validation_and_the_kafka_write() -> None:
     spans = {span.name: span for span in exporter.get_finished_spans()}
     assert {"validate", "kafka produce"} <= spans.keys()
     assert spans["kafka produce"].attributes == {"records": 2}
-    # Each record carries the trace it was written in.
+    # Each record carries the trace it was written in, besides its own headers.
     for record in publisher.records:
-        assert "traceparent" in dict(record.headers)
+        names = [name for name, _ in record.headers]
+        assert "traceparent" in names
+        assert {"luma-event-id", "luma-state", "ce_id"} <= set(names)
     provider.shutdown()
+
+
+async def test_the_write_token_under_a_configured_callback_path_never_reaches_kafka() -> None:
+    publisher = MemoryPublisher()
+    line = pipeline(publisher, Metrics(CollectorRegistry()), callback_path="/hooks/luma")
+    callback = {**SEED_COMPLETED_VIDEO, "id": GENERATION, "state": "queued"}
+    callback["request"] = {
+        **SEED_COMPLETED_VIDEO["request"],
+        "callback_url": "https://bridge.example/hooks/luma/s3cret-token",
+    }
+    result = await line.handle(json.dumps(callback).encode(), datetime.now(UTC))
+    assert result.outcome is Outcome.ACCEPTED
+    for record in publisher.records:
+        assert b"s3cret-token" not in record.value
+        assert json.loads(record.value)["request"]["callback_url"] == (
+            "https://bridge.example/hooks/luma/REDACTED"
+        )
+
+
+async def test_cloudevents_attributes_only_when_enabled() -> None:
+    on, off = MemoryPublisher(), MemoryPublisher()
+    await pipeline(on, Metrics(CollectorRegistry())).handle(state("queued"), datetime.now(UTC))
+    await pipeline(
+        off, Metrics(CollectorRegistry()), cloudevents=CloudEvents(enabled=False)
+    ).handle(state("queued"), datetime.now(UTC))
+    assert any(name.startswith("ce_") for name, _ in on.records[0].headers)
+    assert not any(name.startswith("ce_") for name, _ in off.records[0].headers)
+    assert ("luma-state", b"queued") in off.records[0].headers
