@@ -193,6 +193,7 @@ async def test_giving_up_the_reserve_deletes_it_and_warns_once(
         "the spool's volume is full; giving up the reserve so that delivered rows can still "
         "be deleted"
     ]
+    assert caplog.records[0].fields == {"dir": str(tmp_path)}  # type: ignore[attr-defined]
     await spool.close()
 
 
@@ -421,3 +422,55 @@ def test_disk_full_is_recognised_by_code_or_message() -> None:
     converted = spool_module._unwritable(OSError("boom"))
     assert isinstance(converted, SpoolUnwritable)
     assert str(converted) == "boom"
+
+
+async def test_room_counts_the_writes_still_pending(tmp_path: Path) -> None:
+    spool, _ = await open_spool(tmp_path)
+    room = spool._max_bytes - spool.disk_bytes
+    spool._pending_estimate = room - 1
+    assert spool.has_room()
+    spool._pending_estimate = room
+    assert not spool.has_room()
+    spool._pending_estimate = 0
+    await spool.close()
+
+
+async def test_each_quarantined_row_is_counted_and_the_oldest_left_is_kept(
+    tmp_path: Path,
+) -> None:
+    spool, metrics = await open_spool(tmp_path)
+    seqs = await append(spool, record(1), record(2), record(3))
+    await spool.quarantine(seqs[0], "RecordTooLargeError")
+    await spool.quarantine(seqs[1], "CorruptRecordException")
+    assert spool.quarantined == 2
+    assert sample(metrics, "luma_bridge_spool_quarantine_records") == 2
+    assert spool._oldest is not None  # the third row still waits
+    await spool.close()
+
+
+async def test_the_oldest_age_is_reported_in_seconds_rounded_to_milliseconds(
+    tmp_path: Path,
+) -> None:
+    spool, _ = await open_spool(tmp_path)
+    await append(spool, record(1))
+    assert 0.0 <= spool.oldest_age() < 1.0  # just written
+    spool._oldest = time.time() - 12.3456789
+    age = (await spool.describe())["oldest_age_seconds"]
+    assert 12.3 < age < 13.3
+    assert round(age, 3) == age
+    assert age != round(age)
+    await spool.close()
+
+
+async def test_no_age_is_reported_while_no_row_is_counted(tmp_path: Path) -> None:
+    """An insert sets the oldest time in the spool's thread before its rows are counted."""
+    spool, _ = await open_spool(tmp_path)
+    spool._oldest = time.time() - 50
+    assert spool.oldest_age() == 0.0
+    await spool.close()
+
+
+def test_a_full_disk_is_recognised_by_sqlites_error_code_alone() -> None:
+    error = sqlite3.OperationalError("disk I/O error")
+    error.sqlite_errorcode = sqlite3.SQLITE_FULL
+    assert spool_module._disk_full(error)
