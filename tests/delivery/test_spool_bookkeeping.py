@@ -279,6 +279,8 @@ async def test_reads_by_range_and_by_seq_in_arrival_order(tmp_path: Path) -> Non
     spool, _ = await open_spool(tmp_path)
     seqs = await append(spool, *(record(n, 10) for n in range(1, 8)))
     assert [row.seq for row in await spool.oldest()] == seqs
+    first = (await spool.oldest(limit=1))[0]
+    assert (first.record, first.size) == (record(1, 10), record_size(record(1, 10)))
     assert [row.seq for row in await spool.oldest(after=seqs[2], limit=2)] == seqs[3:5]
     index = await spool.index(after=seqs[0], limit=3)
     size = record_size(record(1, 10))
@@ -474,3 +476,36 @@ def test_a_full_disk_is_recognised_by_sqlites_error_code_alone() -> None:
     error = sqlite3.OperationalError("disk I/O error")
     error.sqlite_errorcode = sqlite3.SQLITE_FULL
     assert spool_module._disk_full(error)
+
+
+class BusyDatabase:
+    """Stands in for a connection whose every statement fails (locked, I/O error)."""
+
+    closed = False
+
+    def execute(self, statement: str) -> None:
+        raise sqlite3.OperationalError("database is locked")
+
+    def close(self) -> None:
+        self.closed = True
+
+
+async def test_a_checkpoint_that_fails_is_left_for_the_next_drain(tmp_path: Path) -> None:
+    spool, _ = await open_spool(tmp_path)
+    db = spool._db
+    spool._db = BusyDatabase()  # type: ignore[assignment]
+    spool._checkpoint_sync()  # does not raise
+    spool._db = db
+    await spool.close()
+
+
+def test_a_spool_that_cannot_be_checkpointed_at_close_is_closed_as_it_is(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    db = BusyDatabase()
+    with caplog.at_level(logging.WARNING, logger="bridge.delivery.spool"):
+        Spool._close_sync(db)  # type: ignore[arg-type]
+    assert db.closed
+    assert [r.getMessage() for r in caplog.records] == [
+        "could not checkpoint the spool at close; it is kept as it is"
+    ]
