@@ -138,14 +138,13 @@ SETTING_GROUPS: dict[str, tuple[str, ...]] = {
         "drain_delay",
         "shutdown_timeout",
     ),
-    "Luma's API": (
-        "luma_api_key",
-        "luma_base_url",
+    # The key and URL serve the reconciler and callback verification alike.
+    "Luma's API": ("luma_api_key", "luma_base_url"),
+    "verifying callbacks": ("verify", "verify_timeout", "verify_fallback", "verify_rate_limit"),
+    "reconciliation": (
         "luma_api_rate_limit",
         "luma_api_timeout",
         "luma_api_max_backoff",
-    ),
-    "reconciliation": (
         "public_url",
         "reconcile_discover",
         "reconcile_after_seconds",
@@ -165,6 +164,8 @@ _SERVER_GROUPS = (
     "topics",
     "CloudEvents",
     "spool and shutdown",
+    "verifying callbacks",
+    "Luma's API",
     "logging",
 )
 #: Which setting groups each command takes. `dev` runs its own broker, so no connection.

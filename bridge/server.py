@@ -27,7 +27,7 @@ import signal
 import ssl
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -39,6 +39,7 @@ from bridge.delivery.pipeline import Pipeline
 from bridge.delivery.publisher import KafkaPublisher, KafkaUnavailable, Publisher
 from bridge.delivery.spool import Spool
 from bridge.delivery.topics import inspect_topics, missing_topics, topics_of
+from bridge.delivery.verification import CallbackVerifier
 from bridge.edge.access import SourcePolicy
 from bridge.edge.auth import Authenticator, TokenAuth, TokenFileError
 from bridge.edge.http import CallbackHandler, create_app
@@ -53,9 +54,12 @@ from bridge.edge.ratelimit import RateLimiter
 from bridge.edge.signing import SignatureCheck
 from bridge.edge.tls import ReloadingTLS, TLSError
 from bridge.ops.admin import Readiness, create_admin_app
-from bridge.ops.metrics import Metrics
+from bridge.ops.metrics import Metrics, VerificationMetrics
 from bridge.ops.tracing import TRACING_OFF, Tracing, TracingUnavailable, build_tracing
 from bridge.settings import MIN_TOKEN_LENGTH, OtelSettings, Settings
+
+if TYPE_CHECKING:
+    from bridge.reconcile.verify import VerificationService
 
 log = logging.getLogger("bridge.server")
 
@@ -106,6 +110,7 @@ class BridgeServer:
         self._admin_runner = web.AppRunner(
             create_admin_app(self.metrics, self.readiness), access_log=None
         )
+        self.verification = build_verification(settings, self.metrics)
         self._callback_runner: web.AppRunner | None = None
         self.auth: Authenticator | None = None
         self.tls: ReloadingTLS | None = None
@@ -191,6 +196,8 @@ class BridgeServer:
                     extra={"fields": {"records": self.spool.records}},
                 )
             await self.spool.close()
+        if self.verification is not None:
+            await self.verification.close()
         await self._admin_runner.cleanup()
         self.tracing.shutdown()  # exports the spans still buffered
 
@@ -209,6 +216,7 @@ class BridgeServer:
             lanes=self.lanes,
             body_limit=self.body_limit,
             tracing=self.tracing,
+            verifier=self.verification.verifier if self.verification else None,
         )
         self._callback_runner, site = await open_callback_listener(
             app,
@@ -429,6 +437,27 @@ def build_authenticator(settings: Settings, *, metrics: Metrics | None = None) -
     return Authenticator(tokens, sources=sources, signatures=signatures)
 
 
+def build_verification(settings: Settings, metrics: Metrics) -> VerificationService | None:
+    """Luma's client and the callback verifier when VERIFY is `tag` or `enforce`."""
+    if settings.verify == "off":
+        return None
+    # Imported only here: Luma's client adds most of a second to start-up, and `off` needs none.
+    from bridge.reconcile.verify import VerificationService
+
+    log.info(
+        "verifying callbacks with Luma's API",
+        extra={
+            "fields": {
+                "mode": settings.verify,
+                "timeout_s": settings.verify_timeout,
+                "fallback": settings.verify_fallback,
+                "luma_base_url": settings.luma_base_url,
+            }
+        },
+    )
+    return VerificationService(settings, metrics=VerificationMetrics(metrics.registry))
+
+
 def build_tls(settings: Settings) -> ReloadingTLS | None:
     """The HTTPS context when TLS files are configured; `StartupError` if they do not load."""
     if settings.tls_cert_file is None or settings.tls_key_file is None:
@@ -449,11 +478,13 @@ def callback_app(
     lanes: Lanes | None = None,
     body_limit: BodyLimit | None = None,
     tracing: Tracing = TRACING_OFF,
+    verifier: CallbackVerifier | None = None,
 ) -> web.Application:
     """The public application as `serve` runs it, on any publisher.
 
     `body_limit` is shared with the server, which lowers it when a topic's
-    `max.message.bytes` cannot take a body of MAX_BODY_BYTES.
+    `max.message.bytes` cannot take a body of MAX_BODY_BYTES. `verifier` checks
+    callbacks against Luma's API before they are written (VERIFY=tag|enforce).
     """
     pipeline = Pipeline(
         publisher=publisher,
@@ -467,6 +498,7 @@ def callback_app(
         callback_path=settings.callback_path,
         cloudevents=settings.cloudevents_options(),
         tracing=tracing,
+        verifier=verifier,
     )
     rate_limiter = (
         RateLimiter(rate=settings.rate_limit_per_second, burst=settings.rate_limit_burst)

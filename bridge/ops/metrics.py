@@ -6,6 +6,8 @@ a hostile sender must not be able to create unbounded series.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from bridge import __version__
@@ -395,3 +397,63 @@ class ReconcilerMetrics:
         for state in ("queued", "dreaming", "other"):
             for _, age in (*STUCK_AGE_BOUNDS, (0, STUCK_AGE_OLDER)):
                 self.stuck.labels(state=state, age=age).set(counts.get((state, age), 0))
+
+
+class LumaAPISeries(Protocol):
+    """The two series a client of Luma's API records into (the reconciler's or the verifier's)."""
+
+    @property
+    def luma_api_duration(self) -> Histogram: ...
+
+    @property
+    def luma_api_errors(self) -> Counter: ...
+
+
+#: `luma_bridge_verifications_total`'s results: the values of the `luma-verified` header.
+VERIFICATION_RESULTS = ("true", "false", "unknown")
+#: Why each result was reached. `confirmed` and `cached`: Luma's API reports this state or a
+#: later one (fetched now, or within the cache's lifetime); `not_found`, `state_ahead`,
+#: `state_differs`, `assets_differ`: refused by `enforce`; `unknown_state`: a state the bridge
+#: cannot compare; `timeout`, `throttled` (the bridge's own limit toward Luma), `api_error`,
+#: `key_refused`: Luma's API did not answer usefully in time.
+VERIFICATION_REASONS = {
+    "true": ("confirmed", "cached"),
+    "false": ("not_found", "state_ahead", "state_differs", "assets_differ"),
+    "unknown": ("unknown_state", "timeout", "throttled", "api_error", "key_refused"),
+}
+# Verification happens within Luma's 5 s: dense below a second.
+VERIFY_API_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0)
+
+
+class VerificationMetrics:
+    """The series of callback verification (`LUMA_BRIDGE_VERIFY=tag|enforce`), on the bridge's
+    registry. Created only when verification is on, so `off` exports none of them."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.verifications = Counter(
+            "luma_bridge_verifications",
+            "Callbacks checked against Luma's API, by result (the luma-verified header) and "
+            "reason.",
+            ["result", "reason"],
+            registry=registry,
+        )
+        self.luma_api_duration = Histogram(
+            "luma_bridge_verify_luma_api_duration_seconds",
+            "Time one request to Luma's API took while verifying a callback, by endpoint.",
+            ["endpoint"],
+            buckets=VERIFY_API_BUCKETS,
+            registry=registry,
+        )
+        self.luma_api_errors = Counter(
+            "luma_bridge_verify_luma_api_errors",
+            "Requests to Luma's API made while verifying a callback that failed, by endpoint "
+            "and reason.",
+            ["endpoint", "reason"],
+            registry=registry,
+        )
+        for result, reasons in VERIFICATION_REASONS.items():
+            for reason in reasons:
+                self.verifications.labels(result=result, reason=reason)
+        self.luma_api_duration.labels(endpoint="get")
+        for reason in LUMA_ERROR_REASONS:
+            self.luma_api_errors.labels(endpoint="get", reason=reason)
