@@ -28,6 +28,9 @@ STATE_RANK = {"queued": 0, "dreaming": 1, "completed": 2, "failed": 2}
 #: Who wrote a record: the `luma-source` header.
 SOURCE_CALLBACK = "callback"
 SOURCE_RECONCILER = "reconciler"
+#: With LUMA_BRIDGE_VERIFY=tag|enforce, what Luma's API said about the callback.
+VERIFIED_HEADER = "luma-verified"
+VERIFIED_VALUES = ("true", "false", "unknown")
 #: The `luma-error` of a dead letter the reconciler wrote because Luma's API does not know the
 #: generation: nothing to replay, so `deadletter replay` leaves it alone.
 RECONCILE_NOT_FOUND_ERROR = "reconciler: Luma's API answered 404 for this generation"

@@ -16,14 +16,14 @@ import enum
 from dataclasses import dataclass
 from typing import Protocol
 
-from bridge.contract.callback import Callback
+from bridge.contract.callback import VERIFIED_HEADER, Callback
 
-#: The record header that carries `Verified`.
-VERIFIED_HEADER = "luma-verified"
+__all__ = ["VERIFIED_HEADER", "Action", "CallbackVerifier", "Verdict", "Verified"]
 
 
 class Verified(enum.StrEnum):
-    """What Luma's API said about a callback: the value of the `luma-verified` header."""
+    """What Luma's API said about a callback: the value of the `luma-verified` header
+    (`bridge.contract.callback.VERIFIED_VALUES`)."""
 
     TRUE = "true"
     FALSE = "false"
