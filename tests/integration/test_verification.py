@@ -221,6 +221,11 @@ async def test_tag_answers_as_off_does_and_labels_every_record(
         assert len(records) == 3
         if mode == "off":
             assert {header(record, "luma-verified") for record in records} == {None}
+            # Off exports no verification series and never asked the API.
+            confirmed = {"result": "true", "reason": "confirmed"}
+            sample = server.metrics.registry.get_sample_value
+            assert sample("luma_bridge_verifications_total", confirmed) is None
+            assert sum(api.requests.values()) == 0
         else:
             assert verdicts(records) == {
                 ("gen-known", "completed"): "true",
