@@ -340,7 +340,14 @@ class BridgeServer:
             )
             return
         single = facts.single_replica_topics()
-        if single:
+        if single and self.settings.topic_replication_factor < 2:
+            # One replica is what these settings ask for (`dev`, a single-broker test
+            # cluster): say so, but it is no surprise to warn about.
+            log.info(
+                "topics with a single replica, as TOPIC_REPLICATION_FACTOR asks",
+                extra={"fields": {"topics": single}},
+            )
+        elif single:
             log.warning(
                 "acks=all can be met by a single replica on these topics: an acknowledged "
                 "callback is lost if that broker's disk is. Set min.insync.replicas=2 "

@@ -189,6 +189,14 @@ class Metrics:
             "Kafka records acknowledged after they were spooled: removed, not sent again.",
             registry=registry,
         )
+        self.resend_lookups = Counter(
+            "luma_bridge_resend_lookups",
+            "Spooled Kafka records whose earlier send failed without an answer, looked up in "
+            "Kafka before being sent again, by outcome: found (already written: removed, not "
+            "sent again), absent (sent again), failed (the lookup could not finish: sent again).",
+            ["outcome"],
+            registry=registry,
+        )
         self.spool_quarantined = Counter(
             "luma_bridge_spool_quarantined_records",
             "Spooled Kafka records Kafka refused for good, moved to the spool's quarantine, "
@@ -275,6 +283,8 @@ class Metrics:
             self.produce_errors.labels(reason=reason)
         for kind in ("retry", "topic", "producer"):
             self.spool_send_failures.labels(kind=kind)
+        for outcome in RESEND_LOOKUP_OUTCOMES:
+            self.resend_lookups.labels(outcome=outcome)
         for task in BACKGROUND_TASKS:
             self.task_restarts.labels(task=task)
         for reason in REFUSAL_REASONS:
@@ -282,6 +292,8 @@ class Metrics:
             self.spool_quarantined.labels(reason=reason)
 
 
+#: What looking up a record whose send failed without an answer found in Kafka.
+RESEND_LOOKUP_OUTCOMES = ("found", "absent", "failed")
 #: What a lookup in Luma's API found, the `outcome` label of the reconciler's lookups.
 LOOKUP_OUTCOMES = ("unchanged", "repaired", "not_found", "unknown_state", "error")
 #: Why the reconciler wrote a record: a generation gone silent, or one Kafka never saw.
