@@ -101,6 +101,7 @@ class BridgeServer:
             spool=self.spool,
             metrics=self.metrics,
             stall_seconds=settings.spool_stall_seconds,
+            dead_letter_topic=topics_of(settings).deadletter,
         )
         self.readiness = Readiness(
             self.metrics,

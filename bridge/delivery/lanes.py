@@ -21,7 +21,8 @@ have been appended: such a row is looked up in Kafka before it is sent again, an
 removed if it is there (`Publisher.find`), so an outage does not write it twice.
 
 Errors are sorted by `classify`: retried with backoff; a record refused for good
-is quarantined (never blocking its lane); a refused topic or client keeps its rows
+is quarantined (never blocking its lane) and copied to the dead-letter topic when that
+topic takes it; a refused topic or client keeps its rows
 and counts as no progress; an unusable producer is renewed.
 """
 
@@ -36,6 +37,7 @@ from dataclasses import dataclass
 
 from aiokafka.errors import ProducerClosed
 
+from bridge.contract.callback import refused_record_letter_headers
 from bridge.delivery.publisher import (
     Failure,
     KafkaUnavailable,
@@ -110,8 +112,10 @@ class Lanes:
         spool: Spool | None,
         metrics: Metrics,
         stall_seconds: float = 60.0,
+        dead_letter_topic: str | None = None,
     ) -> None:
         self._publisher = publisher
+        self._dead_letter_topic = dead_letter_topic
         self._spool = spool
         self._metrics = metrics
         self._stall_seconds = stall_seconds
@@ -392,6 +396,27 @@ class Lanes:
         self._doubtful.pop(row.seq, None)
         self._release(lane)
         self._progress()
+        self._copy_to_dead_letters(row.record, reason)
+
+    def _copy_to_dead_letters(self, record: Record, reason: str) -> None:
+        """Show a quarantined record where operators and consumers look for refused input;
+        the spool's quarantine keeps it either way (the dead-letter topic may refuse it too)."""
+        topic = self._dead_letter_topic
+        if topic is None or record.topic == topic:
+            return
+        headers = refused_record_letter_headers(record.headers, record.topic, reason)
+        [future] = self._publisher.send([Record(topic, None, record.value, headers)])
+        future.add_done_callback(self._dead_letter_sent)
+
+    def _dead_letter_sent(self, future: asyncio.Future[Placement]) -> None:
+        if _succeeded(future):
+            self._metrics.deadletters.labels(reason="kafka_refused").inc()
+            return
+        log.warning(
+            "the dead-letter topic did not take a copy of a quarantined record; it stays in "
+            "the spool's quarantine only (see `luma-kafka-bridge spool inspect`)",
+            extra={"fields": {"reason": failure_reason(_error(future))}},
+        )
 
     def _refused(self, row: SpooledRecord, error: BaseException) -> None:
         reason = failure_reason(error)

@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from bridge import __version__
 from bridge.contract.callback import KNOWN_MODELS, KNOWN_STATES
 
-DEADLETTER_REASONS = ("json", "shape", "schema", "encoding")
+DEADLETTER_REASONS = ("json", "shape", "schema", "encoding", "kafka_refused")
 SHED_REASONS = ("inflight_limit", "spool_full", "body_budget")
 # The commonest ways Kafka refuses a record for good (others appear when they happen).
 REFUSAL_REASONS = ("MessageSizeTooLargeError", "RecordTooLargeError")
@@ -121,7 +121,8 @@ class Metrics:
         )
         self.deadletters = Counter(
             "luma_bridge_deadletters",
-            "Invalid callbacks written to the dead-letter topic, by reason.",
+            "Invalid callbacks written to the dead-letter topic, by reason; kafka_refused: "
+            "copies of records Kafka refused for good and the spool quarantined.",
             ["reason"],
             registry=registry,
         )

@@ -247,21 +247,56 @@ async def test_quarantine_at_the_head_of_the_spool(tmp_path: Path) -> None:
     await spool.append([(first + n, rec(g, "queued")) for n, g in enumerate(("big", "g1", "g2"))])
     publisher = ScriptedPublisher()
     publisher.verdict = lambda r: "RecordTooLargeError" if r.key == b"big" else None
-    lanes = Lanes(publisher=publisher, spool=spool, metrics=metrics)
+    lanes = Lanes(publisher=publisher, spool=spool, metrics=metrics, dead_letter_topic="t.dl")
     lanes.open()
     for _ in range(5):
         await lanes.step()
         await asyncio.sleep(0)
     assert spool.records == 0
     assert spool.quarantined == 1
-    assert [r.key for r in publisher.landed] == [b"g1", b"g2"]
-    assert len(publisher.sent) == 3  # each once
+    assert [r.key for r in publisher.landed if r.topic != "t.dl"] == [b"g1", b"g2"]
+    assert len([r for r in publisher.sent if r.topic != "t.dl"]) == 3  # each once
+    # A copy on the dead-letter topic, as every dead letter: no key, why, and when it came.
+    [letter] = [r for r in publisher.landed if r.topic == "t.dl"]
+    assert (letter.key, letter.value) == (None, b"big:queued")
+    assert dict(letter.headers)["luma-error"] == (
+        b"Kafka refused the record for good on t.lifecycle: RecordTooLargeError"
+    )
+    assert (
+        metrics.registry.get_sample_value(
+            "luma_bridge_deadletters_total", {"reason": "kafka_refused"}
+        )
+        == 1
+    )
     reason = {"reason": "RecordTooLargeError"}
     assert (
         metrics.registry.get_sample_value("luma_bridge_spool_quarantined_records_total", reason)
         == 1
     )
     assert metrics.registry.get_sample_value("luma_bridge_spool_quarantine_records") == 1
+    await spool.close()
+
+
+async def test_a_dead_letter_topic_that_refuses_the_copy_leaves_it_quarantined(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    metrics = Metrics(CollectorRegistry())
+    spool = Spool(tmp_path, max_bytes=8 << 20, metrics=metrics)
+    await spool.open()
+    await spool.append([(spool.next_seqs(1), rec("big", "queued"))])
+    publisher = ScriptedPublisher()
+    publisher.verdict = lambda r: "RecordTooLargeError"  # the dead-letter topic too
+    lanes = Lanes(publisher=publisher, spool=spool, metrics=metrics, dead_letter_topic="t.dl")
+    lanes.open()
+    for _ in range(3):
+        await lanes.step()
+        await asyncio.sleep(0)
+    assert spool.quarantined == 1
+    await wait_until(
+        lambda: any("quarantine only" in r.getMessage() for r in caplog.records),
+        what="the refused copy logged",
+    )
+    assert [r.topic for r in publisher.sent] == ["t.lifecycle", "t.dl"]
     await spool.close()
 
 
