@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
 import ssl
 import time
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -35,6 +37,7 @@ from prometheus_client import CollectorRegistry
 from bridge.delivery.compat import check_broker
 from bridge.delivery.dedupe import DedupeWindow
 from bridge.delivery.lanes import Lanes
+from bridge.delivery.offline import drain_spool
 from bridge.delivery.pipeline import Pipeline
 from bridge.delivery.publisher import KafkaPublisher, KafkaUnavailable, Publisher
 from bridge.delivery.spool import Spool
@@ -56,6 +59,7 @@ from bridge.edge.tls import ReloadingTLS, TLSError
 from bridge.ops.admin import Readiness, create_admin_app
 from bridge.ops.metrics import Metrics, VerificationMetrics
 from bridge.ops.tracing import TRACING_OFF, Tracing, TracingUnavailable, build_tracing
+from bridge.ops.workers import WorkerRole, orphan_spool_dirs, retire_spool_dir
 from bridge.settings import MIN_TOKEN_LENGTH, OtelSettings, Settings
 
 if TYPE_CHECKING:
@@ -65,6 +69,8 @@ log = logging.getLogger("bridge.server")
 
 AUTHENTICATOR = web.AppKey("authenticator", Authenticator)
 CONNECT_RETRY_SECONDS = 2.0
+# One pass of draining a gone worker's spool; passes repeat until it is empty.
+ORPHAN_DRAIN_SECONDS = 60.0
 HEALTH_CHECK_SECONDS = 5.0
 PHASE_STARTING, PHASE_SERVING, PHASE_DRAINING, PHASE_STOPPING = range(4)
 
@@ -82,9 +88,12 @@ class BridgeServer:
         *,
         registry: CollectorRegistry | None = None,
         tracing: Tracing | None = None,
+        worker: WorkerRole | None = None,
     ) -> None:
-        """`tracing` None: as the `OTEL_*` variables say (`StartupError` if they cannot be met)."""
+        """`tracing` None: as the `OTEL_*` variables say (`StartupError` if they cannot be met).
+        `worker`: one of `serve --workers N`'s processes (it shares the callback port)."""
         self.settings = settings
+        self.worker = worker
         self.metrics = Metrics(registry or CollectorRegistry())
         try:
             self.tracing = tracing or build_tracing(OtelSettings(), settings.trusted_proxies)
@@ -162,6 +171,9 @@ class BridgeServer:
             self._supervise("file_reload", self._watch_files)
         if self.spool is not None:
             self._supervise("drainer", self.lanes.run)
+        orphans = orphan_spool_dirs(self.settings.spool_dir, self.worker)
+        if orphans:
+            self._supervise("orphan_spools", functools.partial(self._drain_orphans, orphans))
         self.readiness.update(accepting=True)
         self.metrics.phase.set(PHASE_SERVING)
 
@@ -224,6 +236,7 @@ class BridgeServer:
             self.settings,
             metrics=self.metrics,
             ssl_context=self.tls.context if self.tls else None,
+            reuse_port=self.worker is not None,
         )
         self.callback_port = site.port
         scheme = "https" if self.tls else "http"
@@ -264,6 +277,25 @@ class BridgeServer:
                 "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`",
                 extra={"fields": {"min_length": MIN_TOKEN_LENGTH}},
             )
+
+    async def _drain_orphans(self, directories: list[Path]) -> None:
+        """Send the spools of workers that no longer run (`--workers` was lowered)."""
+        for directory in directories:
+            log.warning(
+                "draining the spool of a worker that no longer runs",
+                extra={"fields": {"spool_dir": str(directory)}},
+            )
+            settings = self.settings.model_copy(update={"spool_dir": directory})
+            while True:
+                try:
+                    summary = await drain_spool(settings, within=ORPHAN_DRAIN_SECONDS)
+                except KafkaUnavailable:
+                    summary = None
+                if summary is not None and summary.records_left == 0:
+                    retire_spool_dir(directory)
+                    log.info("drained", extra={"fields": {"spool_dir": str(directory)}})
+                    break
+                await asyncio.sleep(CONNECT_RETRY_SECONDS)
 
     async def _watch_files(self) -> None:
         """Re-read the tokens file and the TLS files when they change."""
@@ -543,6 +575,7 @@ async def open_callback_listener(
     *,
     metrics: Metrics,
     ssl_context: ssl.SSLContext | None = None,
+    reuse_port: bool = False,
 ) -> tuple[web.AppRunner, GuardedSite]:
     """Serve `app` on HOST:PORT with the connection and header limits of `settings`."""
     raise_fd_limit(settings.max_connections)
@@ -561,6 +594,7 @@ async def open_callback_listener(
         max_header_bytes=settings.max_header_bytes,
         max_headers=settings.max_headers,
         ssl_context=ssl_context,
+        reuse_port=reuse_port,
     )
     try:
         await site.start()
@@ -603,6 +637,7 @@ async def serve(
     *,
     on_serving: Callable[[BridgeServer], None] | None = None,
     exit_when_done: bool = False,
+    worker: WorkerRole | None = None,
 ) -> None:
     """Run the bridge until SIGTERM or SIGINT, then shut down gracefully.
 
@@ -612,7 +647,7 @@ async def serve(
     """
     stopping = asyncio.Event()
     install_signal_handlers(stopping)
-    server = BridgeServer(settings)
+    server = BridgeServer(settings, worker=worker)
     try:
         await server.start(stopping)
         if not stopping.is_set() and on_serving is not None:

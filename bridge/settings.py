@@ -86,6 +86,13 @@ class Settings(BaseSettings):
     # HTTP edge
     host: str = Field("0.0.0.0", description="Address the callback listener binds to.")  # noqa: S104 - a server must listen on all interfaces in a pod
     port: int = Field(8080, ge=0, le=65535, description="Port of the public callback listener.")
+    workers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Processes of `serve` sharing the callback port (SO_REUSEPORT), each "
+        "with its own spool under SPOOL_DIR; keep 1 in Kubernetes and run more pods.",
+    )
     admin_port: int = Field(
         8081,
         ge=0,

@@ -17,7 +17,7 @@ DEADLETTER_REASONS = ("json", "shape", "schema", "encoding", "kafka_refused")
 SHED_REASONS = ("inflight_limit", "spool_full", "body_budget")
 # The commonest ways Kafka refuses a record for good (others appear when they happen).
 REFUSAL_REASONS = ("MessageSizeTooLargeError", "RecordTooLargeError")
-BACKGROUND_TASKS = ("drainer", "connect", "kafka_health", "file_reload")
+BACKGROUND_TASKS = ("drainer", "connect", "kafka_health", "file_reload", "orphan_spools")
 OUTCOMES = ("accepted", "duplicate", "invalid", "unauthorized", "rejected", "unavailable")
 
 # 1 ms to 5 s (Luma's timeout), dense where answers normally land.
