@@ -12,11 +12,12 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client import CollectorRegistry
 
-from bridge.contract.callback import CloudEvents, InvalidCallback, Topics
+from bridge.contract.callback import Callback, CloudEvents, InvalidCallback, Topics
 from bridge.delivery.dedupe import DedupeWindow
 from bridge.delivery.lanes import Lanes
 from bridge.delivery.pipeline import Outcome, Pipeline
 from bridge.delivery.publisher import Placement
+from bridge.delivery.verification import VERIFIED_HEADER, Action, Verdict, Verified
 from bridge.ops.metrics import Metrics
 from bridge.ops.tracing import Tracing
 from tests.helpers import SEED_COMPLETED_VIDEO, MemoryPublisher
@@ -177,3 +178,83 @@ async def test_cloudevents_attributes_only_when_enabled() -> None:
     assert any(name.startswith("ce_") for name, _ in on.records[0].headers)
     assert not any(name.startswith("ce_") for name, _ in off.records[0].headers)
     assert ("luma-state", b"queued") in off.records[0].headers
+
+
+class Verifier:
+    """Answers every callback with `verdict`, and remembers what it was asked."""
+
+    def __init__(self, verdict: Verdict) -> None:
+        self.verdict = verdict
+        self.asked: list[str] = []
+
+    async def verify(self, callback: Callback) -> Verdict:
+        self.asked.append(callback.event_id)
+        return self.verdict
+
+
+async def test_a_verified_callback_is_written_with_the_verdict_in_a_header() -> None:
+    for verified in (Verified.TRUE, Verified.UNKNOWN):
+        publisher = MemoryPublisher()
+        verifier = Verifier(Verdict(verified, Action.WRITE))
+        line = pipeline(publisher, Metrics(CollectorRegistry()), verifier=verifier)
+        result = await line.handle(state("queued"), datetime.now(UTC))
+        assert result.outcome is Outcome.ACCEPTED
+        assert result.callback is not None
+        assert verifier.asked == [result.callback.event_id]
+        assert len(publisher.records) == 2
+        for record in publisher.records:
+            assert (VERIFIED_HEADER, verified.value.encode()) in record.headers
+            assert ("luma-state", b"queued") in record.headers
+
+
+async def test_a_callback_the_verifier_refuses_is_unauthorized_and_written_nowhere() -> None:
+    publisher = MemoryPublisher()
+    verdict = Verdict(Verified.FALSE, Action.REFUSE, "Luma does not know this generation")
+    line = pipeline(publisher, Metrics(CollectorRegistry()), verifier=Verifier(verdict))
+    result = await line.handle(state("queued"), datetime.now(UTC))
+    assert (result.outcome, result.reason) == (
+        Outcome.UNAUTHORIZED,
+        "Luma does not know this generation",
+    )
+    assert result.callback is not None
+    assert publisher.records == []
+    assert publisher.calls == 0
+
+
+async def test_a_callback_the_verifier_cannot_check_yet_is_answered_unavailable() -> None:
+    publisher = MemoryPublisher()
+    verdict = Verdict(Verified.UNKNOWN, Action.RETRY_LATER, "Luma's API did not answer")
+    verifier = Verifier(verdict)
+    line = pipeline(publisher, Metrics(CollectorRegistry()), verifier=verifier)
+    result = await line.handle(state("queued"), datetime.now(UTC))
+    assert (result.outcome, result.reason) == (Outcome.UNAVAILABLE, "Luma's API did not answer")
+    assert result.callback is not None
+    assert publisher.records == []
+    # Not remembered: Luma's retry is checked again.
+    await line.handle(state("queued"), datetime.now(UTC))
+    assert len(verifier.asked) == 2
+
+
+async def test_without_a_verifier_records_carry_no_verdict() -> None:
+    publisher = MemoryPublisher()
+    await pipeline(publisher, Metrics(CollectorRegistry())).handle(
+        state("queued"), datetime.now(UTC)
+    )
+    assert all(VERIFIED_HEADER not in dict(r.headers) for r in publisher.records)
+
+
+async def test_the_verification_is_a_span_of_its_own() -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing = Tracing(tracer_provider=provider)
+    line = pipeline(
+        MemoryPublisher(),
+        Metrics(CollectorRegistry()),
+        tracing=tracing,
+        verifier=Verifier(Verdict(Verified.TRUE, Action.WRITE)),
+    )
+    with tracing.request({}, None):
+        await line.handle(state("queued"), datetime.now(UTC))
+    assert "verify" in {span.name for span in exporter.get_finished_spans()}
+    provider.shutdown()
