@@ -5,6 +5,7 @@ errors a caller answers 503 for. Fast tests on a real SQLite file in a temporary
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sqlite3
 import time
@@ -264,6 +265,11 @@ async def test_a_failed_write_fails_every_waiter_and_the_next_write_works(
     ):
         await append(spool, record(1))
     assert "the spool cannot be written" in caplog.text
+    logged = next(r for r in caplog.records if "cannot be written" in r.getMessage())
+    assert logged.fields == {  # type: ignore[attr-defined]
+        "error": "database or disk is full",
+        "dir": str(tmp_path),
+    }
     assert spool._pending_estimate == 0
     assert spool.records == 0
     assert sample(metrics, "luma_bridge_spool_write_errors_total") == 1
@@ -461,6 +467,8 @@ async def test_the_oldest_age_is_reported_in_seconds_rounded_to_milliseconds(
     assert 12.3 < age < 13.3
     assert round(age, 3) == age
     assert age != round(age)
+    spool.oldest_age = lambda: 12.34567  # type: ignore[method-assign]
+    assert (await spool.describe())["oldest_age_seconds"] == 12.346
     await spool.close()
 
 
@@ -509,3 +517,41 @@ def test_a_spool_that_cannot_be_checkpointed_at_close_is_closed_as_it_is(
     assert [r.getMessage() for r in caplog.records] == [
         "could not checkpoint the spool at close; it is kept as it is"
     ]
+
+
+async def test_writes_still_pending_count_against_the_bound(tmp_path: Path) -> None:
+    spool, _ = await open_spool(tmp_path)
+    one = WAL_FACTOR * (record_size(record(1)) + ROW_OVERHEAD_BYTES)
+    spool._max_bytes = spool.disk_bytes + 2 * one  # room for two, not three
+    outcomes = await asyncio.gather(
+        append(spool, record(1)),
+        append(spool, record(2)),
+        append(spool, record(3)),
+        return_exceptions=True,
+    )
+    assert [type(outcome) for outcome in outcomes] == [list, list, SpoolFull]
+    assert spool.records == 2
+    await spool.close()
+
+
+async def test_the_first_write_sets_the_oldest_time_and_later_ones_keep_it(
+    tmp_path: Path,
+) -> None:
+    spool, _ = await open_spool(tmp_path)
+    await append(spool, record(1))
+    first = spool._oldest
+    assert first is not None
+    await append(spool, record(2))
+    assert spool._oldest == first
+    await spool.close()
+
+
+async def test_close_waits_for_a_write_still_pending(tmp_path: Path) -> None:
+    spool, _ = await open_spool(tmp_path)
+    writing = asyncio.create_task(append(spool, record(1)))
+    await asyncio.sleep(0)  # the append is queued, its transaction not yet committed
+    await spool.close()
+    await writing
+    reopened, _ = await open_spool(tmp_path)
+    assert reopened.records == 1
+    await reopened.close()
