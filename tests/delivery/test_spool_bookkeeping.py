@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+import threading
 import time
 from pathlib import Path
 
@@ -555,3 +556,33 @@ async def test_close_waits_for_a_write_still_pending(tmp_path: Path) -> None:
     reopened, _ = await open_spool(tmp_path)
     assert reopened.records == 1
     await reopened.close()
+
+
+async def test_appends_queued_behind_a_failed_write_are_still_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool, _ = await open_spool(tmp_path)
+    insert = spool._insert_sync
+    entered, release = threading.Event(), threading.Event()
+    calls = 0
+
+    def fail_first(*args: object) -> int:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            entered.set()
+            release.wait(10)
+            raise sqlite3.OperationalError("disk I/O error")
+        return insert(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(spool, "_insert_sync", fail_first)
+    first = asyncio.create_task(append(spool, record(1)))
+    await asyncio.to_thread(entered.wait, 10)
+    second = asyncio.create_task(append(spool, record(2)))
+    await asyncio.sleep(0)  # queued behind the transaction in progress
+    release.set()
+    with pytest.raises(SpoolUnwritable):
+        await first
+    await asyncio.wait_for(second, 10)
+    assert spool.records == 1
+    await spool.close()
