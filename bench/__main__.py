@@ -1,8 +1,8 @@
 """`python -m bench`: run the whole benchmark and write results/latest.{json,md,png}.
 
-Default: 4 targets x 4 connection counts x 3 repeats x 8 s, interleaved, then the
-bridge's open-loop latency curve; about 12 minutes on 2 cores. `--quick` is one
-repeat of 3 s (about 2 minutes). `--soak N` adds an N-callback run of the bridge to
+Default: 6 targets x 4 connection counts x 3 repeats x 8 s, interleaved, then the
+open-loop latency curves of the bridge and the floor app; about 17 minutes on 2 cores.
+`--quick` is one repeat of 3 s (about 3 minutes). `--soak N` adds an N-callback run of the bridge to
 check that its memory stays flat; `--profile S` records S seconds of py-spy.
 """
 
@@ -28,7 +28,9 @@ NEEDED = {
     "matplotlib": "matplotlib",
     "uvloop": "uvloop",
 }
-TARGETS = ("minimal", "raw_producer", "peer", "bridge")
+TARGETS = ("minimal", "floor", "naive", "raw_producer", "peer", "bridge")
+#: Targets whose open-loop curve is measured, at the same offered rates.
+OPEN_LOOP_TARGETS = ("bridge", "floor")
 CONNECTIONS = (1, 16, 64, 256)
 OPEN_LOOP_FRACTIONS = (0.1, 0.25, 0.5, 0.7, 0.85, 1.0, 1.15)
 
@@ -160,21 +162,29 @@ def main(argv: list[str] | None = None) -> int:
         summary = stats.summarize(results["runs"])
         results["summary"] = summary
         results["ratios"] = stats.ratios(summary)
+        if "bridge" in http_targets:
+            results["tracing_off"] = harness.tracing_off_cost(layout.server)
+            log(f"tracing off: {results['tracing_off']['cost_us_per_callback']:.2f} µs/callback")
         if "bridge" in http_targets and not args.no_open_loop:
             saturation = max(row["rps"] for row in summary["bridge"].values())
             results["saturation_rps"] = saturation
             results["open_loop"] = []
+            curve_targets = [t for t in OPEN_LOOP_TARGETS if t in http_targets]
             for rate in stats.rates_for(saturation, OPEN_LOOP_FRACTIONS):
-                point = harness.measure_open_loop(stack, "bridge", templates, rate, args.duration)
-                point["fraction_of_saturation"] = rate / saturation
-                results["open_loop"].append(point)
-                lat = point["latency_ms"]
-                log(
-                    f"open loop {rate:6d} req/s offered: {point['achieved_rps']:7.0f} answered/s "
-                    f"p50 {lat['p50']:.2f} p99 {lat['p99']:.2f} p99.9 {lat['p999']:.2f} ms "
-                    f"non-200 {point['answered'] - point['ok']} "
-                    f"unanswered {point['unanswered_within_5s']}"
-                )
+                for target in curve_targets:
+                    point = harness.measure_open_loop(stack, target, templates, rate, args.duration)
+                    point["target"] = target
+                    point["fraction_of_saturation"] = rate / saturation
+                    results["open_loop"].append(point)
+                    lat = point["latency_ms"]
+                    log(
+                        f"open loop {target:6} {rate:6d} req/s offered: "
+                        f"{point['achieved_rps']:7.0f} answered/s "
+                        f"p50 {lat['p50']:.2f} p99 {lat['p99']:.2f} p99.9 {lat['p999']:.2f} ms "
+                        f"cpu {point['cpu_s_per_1k']:.3f} s/1k "
+                        f"non-200 {point['answered'] - point['ok']} "
+                        f"unanswered {point['unanswered_within_5s']}"
+                    )
         if "bridge" in http_targets and args.soak:
             log(f"soak: {args.soak} callbacks into the bridge at 64 connections")
             results["soak"] = harness.soak(stack, "bridge", templates, args.soak)
@@ -185,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
             results["profile"] = harness.profile(
                 stack, "bridge", templates, args.profile, out / "profile-bridge"
             )
+    results["loadavg_at_end"] = [round(v, 2) for v in os.getloadavg()]
     results["targets_check"] = report.check_targets(results)
     results["elapsed_s"] = round(time.monotonic() - started, 1)
     out.mkdir(parents=True, exist_ok=True)

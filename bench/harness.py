@@ -179,7 +179,7 @@ def run_json_tool(command: Sequence[str], cpus: frozenset[int], sample_pid: bool
 
 @dataclass
 class Stack:
-    """The broker and the three HTTP targets, running for the whole benchmark."""
+    """The broker and the HTTP targets, running for the whole benchmark."""
 
     layout: Layout
     workdir: Path
@@ -236,6 +236,13 @@ class Stack:
         py = sys.executable
         commands = {
             "minimal": lambda port: [py, "-m", "bench.minimal", "--port", str(port)],
+            "floor": lambda port: [
+                *(py, "-m", "bench.floor", "--port", str(port), "--bootstrap", self.bootstrap),
+            ],
+            "naive": lambda port: [
+                *(py, "-m", "bench.floor", "--port", str(port), "--bootstrap", self.bootstrap),
+                "--naive",
+            ],
             "peer": lambda port: [
                 *(py, "-m", "bench.peers.fastapi_peer", "--port", str(port)),
                 *("--bootstrap", self.bootstrap, "--token", TOKEN),
@@ -349,6 +356,14 @@ def measure_open_loop(
         server_cpu_util=cpu / (time.monotonic() - wall_before),
         cpu_s_per_1k=cpu / (answered * (duration + 1) / duration) * 1000,
         peak_rss_mb=sampler.peak / 2**20,
+    )
+    return result
+
+
+def tracing_off_cost(cpus: frozenset[int]) -> dict[str, Any]:
+    """`bench.tracingcost` on the server's core: µs per callback of the tracing-off path."""
+    result: dict[str, Any] = run_json_tool(
+        [sys.executable, "-m", "bench.tracingcost"], cpus, sample_pid=False
     )
     return result
 
@@ -470,6 +485,8 @@ def machine() -> dict[str, Any]:
         "cores": os.cpu_count(),
         "usable_cores": sorted(os.sched_getaffinity(0)),
         "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        # The machine may be shared: the load before the run says how busy it was.
+        "loadavg_at_start": [round(v, 2) for v in os.getloadavg()],
         "kernel": platform.release(),
         "python": platform.python_version(),
         "packages": versions,
