@@ -190,11 +190,13 @@ def main(argv: list[str] | None = None) -> int:
             results["soak"] = harness.soak(stack, "bridge", templates, args.soak)
             spread = results["soak"]["rss_second_half_spread"]
             log(f"soak RSS spread over the second half: {spread:.1%}")
-        if "bridge" in http_targets and args.profile:
-            log(f"profiling the bridge for {args.profile:.0f} s with py-spy")
-            results["profile"] = harness.profile(
-                stack, "bridge", templates, args.profile, out / "profile-bridge"
-            )
+        if args.profile:
+            results["profile"] = {}
+            for target in (t for t in OPEN_LOOP_TARGETS if t in http_targets):
+                log(f"profiling {target} for {args.profile:.0f} s with py-spy")
+                results["profile"][target] = harness.profile(
+                    stack, target, templates, args.profile, out / f"profile-{target}"
+                )
     results["loadavg_at_end"] = [round(v, 2) for v in os.getloadavg()]
     results["targets_check"] = report.check_targets(results)
     results["elapsed_s"] = round(time.monotonic() - started, 1)
@@ -205,9 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     markdown = report.markdown(results)
     (out / "latest.md").write_text(markdown)
     report.plot(results, out / "latest.png")
-    if "profile" in results:
-        collapsed = Path(results["profile"]["collapsed"])
-        report.write_profile_summary(collapsed, out / "profile-bridge.md")
+    for target, profiled in results.get("profile", {}).items():
+        collapsed = Path(profiled["collapsed"])
+        report.write_profile_summary(collapsed, out / f"profile-{target}.md")
     print(markdown)
     log(f"done in {results['elapsed_s']:.0f} s; wrote {out}/latest.json, latest.md, latest.png")
     shutil.rmtree(workdir, ignore_errors=True)

@@ -10,6 +10,7 @@ filling up, spreads over all targets instead of penalising the last one.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import platform
@@ -130,6 +131,11 @@ def children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+#: Each wrk invocation's number, which its script puts in every generation id: ids never
+#: repeat across the runs of one benchmark, so the bridge's dedupe never answers one early.
+_WRK_RUNS = itertools.count(1)
+
+
 def run_wrk(
     url: str, templates: Path, connections: int, duration: float, cpus: frozenset[int]
 ) -> tuple[str, float]:
@@ -147,6 +153,7 @@ def run_wrk(
             url,
             "--",
             str(templates),
+            str(next(_WRK_RUNS)),
         ],
         cpus,
     )

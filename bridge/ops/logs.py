@@ -4,7 +4,7 @@ Callers attach structured fields with `extra={"fields": {...}}`; tokens and
 request bodies are never among them.
 
 Lines are written by a background thread, never by the event loop: a log call only
-puts the record on a bounded queue (`BackgroundLogHandler`). A stderr pipe that stalls
+appends the record to a bounded buffer (`BackgroundLogHandler`). A stderr pipe that stalls
 (a full pipe, a slow log collector) therefore cannot stall callbacks; when the queue is
 full the line is dropped and counted (`luma_bridge_log_lines_dropped_total`), so memory
 stays bounded. Closing the handler (`logging.shutdown()`, which runs at exit) writes
@@ -13,10 +13,8 @@ every queued line before it returns.
 
 from __future__ import annotations
 
-import contextlib
+import collections
 import logging
-import logging.handlers
-import queue
 import sys
 import threading
 import time
@@ -34,6 +32,8 @@ FIELDS = "fields"
 DEFAULT_QUEUE_LINES = 10_000
 #: How long closing waits for a stalled stream to take the queued lines before giving up.
 CLOSE_TIMEOUT_SECONDS = 5.0
+#: How often the writer thread writes what was logged: lines reach stderr this much later.
+WRITE_INTERVAL_SECONDS = 0.05
 
 
 class JsonFormatter(logging.Formatter):
@@ -69,82 +69,130 @@ class TextFormatter(logging.Formatter):
         return line
 
 
-class _Listener(logging.handlers.QueueListener):
-    """The writer thread. Its stop waits for room for the sentinel instead of raising Full."""
+class BackgroundLogHandler(logging.Handler):
+    """Hands records to a writer thread through a bounded buffer; never blocks the caller.
 
-    def enqueue_sentinel(self) -> None:
-        self.queue.put(self._sentinel, timeout=CLOSE_TIMEOUT_SECONDS)  # type: ignore[attr-defined]
-
-
-class BackgroundLogHandler(logging.handlers.QueueHandler):
-    """Hands records to a writer thread through a bounded queue; never blocks the caller.
-
-    A record that finds the queue full is dropped and counted in `dropped` (and in the
-    counter given to `count_drops`). `close()` writes what is queued, waiting at most
+    The caller only appends the record to a deque: no lock and no thread wake-up per
+    line, as the stdlib `QueueHandler`/`QueueListener` pair would take. The writer wakes
+    every `interval` seconds, formats what is there with `target`'s formatter and writes
+    it with one `write` and one `flush` (one system call per batch, not per line).
+    A record that finds `capacity` records waiting is dropped and counted in `dropped`
+    (and by the callback given to `count_drops`). `flush()` waits until what was logged
+    before it is written; `close()` writes everything queued, waiting at most
     `CLOSE_TIMEOUT_SECONDS` for a stalled stream, then closes `target`.
     """
 
-    def __init__(self, target: logging.Handler, *, capacity: int = DEFAULT_QUEUE_LINES) -> None:
+    def __init__(
+        self,
+        target: logging.StreamHandler[Any],
+        *,
+        capacity: int = DEFAULT_QUEUE_LINES,
+        interval: float = WRITE_INTERVAL_SECONDS,
+    ) -> None:
         if capacity < 1:
             raise ValueError("capacity must be at least 1")
-        self._lines: queue.Queue[logging.LogRecord] = queue.Queue(maxsize=capacity)
-        super().__init__(self._lines)
+        super().__init__()
         self.target = target
+        self.capacity = capacity
         self.dropped = 0
+        self._interval = interval
+        self._records: collections.deque[logging.LogRecord] = collections.deque()
         self._on_drop: Callable[[], None] | None = None
         self._drop_lock = threading.Lock()
-        self._listener: _Listener | None = _Listener(self._lines, target)
-        self._listener.start()
+        self._wake = threading.Event()
+        self._closing = False
+        self._writing = False
+        self._writer: threading.Thread | None = threading.Thread(
+            target=self._write_forever, name="log-writer", daemon=True
+        )
+        self._writer.start()
 
     def count_drops(self, on_drop: Callable[[], None] | None) -> None:
         """Call `on_drop` once per dropped line from now on, and once per line dropped so far."""
         with self._drop_lock:
             self._on_drop = on_drop
             earlier = self.dropped if on_drop is not None else 0
-        for _ in range(earlier):
-            on_drop()  # type: ignore[misc]  # not None when earlier > 0
-
-    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
-        # Formatting happens on the writer thread; only what may change later is fixed
-        # here: the message's arguments and the traceback (its frames live on).
-        record.msg = record.getMessage()
-        record.args = None
-        if record.exc_info and not record.exc_text:
-            record.exc_text = _TRACEBACKS.formatException(record.exc_info)
-        record.exc_info = None
-        return record
-
-    def enqueue(self, record: logging.LogRecord) -> None:
-        try:
-            self._lines.put_nowait(record)
-        except queue.Full:
-            with self._drop_lock:
-                self.dropped += 1
-                on_drop = self._on_drop
-            if on_drop is not None:
+        if on_drop is not None:
+            for _ in range(earlier):
                 on_drop()
 
-    def flush(self) -> None:
-        """Wait (at most `CLOSE_TIMEOUT_SECONDS`) until the queued lines are written."""
-        deadline = time.monotonic() + CLOSE_TIMEOUT_SECONDS
-        while self._listener is not None and self._lines.unfinished_tasks:
-            if time.monotonic() >= deadline:
+    def emit(self, record: logging.LogRecord) -> None:
+        if len(self._records) >= self.capacity or self._writer is None:
+            self._drop()
+            return
+        # Formatting happens on the writer thread; only what may change later is fixed
+        # here: the message's arguments and the traceback (its frames live on).
+        if record.args:
+            record.msg = record.getMessage()
+            record.args = None
+        if record.exc_info:
+            if not record.exc_text:
+                record.exc_text = _TRACEBACKS.formatException(record.exc_info)
+            record.exc_info = None
+        self._records.append(record)
+
+    def handle(self, record: logging.LogRecord) -> bool:
+        # No handler lock: the deque is the synchronisation (appends and pops are atomic).
+        if self.filter(record):
+            self.emit(record)
+        return True
+
+    def _drop(self) -> None:
+        with self._drop_lock:
+            self.dropped += 1
+            on_drop = self._on_drop
+        if on_drop is not None:
+            on_drop()
+
+    def _write_forever(self) -> None:
+        while True:
+            self._wake.wait(self._interval)
+            self._wake.clear()
+            self._write_queued()
+            if self._closing and not self._records:
                 return
-            time.sleep(0.005)
-        self.target.flush()
+
+    def _write_queued(self) -> None:
+        self._writing = True
+        try:
+            lines: list[str] = []
+            while self._records:
+                record = self._records.popleft()
+                try:
+                    lines.append(self.target.format(record) + self.target.terminator)
+                except Exception:
+                    self.target.handleError(record)
+            if lines:
+                self._write_lines(lines)
+        finally:
+            self._writing = False
+
+    def _write_lines(self, lines: list[str]) -> None:
+        try:
+            self.target.stream.write("".join(lines))
+            self.target.flush()
+        except Exception:
+            # A closed or broken stream: nowhere to say so; the lines count as dropped.
+            for _ in lines:
+                self._drop()
+
+    def flush(self) -> None:
+        """Wait (at most `CLOSE_TIMEOUT_SECONDS`) until what was logged so far is written."""
+        deadline = time.monotonic() + CLOSE_TIMEOUT_SECONDS
+        while self._writer is not None and (self._records or self._writing):
+            if time.monotonic() >= deadline or not self._writer.is_alive():
+                return
+            self._wake.set()
+            time.sleep(0.001)
 
     def close(self) -> None:
         """Write every queued line, stop the writer thread, close the target. Idempotent."""
-        listener, self._listener = self._listener, None
-        if listener is not None:
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            self._closing = True
+            self._wake.set()
             # A stream stalled for CLOSE_TIMEOUT_SECONDS must not hang the exit.
-            with contextlib.suppress(queue.Full):
-                listener.enqueue_sentinel()
-            thread = listener._thread
-            if thread is not None:
-                thread.join(CLOSE_TIMEOUT_SECONDS)
-            listener._thread = None
-            self.target.flush()
+            writer.join(CLOSE_TIMEOUT_SECONDS)
             self.target.close()
         super().close()
 
@@ -163,7 +211,8 @@ def count_dropped_lines(on_drop: Callable[[], None] | None) -> None:
 def configure_logging(
     level: LogLevel, log_format: LogFormat, *, queue_lines: int = DEFAULT_QUEUE_LINES
 ) -> BackgroundLogHandler:
-    """Send every log line to stderr in the chosen format, from a background thread."""
+    """Send every log line to stderr in the chosen format, from a background thread
+    (in batches, every `WRITE_INTERVAL_SECONDS`)."""
     use_json = log_format == "json" or (log_format == "auto" and not sys.stderr.isatty())
     stream = logging.StreamHandler(sys.stderr)
     stream.setFormatter(JsonFormatter() if use_json else TextFormatter())

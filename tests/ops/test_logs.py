@@ -146,7 +146,7 @@ def test_configuring_again_stops_the_previous_writer(monkeypatch: pytest.MonkeyP
         first = configure_logging("INFO", "text")
         second = configure_logging("INFO", "text")
         assert root.handlers == [second]
-        assert first._listener is None  # its thread was stopped
+        assert first._writer is None  # its thread was stopped
         second.close()
     finally:
         root.handlers[:] = saved_handlers
@@ -155,4 +155,17 @@ def test_configuring_again_stops_the_previous_writer(monkeypatch: pytest.MonkeyP
 
 def test_a_capacity_below_one_is_refused() -> None:
     with pytest.raises(ValueError, match="capacity"):
-        BackgroundLogHandler(logging.NullHandler(), capacity=0)
+        BackgroundLogHandler(logging.StreamHandler(io.StringIO()), capacity=0)
+
+
+def test_lines_a_broken_stream_refuses_count_as_dropped() -> None:
+    class BrokenStream(io.StringIO):
+        def write(self, text: str) -> int:
+            raise BrokenPipeError("the reader went away")
+
+    handler = BackgroundLogHandler(json_handler(BrokenStream()), capacity=100)
+    for number in range(3):
+        handler.handle(record("line %d", number))
+    handler.flush()
+    assert handler.dropped == 3
+    handler.close()
