@@ -40,6 +40,7 @@ from bridge.delivery.publisher import (
     Record,
     classify,
     failure_reason,
+    settle_within,
 )
 from bridge.delivery.spool import (
     Lane,
@@ -179,8 +180,7 @@ class Lanes:
         self, rows: list[tuple[int, Record]], lanes: list[Lane], deadline: float
     ) -> Written:
         futures = self._publisher.send([record for _, record in rows])
-        timeout = max(0.0, deadline - asyncio.get_running_loop().time())
-        await asyncio.wait(futures, timeout=timeout)
+        await settle_within(futures, deadline - asyncio.get_running_loop().time())
         if all(_succeeded(future) for future in futures):
             for lane in lanes:
                 self._release(lane)
