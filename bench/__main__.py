@@ -69,6 +69,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("bench/results"), help="results folder")
     parser.add_argument("--no-open-loop", action="store_true", help="skip the latency curve")
     parser.add_argument(
+        "--open-loop-fractions",
+        default=",".join(map(str, OPEN_LOOP_FRACTIONS)),
+        help="offered rates as fractions of the bridge's closed-loop saturation "
+        "(0.1,0.25,0.5,0.7,0.85,1.0,1.15)",
+    )
+    parser.add_argument(
         "--soak", type=int, default=0, metavar="N", help="then N callbacks into the bridge (RSS)"
     )
     parser.add_argument(
@@ -79,14 +85,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="",
         help="extra `luma-kafka-bridge serve` flags, for experiments (default: none)",
     )
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME=FLAGS",
+        help="an extra bridge target `bridge:NAME` run with these `serve` flags, interleaved "
+        "with the others (repeatable), e.g. --variant 'linger5=--kafka-linger-ms 5'",
+    )
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to cores")
     parser.add_argument("--no-install", action="store_true", help="never pip install")
     args = parser.parse_args(argv)
     args.duration = args.duration or (3.0 if args.quick else 8.0)
     args.repeats = args.repeats or (1 if args.quick else 3)
     args.connections = [int(c) for c in args.connections.split(",")]
+    args.open_loop_fractions = [float(f) for f in args.open_loop_fractions.split(",")]
     args.targets = [t for t in args.targets.split(",") if t]
     unknown = set(args.targets) - set(TARGETS)
+    args.variants = {}
+    for variant in args.variant:
+        name, separator, flags = variant.partition("=")
+        if not separator or not name:
+            parser.error(f"--variant wants NAME=FLAGS, not {variant!r}")
+        args.variants[name] = shlex.split(flags)
+        args.targets.append(f"bridge:{name}")
     if unknown:
         parser.error(f"unknown targets: {', '.join(sorted(unknown))}")
     return args
@@ -132,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     log(f"starting broker and {', '.join(http_targets)} (layout {layout.describe()})")
     bridge_args = shlex.split(args.bridge_args)
     results["settings"]["bridge_args"] = bridge_args
-    with harness.running_stack(layout, workdir, http_targets, bridge_args) as stack:
+    results["settings"]["variants"] = args.variants
+    with harness.running_stack(layout, workdir, http_targets, bridge_args, args.variants) as stack:
         for target in http_targets:
             log(f"warming up {target}")
             harness.measure_http(stack, target, templates, 64, 2)
@@ -162,6 +185,11 @@ def main(argv: list[str] | None = None) -> int:
         summary = stats.summarize(results["runs"])
         results["summary"] = summary
         results["ratios"] = stats.ratios(summary)
+        results["variant_ratios"] = {
+            target: stats.ratios(summary, subject=target)
+            for target in http_targets
+            if target.startswith("bridge:")
+        }
         if "bridge" in http_targets:
             results["tracing_off"] = harness.tracing_off_cost(layout.server)
             log(f"tracing off: {results['tracing_off']['cost_us_per_callback']:.2f} µs/callback")
@@ -169,8 +197,10 @@ def main(argv: list[str] | None = None) -> int:
             saturation = max(row["rps"] for row in summary["bridge"].values())
             results["saturation_rps"] = saturation
             results["open_loop"] = []
-            curve_targets = [t for t in OPEN_LOOP_TARGETS if t in http_targets]
-            for rate in stats.rates_for(saturation, OPEN_LOOP_FRACTIONS):
+            curve_targets = [
+                t for t in http_targets if t in OPEN_LOOP_TARGETS or t.startswith("bridge:")
+            ]
+            for rate in stats.rates_for(saturation, args.open_loop_fractions):
                 for target in curve_targets:
                     point = harness.measure_open_loop(stack, target, templates, rate, args.duration)
                     point["target"] = target

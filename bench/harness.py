@@ -10,6 +10,7 @@ filling up, spreads over all targets instead of penalising the last one.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import json
 import os
@@ -192,6 +193,8 @@ class Stack:
     workdir: Path
     broker_port: int = 0
     bridge_args: Sequence[str] = ()
+    #: Extra bridge targets, `bridge:NAME`, each with its own extra `serve` flags.
+    variants: dict[str, Sequence[str]] = field(default_factory=dict)
     services: dict[str, Service] = field(default_factory=dict)
 
     @property
@@ -254,17 +257,12 @@ class Stack:
                 *(py, "-m", "bench.peers.fastapi_peer", "--port", str(port)),
                 *("--bootstrap", self.bootstrap, "--token", TOKEN),
             ],
-            "bridge": lambda port: [
-                *(py, "-m", "bridge", "serve", "--host", "127.0.0.1", "--port", str(port)),
-                *("--admin-port", str(free_port()), "--auth-tokens", TOKEN),
-                *("--kafka-bootstrap-servers", self.bootstrap),
-                *("--kafka-enable-idempotence", "false", "--log-format", "json"),
-                # Shutdown and storage only, not the hot path: no 5 s wait at the end,
-                # and the spool stays in the scratch directory.
-                *("--drain-delay", "0", "--spool-dir", str(logs / "spool")),
-                *self.bridge_args,
-            ],
+            "bridge": lambda port: self._bridge_command(port, self.bridge_args),
         }
+        for name, extra in self.variants.items():
+            commands[f"bridge:{name}"] = functools.partial(
+                self._bridge_command, extra=[*self.bridge_args, *extra]
+            )
         env_root = str(ROOT)
         os.environ["PYTHONPATH"] = env_root + os.pathsep + os.environ.get("PYTHONPATH", "")
         for target in targets:
@@ -278,6 +276,19 @@ class Stack:
             if target in self.services:
                 self.services[target].wait_listening()
 
+    def _bridge_command(self, port: int, extra: Sequence[str]) -> list[str]:
+        spool = self.workdir / f"spool-{port}"
+        return [
+            *(sys.executable, "-m", "bridge", "serve", "--host", "127.0.0.1", "--port", str(port)),
+            *("--admin-port", str(free_port()), "--auth-tokens", TOKEN),
+            *("--kafka-bootstrap-servers", self.bootstrap),
+            *("--kafka-enable-idempotence", "false", "--log-format", "json"),
+            # Shutdown and storage only, not the hot path: no 5 s wait at the end,
+            # and the spool stays in the scratch directory (one per bridge).
+            *("--drain-delay", "0", "--spool-dir", str(spool)),
+            *extra,
+        ]
+
     def stop(self) -> None:
         for name in reversed(list(self.services)):
             with contextlib.suppress(Exception):
@@ -287,9 +298,13 @@ class Stack:
 
 @contextlib.contextmanager
 def running_stack(
-    layout: Layout, workdir: Path, targets: Sequence[str], bridge_args: Sequence[str] = ()
+    layout: Layout,
+    workdir: Path,
+    targets: Sequence[str],
+    bridge_args: Sequence[str] = (),
+    variants: dict[str, Sequence[str]] | None = None,
 ) -> Iterator[Stack]:
-    stack = Stack(layout, workdir, bridge_args=bridge_args)
+    stack = Stack(layout, workdir, bridge_args=bridge_args, variants=dict(variants or {}))
     try:
         stack.start(targets)
         yield stack

@@ -22,6 +22,11 @@ LABELS = {
 }
 
 
+def target_label(target: str) -> str:
+    """The table's name for a target; a bridge variant is `bridge:NAME` with its flags."""
+    return LABELS.get(target, target)
+
+
 def sanitize(value: Any) -> Any:
     """NaN becomes None, recursively, so the JSON file is standard JSON."""
     if isinstance(value, float) and math.isnan(value):
@@ -137,10 +142,11 @@ def markdown(results: Mapping[str, Any]) -> str:
         "| peak RSS MB | errors | wrk CPU |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for target in LABELS:
-        for connections, row in results.get("summary", {}).get(target, {}).items():
+    summary = results.get("summary", {})
+    for target in [*LABELS, *sorted(t for t in summary if t not in LABELS)]:
+        for connections, row in summary.get(target, {}).items():
             lines.append(
-                f"| {LABELS[target]} | {connections} | {_fmt(row['rps'], 0)} "
+                f"| {target_label(target)} | {connections} | {_fmt(row['rps'], 0)} "
                 f"| {_fmt(row['latency_ms.p50'], 2)} | {_fmt(row['latency_ms.p99'], 2)} "
                 f"| {_fmt(row['latency_ms.p999'], 2)} | {_fmt(row['cpu_s_per_1k'], 3)} "
                 f"| {_fmt(row.get('cpu_spread', math.nan) * 100, 0)} % "
@@ -159,8 +165,15 @@ def markdown(results: Mapping[str, Any]) -> str:
             if math.isnan(row.get(f"rps_vs_{name}", math.nan)):
                 continue
             lines.append(
-                f"| {LABELS[name]} | {connections} | {_fmt(row[f'rps_vs_{name}'], 2)} "
+                f"| {target_label(name)} | {connections} | {_fmt(row[f'rps_vs_{name}'], 2)} "
                 f"| {_fmt(row[f'cpu_vs_{name}'], 2)} | {_fmt(row[f'p99_vs_{name}'], 2)} |"
+            )
+    for target, by_connections in results.get("variant_ratios", {}).items():
+        for connections, row in by_connections.items():
+            lines.append(
+                f"| {target_label('floor')} (for {target}) | {connections} "
+                f"| {_fmt(row['rps_vs_floor'], 2)} | {_fmt(row['cpu_vs_floor'], 2)} "
+                f"| {_fmt(row['p99_vs_floor'], 2)} |"
             )
     tracing = results.get("tracing_off")
     if tracing:
@@ -219,13 +232,10 @@ def plot(results: Mapping[str, Any], path: Path) -> None:
     summary = results.get("summary", {})
     for target, rows in summary.items():
         conns = [int(c) for c in rows]
-        axes[0][0].plot(conns, [r["rps"] for r in rows.values()], marker="o", label=LABELS[target])
-        axes[0][1].plot(
-            conns, [r["latency_ms.p99"] for r in rows.values()], marker="o", label=LABELS[target]
-        )
-        axes[1][0].plot(
-            conns, [r["cpu_s_per_1k"] for r in rows.values()], marker="o", label=LABELS[target]
-        )
+        name = target_label(target)
+        axes[0][0].plot(conns, [r["rps"] for r in rows.values()], marker="o", label=name)
+        axes[0][1].plot(conns, [r["latency_ms.p99"] for r in rows.values()], marker="o", label=name)
+        axes[1][0].plot(conns, [r["cpu_s_per_1k"] for r in rows.values()], marker="o", label=name)
     for ax, title, ylabel in (
         (axes[0][0], "throughput (closed loop, wrk)", "requests/s"),
         (axes[0][1], "p99 answer time", "ms (log)"),

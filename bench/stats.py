@@ -125,12 +125,14 @@ def summarize(runs: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, dict[str
 YARDSTICKS = ("minimal", "floor", "naive", "peer", "raw_producer")
 
 
-def ratios(summary: Mapping[str, Mapping[str, Mapping[str, float]]]) -> dict[str, dict[str, float]]:
-    """The bridge against its yardsticks, per connection count (from medians):
-    `rps_vs_X`, `cpu_vs_X` and `p99_vs_X` for every X in `YARDSTICKS` (NaN when X was
-    not measured)."""
+def ratios(
+    summary: Mapping[str, Mapping[str, Mapping[str, float]]], subject: str = "bridge"
+) -> dict[str, dict[str, float]]:
+    """`subject` (the bridge, or a variant of it) against its yardsticks, per connection
+    count (from medians): `rps_vs_X`, `cpu_vs_X` and `p99_vs_X` for every X in
+    `YARDSTICKS` (NaN when X was not measured)."""
     out: dict[str, dict[str, float]] = {}
-    for connections, row in summary.get("bridge", {}).items():
+    for connections, row in summary.get(subject, {}).items():
         cell: dict[str, float] = {}
         for name in YARDSTICKS:
             other = summary.get(name, {}).get(connections, {})
