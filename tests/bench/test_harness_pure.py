@@ -264,3 +264,20 @@ def test_sanitize_makes_standard_json() -> None:
         "a": [None, 1.0],
         "b": [2, None],
     }
+
+
+def test_bridge_variants_get_their_own_rows_and_ratios() -> None:
+    results = _results()
+    runs = [
+        _run("floor", 64, 6000.0, 0.10, 12.0),
+        _run("bridge", 64, 4000.0, 0.25, 30.0),
+        _run("bridge:linger5", 64, 4500.0, 0.20, 20.0),
+    ]
+    summary = stats.summarize(runs)
+    results["summary"] = summary
+    results["ratios"] = stats.ratios(summary)
+    results["variant_ratios"] = {"bridge:linger5": stats.ratios(summary, "bridge:linger5")}
+    assert results["variant_ratios"]["bridge:linger5"]["64"]["cpu_vs_floor"] == pytest.approx(2.0)
+    text = report.markdown(results)
+    assert "| bridge:linger5 | 64 | 4,500 |" in text
+    assert "| floor: aiohttp + the two records (for bridge:linger5) | 64 | 0.75 | 2.00 |" in text
