@@ -93,6 +93,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="an extra bridge target `bridge:NAME` run with these `serve` flags, interleaved "
         "with the others (repeatable), e.g. --variant 'linger5=--kafka-linger-ms 5'",
     )
+    parser.add_argument(
+        "--batching",
+        action="store_true",
+        help="then the raw producer open loop at the curve's rates, linger 0 and 5 ms: "
+        "produce requests and CPU per callback (why open-loop arrivals cost more)",
+    )
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to cores")
     parser.add_argument("--no-install", action="store_true", help="never pip install")
     args = parser.parse_args(argv)
@@ -220,6 +226,21 @@ def main(argv: list[str] | None = None) -> int:
             results["soak"] = harness.soak(stack, "bridge", templates, args.soak)
             spread = results["soak"]["rss_second_half_spread"]
             log(f"soak RSS spread over the second half: {spread:.1%}")
+        if args.batching and "saturation_rps" in results:
+            results["batching"] = []
+            for rate in stats.rates_for(results["saturation_rps"], args.open_loop_fractions):
+                for linger in (0, 5):
+                    point = harness.measure_raw_producer(
+                        stack, templates, 0, args.duration, rate=rate, linger_ms=linger
+                    )
+                    point.update(rate=rate, linger_ms=linger)
+                    results["batching"].append(point)
+                    log(
+                        f"batching: raw producer {rate:6d}/s linger {linger} ms: "
+                        f"{point['produce_requests_per_callback']:.2f} produce requests and "
+                        f"{point['cpu_s_per_1k']:.3f} CPU s per 1k callbacks, "
+                        f"p99 {point['latency_ms']['p99']:.2f} ms"
+                    )
         if args.profile:
             results["profile"] = {}
             for target in (t for t in OPEN_LOOP_TARGETS if t in http_targets):

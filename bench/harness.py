@@ -338,14 +338,22 @@ def measure_http(
 
 
 def measure_raw_producer(
-    stack: Stack, templates: Path, connections: int, duration: float
+    stack: Stack,
+    templates: Path,
+    connections: int,
+    duration: float,
+    *,
+    rate: float = 0.0,
+    linger_ms: int = 0,
 ) -> dict[str, Any]:
-    """One run of the raw producer at `connections` callbacks in flight, on the server's core."""
+    """One run of the raw producer at `connections` callbacks in flight (or open loop at
+    `rate` callbacks per second), on the server's core."""
     result = run_json_tool(
         [
             *(sys.executable, "-m", "bench.rawproducer", "--bootstrap", stack.bootstrap),
             *("--templates", str(templates), "--concurrency", str(connections)),
             *("--duration", str(duration), "--warmup", "1"),
+            *("--rate", str(rate), "--linger-ms", str(linger_ms)),
         ],
         stack.layout.server,
         sample_pid=True,
@@ -361,6 +369,8 @@ def measure_open_loop(
 ) -> dict[str, Any]:
     """One open-loop run at `rate` requests/s, with the server's CPU and peak RSS."""
     service = stack.services[target]
+    broker = stack.services["broker"]
+    broker_before = broker.cpu_seconds()
     cpu_before, wall_before = service.cpu_seconds(), time.monotonic()
     with RssSampler(service.process.pid) as sampler:
         result = run_json_tool(
@@ -372,8 +382,11 @@ def measure_open_loop(
             stack.layout.loadgen,
         )
     cpu = service.cpu_seconds() - cpu_before
+    wall = time.monotonic() - wall_before
     answered = max(1, result["answered"])
     result.update(
+        broker_cpu_util=(broker.cpu_seconds() - broker_before) / wall,
+        loadgen_cpu_util=result.get("loadgen_cpu_s", 0.0) / wall,
         # Over the tool's whole life (warm-up and drain included), so it is a lower bound.
         server_cpu_util=cpu / (time.monotonic() - wall_before),
         cpu_s_per_1k=cpu / (answered * (duration + 1) / duration) * 1000,

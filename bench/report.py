@@ -191,18 +191,38 @@ def markdown(results: Mapping[str, Any]) -> str:
             f"{results['saturation_rps']:,.0f} req/s = the bridge's best closed-loop median):",
             "",
             "| target | offered req/s | x saturation | answered/s | p50 ms | p99 ms | p99.9 ms "
-            "| non-200 | unanswered | server CPU | CPU s / 1k |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| non-200 | unanswered | server CPU | CPU s / 1k | generator + broker CPU |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for p in results["open_loop"]:
             lat = p["latency_ms"]
             target = p.get("target", "bridge")
+            core_1 = p.get("loadgen_cpu_util", math.nan) + p.get("broker_cpu_util", math.nan)
             lines.append(
                 f"| {target} | {p['offered_rps']:,.0f} | {p['fraction_of_saturation']:.2f} "
                 f"| {p['achieved_rps']:,.0f} | {_fmt(lat['p50'], 2)} | {_fmt(lat['p99'], 2)} "
                 f"| {_fmt(lat['p999'], 2)} | {p['answered'] - p['ok']} "
                 f"| {p['unanswered_within_5s']} | {p['server_cpu_util'] * 100:.0f} % "
-                f"| {_fmt(p.get('cpu_s_per_1k', math.nan), 3)} |"
+                f"| {_fmt(p.get('cpu_s_per_1k', math.nan), 3)} "
+                f"| {_fmt(core_1 * 100, 0)} % |"
+            )
+    if results.get("batching"):
+        lines += [
+            "",
+            "Batching (raw producer, no HTTP, open loop at the same rates; aiokafka keeps one "
+            "produce request in flight per broker):",
+            "",
+            "| callbacks/s | linger ms | produce requests per callback | CPU s / 1k | p50 ms "
+            "| p99 ms |",
+            "|---:|---:|---:|---:|---:|---:|",
+        ]
+        for point in results["batching"]:
+            lat = point["latency_ms"]
+            lines.append(
+                f"| {point['rate']:,.0f} | {point['linger_ms']} "
+                f"| {point['produce_requests_per_callback']:.2f} "
+                f"| {_fmt(point['cpu_s_per_1k'], 3)} | {_fmt(lat['p50'], 2)} "
+                f"| {_fmt(lat['p99'], 2)} |"
             )
     soak = results.get("soak")
     if soak:
