@@ -315,6 +315,8 @@ CATEGORIES = (
     ("bridge code (own frames)", ("bridge/",)),
     ("asyncio / uvloop", ("asyncio/", "uvloop/")),
 )
+#: Innermost frames of a sleeping thread (the log writer between batches): not CPU.
+IDLE_FUNCTIONS = {"wait", "Condition.wait"}
 OTHER = "other (stdlib helpers: json, datetime, hashlib, enum, ...)"
 
 
@@ -352,8 +354,10 @@ def collapse_summary(text: str, top: int = 25) -> dict[str, Any]:
         if not stack or not count_text.isdigit():
             continue
         count = int(count_text)
-        total += count
         frames = [parse_frame(f) for f in stack.split(";")]
+        if frames[-1][0] in IDLE_FUNCTIONS and frames[-1][1].endswith("threading.py"):
+            continue  # a thread asleep between batches, which py-spy samples as active
+        total += count
         names = [f"{func} ({file})" for func, file in frames]
         # py-spy puts the thread first, the innermost frame last.
         self_counts[names[-1]] += count

@@ -241,10 +241,9 @@ class CallbackHandler:
         """The body as sent (still content-encoded), within the size limit, the time
         limit and the global budget."""
         limit = self._limit.bytes
-        too_large = Rejected(413, self._limit.because)
         declared = request.content_length
         if declared is not None and declared > limit:
-            raise too_large
+            raise Rejected(413, self._limit.because)
         reservation.grow_to(declared or 0)
         if request.content.is_eof() and declared is not None:
             # The whole body came with the head (most callbacks: one small packet): it is
@@ -262,7 +261,7 @@ class CallbackHandler:
                 while chunk := await request.content.readany():
                     size += len(chunk)
                     if size > limit:
-                        raise too_large
+                        raise Rejected(413, self._limit.because)
                     reservation.grow_to(size)
                     chunks.append(chunk)
         except TimeoutError:

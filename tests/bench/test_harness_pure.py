@@ -167,6 +167,8 @@ COLLAPSED = "".join(
         "MainThread;publish (bridge/delivery/publisher.py:150);"
         "send (aiokafka/producer/producer.py:450) 40\n",
         "MainThread;data_received (aiohttp/web_protocol.py:380) 20\n",
+        "log-writer;_write_forever (bridge/ops/logs.py:150);wait (threading.py:622);"
+        "Condition.wait (threading.py:331) 50\n",
     )
 )
 
