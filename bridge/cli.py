@@ -47,6 +47,7 @@ from bridge.devtools.devstate import (
 from bridge.devtools.embedded import EmbeddedBroker, EmbeddedBrokerError
 from bridge.devtools.simulate import SimulateOptions, simulate
 from bridge.ops.logs import configure_logging
+from bridge.ops.workers import WorkersError, run_workers, worker_role, worker_settings
 from bridge.server import BridgeServer, StartupError, serve
 from bridge.settings import ENV_PREFIX, Settings, SettingsError, env_name, flag_name, load_settings
 
@@ -106,7 +107,14 @@ SETTING_GROUPS: dict[str, tuple[str, ...]] = {
         "dedupe_window_seconds",
     ),
     "CloudEvents": ("cloudevents", "cloudevents_source"),
-    "callback listener": ("host", "port", "admin_port", "callback_path", "max_body_bytes"),
+    "callback listener": (
+        "host",
+        "port",
+        "admin_port",
+        "callback_path",
+        "max_body_bytes",
+    ),
+    "processes": ("workers",),
     "who may write": (
         "auth_tokens",
         "auth_tokens_file",
@@ -138,14 +146,13 @@ SETTING_GROUPS: dict[str, tuple[str, ...]] = {
         "drain_delay",
         "shutdown_timeout",
     ),
-    "Luma's API": (
-        "luma_api_key",
-        "luma_base_url",
+    # The key and URL serve the reconciler and callback verification alike.
+    "Luma's API": ("luma_api_key", "luma_base_url"),
+    "verifying callbacks": ("verify", "verify_timeout", "verify_fallback", "verify_rate_limit"),
+    "reconciliation": (
         "luma_api_rate_limit",
         "luma_api_timeout",
         "luma_api_max_backoff",
-    ),
-    "reconciliation": (
         "public_url",
         "reconcile_discover",
         "reconcile_after_seconds",
@@ -165,11 +172,13 @@ _SERVER_GROUPS = (
     "topics",
     "CloudEvents",
     "spool and shutdown",
+    "verifying callbacks",
+    "Luma's API",
     "logging",
 )
 #: Which setting groups each command takes. `dev` runs its own broker, so no connection.
 COMMAND_SETTINGS: dict[str, tuple[str, ...]] = {
-    "serve": ("Kafka connection", *_SERVER_GROUPS, MORE_SETTINGS),
+    "serve": ("Kafka connection", *_SERVER_GROUPS, "processes", MORE_SETTINGS),
     "dev": (*_SERVER_GROUPS, "topic creation", MORE_SETTINGS),
     "topics create": ("Kafka connection", "topics", "topic creation", "logging"),
     "tail": ("Kafka connection", "topics", "logging"),
@@ -611,12 +620,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                 settings, group_id=args.group, dry_run=args.dry_run, as_json=args.json
             )
             return run_async(replay)
-        run_async(serve(settings, exit_when_done=True))
+        worker = worker_role(os.environ)
+        if worker is None and settings.workers > 1:
+            return run_workers(settings, args_list)
+        if worker is not None:
+            settings = worker_settings(settings, worker)
+        run_async(serve(settings, exit_when_done=True, worker=worker))
         return 0
     except SettingsError as exc:
         return fail(str(exc), EXIT_USAGE)
     except IncompatibleBroker as exc:
         return fail(str(exc), exc.exit_code)
+    except WorkersError as exc:
+        return fail(str(exc), EXIT_USAGE)
     except (StartupError, EmbeddedBrokerError) as exc:
         return fail(str(exc))
     except KeyboardInterrupt:

@@ -21,13 +21,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
 import ssl
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -35,10 +37,12 @@ from prometheus_client import CollectorRegistry
 from bridge.delivery.compat import check_broker
 from bridge.delivery.dedupe import DedupeWindow
 from bridge.delivery.lanes import Lanes
+from bridge.delivery.offline import drain_spool
 from bridge.delivery.pipeline import Pipeline
 from bridge.delivery.publisher import KafkaPublisher, KafkaUnavailable, Publisher
 from bridge.delivery.spool import Spool
 from bridge.delivery.topics import inspect_topics, missing_topics, topics_of
+from bridge.delivery.verification import CallbackVerifier
 from bridge.edge.access import SourcePolicy
 from bridge.edge.auth import Authenticator, TokenAuth, TokenFileError
 from bridge.edge.http import CallbackHandler, create_app
@@ -54,14 +58,20 @@ from bridge.edge.signing import SignatureCheck
 from bridge.edge.tls import ReloadingTLS, TLSError
 from bridge.ops.admin import Readiness, create_admin_app
 from bridge.ops.logs import count_dropped_lines
-from bridge.ops.metrics import Metrics
+from bridge.ops.metrics import Metrics, VerificationMetrics
 from bridge.ops.tracing import TRACING_OFF, Tracing, TracingUnavailable, build_tracing
+from bridge.ops.workers import WorkerRole, orphan_spool_dirs, retire_spool_dir
 from bridge.settings import MIN_TOKEN_LENGTH, OtelSettings, Settings
+
+if TYPE_CHECKING:
+    from bridge.reconcile.verify import VerificationService
 
 log = logging.getLogger("bridge.server")
 
 AUTHENTICATOR = web.AppKey("authenticator", Authenticator)
 CONNECT_RETRY_SECONDS = 2.0
+# One pass of draining a gone worker's spool; passes repeat until it is empty.
+ORPHAN_DRAIN_SECONDS = 60.0
 HEALTH_CHECK_SECONDS = 5.0
 PHASE_STARTING, PHASE_SERVING, PHASE_DRAINING, PHASE_STOPPING = range(4)
 
@@ -79,9 +89,12 @@ class BridgeServer:
         *,
         registry: CollectorRegistry | None = None,
         tracing: Tracing | None = None,
+        worker: WorkerRole | None = None,
     ) -> None:
-        """`tracing` None: as the `OTEL_*` variables say (`StartupError` if they cannot be met)."""
+        """`tracing` None: as the `OTEL_*` variables say (`StartupError` if they cannot be met).
+        `worker`: one of `serve --workers N`'s processes (it shares the callback port)."""
         self.settings = settings
+        self.worker = worker
         self.metrics = Metrics(registry or CollectorRegistry())
         try:
             self.tracing = tracing or build_tracing(OtelSettings(), settings.trusted_proxies)
@@ -98,6 +111,7 @@ class BridgeServer:
             spool=self.spool,
             metrics=self.metrics,
             stall_seconds=settings.spool_stall_seconds,
+            dead_letter_topic=topics_of(settings).deadletter,
         )
         self.readiness = Readiness(
             self.metrics,
@@ -107,6 +121,7 @@ class BridgeServer:
         self._admin_runner = web.AppRunner(
             create_admin_app(self.metrics, self.readiness), access_log=None
         )
+        self.verification = build_verification(settings, self.metrics)
         self._callback_runner: web.AppRunner | None = None
         self.auth: Authenticator | None = None
         self.tls: ReloadingTLS | None = None
@@ -158,6 +173,9 @@ class BridgeServer:
             self._supervise("file_reload", self._watch_files)
         if self.spool is not None:
             self._supervise("drainer", self.lanes.run)
+        orphans = orphan_spool_dirs(self.settings.spool_dir, self.worker)
+        if orphans:
+            self._supervise("orphan_spools", functools.partial(self._drain_orphans, orphans))
         self.readiness.update(accepting=True)
         self.metrics.phase.set(PHASE_SERVING)
 
@@ -193,6 +211,8 @@ class BridgeServer:
                     extra={"fields": {"records": self.spool.records}},
                 )
             await self.spool.close()
+        if self.verification is not None:
+            await self.verification.close()
         await self._admin_runner.cleanup()
         self.tracing.shutdown()  # exports the spans still buffered
 
@@ -211,12 +231,14 @@ class BridgeServer:
             lanes=self.lanes,
             body_limit=self.body_limit,
             tracing=self.tracing,
+            verifier=self.verification.verifier if self.verification else None,
         )
         self._callback_runner, site = await open_callback_listener(
             app,
             self.settings,
             metrics=self.metrics,
             ssl_context=self.tls.context if self.tls else None,
+            reuse_port=self.worker is not None,
         )
         self.callback_port = site.port
         scheme = "https" if self.tls else "http"
@@ -257,6 +279,25 @@ class BridgeServer:
                 "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`",
                 extra={"fields": {"min_length": MIN_TOKEN_LENGTH}},
             )
+
+    async def _drain_orphans(self, directories: list[Path]) -> None:
+        """Send the spools of workers that no longer run (`--workers` was lowered)."""
+        for directory in directories:
+            log.warning(
+                "draining the spool of a worker that no longer runs",
+                extra={"fields": {"spool_dir": str(directory)}},
+            )
+            settings = self.settings.model_copy(update={"spool_dir": directory})
+            while True:
+                try:
+                    summary = await drain_spool(settings, within=ORPHAN_DRAIN_SECONDS)
+                except KafkaUnavailable:
+                    summary = None
+                if summary is not None and summary.records_left == 0:
+                    retire_spool_dir(directory)
+                    log.info("drained", extra={"fields": {"spool_dir": str(directory)}})
+                    break
+                await asyncio.sleep(CONNECT_RETRY_SECONDS)
 
     async def _watch_files(self) -> None:
         """Re-read the tokens file and the TLS files when they change."""
@@ -334,7 +375,14 @@ class BridgeServer:
             )
             return
         single = facts.single_replica_topics()
-        if single:
+        if single and self.settings.topic_replication_factor < 2:
+            # One replica is what these settings ask for (`dev`, a single-broker test
+            # cluster): say so, but it is no surprise to warn about.
+            log.info(
+                "topics with a single replica, as TOPIC_REPLICATION_FACTOR asks",
+                extra={"fields": {"topics": single}},
+            )
+        elif single:
             log.warning(
                 "acks=all can be met by a single replica on these topics: an acknowledged "
                 "callback is lost if that broker's disk is. Set min.insync.replicas=2 "
@@ -431,6 +479,27 @@ def build_authenticator(settings: Settings, *, metrics: Metrics | None = None) -
     return Authenticator(tokens, sources=sources, signatures=signatures)
 
 
+def build_verification(settings: Settings, metrics: Metrics) -> VerificationService | None:
+    """Luma's client and the callback verifier when VERIFY is `tag` or `enforce`."""
+    if settings.verify == "off":
+        return None
+    # Imported only here: Luma's client adds most of a second to start-up, and `off` needs none.
+    from bridge.reconcile.verify import VerificationService
+
+    log.info(
+        "verifying callbacks with Luma's API",
+        extra={
+            "fields": {
+                "mode": settings.verify,
+                "timeout_s": settings.verify_timeout,
+                "fallback": settings.verify_fallback,
+                "luma_base_url": settings.luma_base_url,
+            }
+        },
+    )
+    return VerificationService(settings, metrics=VerificationMetrics(metrics.registry))
+
+
 def build_tls(settings: Settings) -> ReloadingTLS | None:
     """The HTTPS context when TLS files are configured; `StartupError` if they do not load."""
     if settings.tls_cert_file is None or settings.tls_key_file is None:
@@ -451,11 +520,13 @@ def callback_app(
     lanes: Lanes | None = None,
     body_limit: BodyLimit | None = None,
     tracing: Tracing = TRACING_OFF,
+    verifier: CallbackVerifier | None = None,
 ) -> web.Application:
     """The public application as `serve` runs it, on any publisher.
 
     `body_limit` is shared with the server, which lowers it when a topic's
-    `max.message.bytes` cannot take a body of MAX_BODY_BYTES.
+    `max.message.bytes` cannot take a body of MAX_BODY_BYTES. `verifier` checks
+    callbacks against Luma's API before they are written (VERIFY=tag|enforce).
     """
     pipeline = Pipeline(
         publisher=publisher,
@@ -469,6 +540,7 @@ def callback_app(
         callback_path=settings.callback_path,
         cloudevents=settings.cloudevents_options(),
         tracing=tracing,
+        verifier=verifier,
     )
     rate_limiter = (
         RateLimiter(rate=settings.rate_limit_per_second, burst=settings.rate_limit_burst)
@@ -505,6 +577,7 @@ async def open_callback_listener(
     *,
     metrics: Metrics,
     ssl_context: ssl.SSLContext | None = None,
+    reuse_port: bool = False,
 ) -> tuple[web.AppRunner, GuardedSite]:
     """Serve `app` on HOST:PORT with the connection and header limits of `settings`."""
     raise_fd_limit(settings.max_connections)
@@ -523,6 +596,7 @@ async def open_callback_listener(
         max_header_bytes=settings.max_header_bytes,
         max_headers=settings.max_headers,
         ssl_context=ssl_context,
+        reuse_port=reuse_port,
     )
     try:
         await site.start()
@@ -565,6 +639,7 @@ async def serve(
     *,
     on_serving: Callable[[BridgeServer], None] | None = None,
     exit_when_done: bool = False,
+    worker: WorkerRole | None = None,
 ) -> None:
     """Run the bridge until SIGTERM or SIGINT, then shut down gracefully.
 
@@ -574,7 +649,7 @@ async def serve(
     """
     stopping = asyncio.Event()
     install_signal_handlers(stopping)
-    server = BridgeServer(settings)
+    server = BridgeServer(settings, worker=worker)
     try:
         await server.start(stopping)
         if not stopping.is_set() and on_serving is not None:

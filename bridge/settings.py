@@ -41,6 +41,10 @@ SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
 LogFormat = Literal["auto", "json", "text"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+VerifyMode = Literal["off", "tag", "enforce"]
+VerifyFallback = Literal["reject", "accept"]
+#: Luma gives up on a callback not answered within 5 s.
+LUMA_CALLBACK_DEADLINE = 5.0
 
 # Standard Webhooks secrets: `whsec_` and the base64 of 24 to 64 random bytes.
 HMAC_SECRET_PREFIX = "whsec_"  # noqa: S105 - a format marker, not a secret
@@ -82,6 +86,13 @@ class Settings(BaseSettings):
     # HTTP edge
     host: str = Field("0.0.0.0", description="Address the callback listener binds to.")  # noqa: S104 - a server must listen on all interfaces in a pod
     port: int = Field(8080, ge=0, le=65535, description="Port of the public callback listener.")
+    workers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Processes of `serve` sharing the callback port (SO_REUSEPORT), each "
+        "with its own spool under SPOOL_DIR; keep 1 in Kubernetes and run more pods.",
+    )
     admin_port: int = Field(
         8081,
         ge=0,
@@ -311,8 +322,8 @@ class Settings(BaseSettings):
     # The reconciler (`luma-kafka-bridge reconcile`; see docs/reconcile.md)
     luma_api_key: SecretStr | None = Field(
         None,
-        description="Luma API key the reconciler reads generations with (required by "
-        "`reconcile`; never logged).",
+        description="Luma API key the reconciler and callback verification read generations "
+        "with (required by `reconcile` and by VERIFY=tag|enforce; never logged).",
     )
     luma_base_url: str = Field(
         LUMA_API_BASE_URL,
@@ -359,6 +370,33 @@ class Settings(BaseSettings):
         gt=0,
         description="Longest wait after a 429 or 5xx from Luma's API (Retry-After is "
         "honoured up to this).",
+    )
+
+    # Verifying callbacks against Luma's API (see docs/security.md)
+    verify: VerifyMode = Field(
+        "off",
+        description="Check each callback's generation with Luma's API: off; tag (add the "
+        "record header luma-verified: true|false|unknown, never change the answer); enforce "
+        "(refuse with 401 what Luma's API does not confirm; needs `reconcile` running). Needs "
+        "LUMA_API_KEY.",
+    )
+    verify_timeout: float = Field(
+        1.0,
+        gt=0,
+        lt=LUMA_CALLBACK_DEADLINE,
+        description="Seconds verification may take per callback, re-check included; plus "
+        "KAFKA_ACK_TIMEOUT it must stay below Luma's 5 s.",
+    )
+    verify_fallback: VerifyFallback = Field(
+        "reject",
+        description="With VERIFY=enforce, when Luma's API does not answer in time: reject "
+        "(503, Luma retries) or accept (written with luma-verified: unknown).",
+    )
+    verify_rate_limit: float = Field(
+        20.0,
+        gt=0,
+        description="Lookups per second verification sends to Luma's API at most (bursts of "
+        "as many); beyond it a callback counts as not verifiable in time.",
     )
 
     # Operations
@@ -432,6 +470,26 @@ class Settings(BaseSettings):
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError(
                 f"HTTPS needs both {env_name('tls_cert_file')} and {env_name('tls_key_file')}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _verification_can_work(self) -> Settings:
+        if self.verify == "off":
+            return self
+        if self.luma_api_key is None or not self.luma_api_key.get_secret_value():
+            raise ValueError(
+                f"{env_name('verify')}={self.verify} needs {env_name('luma_api_key')}: set it "
+                "to a Luma API key that can read this account's generations, or set "
+                f"{env_name('verify')}=off"
+            )
+        total = self.verify_timeout + self.kafka_ack_timeout
+        if total >= LUMA_CALLBACK_DEADLINE:
+            raise ValueError(
+                f"{env_name('verify_timeout')} ({self.verify_timeout:g} s) plus "
+                f"{env_name('kafka_ack_timeout')} ({self.kafka_ack_timeout:g} s) is {total:g} s; "
+                f"Luma gives up after {LUMA_CALLBACK_DEADLINE:g} s: lower one of them so the sum "
+                f"stays below it (e.g. {env_name('kafka_ack_timeout')}=3)"
             )
         return self
 

@@ -105,6 +105,9 @@ class MemoryPublisher:
     async def check_connection(self, within: float) -> bool:
         return self.failing is None
 
+    async def find(self, records: Sequence[Record], since_ms: int, within: float) -> list[bool]:
+        return [record in self.records for record in records]
+
     async def renew(self) -> None:
         self.renewals += 1
 

@@ -76,14 +76,14 @@ def test_tail_and_simulate_options_show_their_defaults() -> None:
 def test_serve_lists_every_setting_but_topic_creation_and_dev_has_no_broker_flag() -> None:
     serve = option_entries(help_text("serve"))
     not_served = {
-        name
-        for group in ("topic creation", "Luma's API", "reconciliation")
-        for name in SETTING_GROUPS[group]
+        name for group in ("topic creation", "reconciliation") for name in SETTING_GROUPS[group]
     }
     assert {flag_name(name) for name in Settings.model_fields if name not in not_served} <= set(
         serve
     )
-    assert "--luma-api-key" not in serve
+    # The key and Luma's URL serve callback verification; the reconciler's own settings do not.
+    assert {"--luma-api-key", "--verify", "--verify-timeout"} <= set(serve)
+    assert "--luma-api-rate-limit" not in serve
     assert "--topic-partitions" not in serve
     dev = option_entries(help_text("dev"))
     assert "--kafka-bootstrap-servers" not in dev

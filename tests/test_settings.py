@@ -85,3 +85,58 @@ def test_cloudevents_are_on_by_default_and_switch_off() -> None:
     assert not load_settings(cloudevents="false").cloudevents_options().enabled
     with pytest.raises(SettingsError, match="LUMA_BRIDGE_CLOUDEVENTS_SOURCE"):
         load_settings(cloudevents_source="not a uri")
+
+
+VERIFY_KEY = "luma-settings-test-key-3e9a7c"
+
+
+def run_serve(*flags: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "bridge", "serve", "--allow-unauthenticated", "true", *flags],
+        env=child_environment(PATH="", LUMA_BRIDGE_LUMA_API_KEY=VERIFY_KEY),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_verification_past_lumas_deadline_stops_start_up_with_one_line() -> None:
+    """VERIFY_TIMEOUT + KAFKA_ACK_TIMEOUT must leave the answer inside Luma's 5 s."""
+    result = run_serve("--verify", "enforce", "--verify-timeout", "1")  # + the default ack 4 s
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "LUMA_BRIDGE_VERIFY_TIMEOUT" in lines[0]
+    assert "LUMA_BRIDGE_KAFKA_ACK_TIMEOUT" in lines[0]
+    assert "below" in lines[0]
+    assert VERIFY_KEY not in result.stderr + result.stdout
+    assert run_serve("--verify", "tag", "--kafka-ack-timeout", "4.5").returncode == 2
+
+
+def test_verification_needs_the_api_key() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "bridge", "serve", "--verify", "tag", "--kafka-ack-timeout", "3"],
+        env=child_environment(PATH=""),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "LUMA_BRIDGE_LUMA_API_KEY" in result.stderr
+
+
+def test_verification_settings_and_their_bounds() -> None:
+    assert load_settings().verify == "off"
+    # Off: no key, and the deadline check does not apply.
+    assert load_settings(verify="off", verify_timeout=2.0, kafka_ack_timeout=4.0).verify == "off"
+    on = load_settings(verify="enforce", luma_api_key=VERIFY_KEY, kafka_ack_timeout=3.0)
+    assert (on.verify_timeout, on.verify_fallback) == (1.0, "reject")
+    assert VERIFY_KEY not in repr(on)
+    for bad in ({"verify": "strict"}, {"verify_timeout": 0}, {"verify_timeout": 5}):
+        with pytest.raises(SettingsError):
+            load_settings(luma_api_key=VERIFY_KEY, **bad)
+    with pytest.raises(SettingsError, match="LUMA_BRIDGE_VERIFY_FALLBACK"):
+        load_settings(verify_fallback="maybe")

@@ -26,6 +26,8 @@ from bridge.contract.callback import (
     DEFAULT_TOPIC_PREFIX,
     KNOWN_STATES,
     RECONCILE_NOT_FOUND_ERROR,
+    VERIFIED_HEADER,
+    VERIFIED_VALUES,
     CloudEvents,
     Generation,
     InvalidCallback,
@@ -126,6 +128,16 @@ HEADER_SCHEMAS: dict[str, dict[str, Any]] = {
         "or `luma-kafka-bridge reconcile`, from Luma's API after the callback was lost "
         "(`reconciler`).",
     },
+    VERIFIED_HEADER: {
+        "type": "string",
+        "enum": list(VERIFIED_VALUES),
+        "description": "Only with LUMA_BRIDGE_VERIFY=tag|enforce: what Luma's API said about "
+        "the callback when it arrived. `true`: the API reports this state or a later one (and, "
+        "for `completed` and `failed`, the same asset URLs); `false` (only under `tag`; "
+        "`enforce` refuses it): the generation does not exist, or the callback is ahead of the "
+        "API or contradicts it; `unknown`: the API did not answer in time, or the state "
+        "cannot be compared. Absent when verification is off and on reconciler records.",
+    },
     "luma-state": {
         "type": "string",
         "description": "The generation's `state`, as in the value.",
@@ -221,7 +233,8 @@ def _header_schema(names: list[str], required: list[str]) -> dict[str, Any]:
 def record_header_schema() -> dict[str, Any]:
     """The headers of per-state and lifecycle records, derived from `record_headers`."""
     written, always = _callback_headers()
-    schema = _header_schema(list(written), always)
+    # Added by the pipeline, not by `record_headers`, when verification is on.
+    schema = _header_schema([*written, VERIFIED_HEADER], always)
     for name in ("luma-event-id", "luma-transition-id", "ce_id"):
         schema["properties"][name]["pattern"] = f"^[0-9a-f]{{{len(written[name])}}}$"
     return schema

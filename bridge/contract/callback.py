@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -28,8 +29,12 @@ STATE_RANK = {"queued": 0, "dreaming": 1, "completed": 2, "failed": 2}
 #: Who wrote a record: the `luma-source` header.
 SOURCE_CALLBACK = "callback"
 SOURCE_RECONCILER = "reconciler"
+#: With LUMA_BRIDGE_VERIFY=tag|enforce, what Luma's API said about the callback.
+VERIFIED_HEADER = "luma-verified"
+VERIFIED_VALUES = ("true", "false", "unknown")
 #: The `luma-error` of a dead letter the reconciler wrote because Luma's API does not know the
 #: generation: nothing to replay, so `deadletter replay` leaves it alone.
+KAFKA_REFUSED_ERROR = "Kafka refused the record for good"
 RECONCILE_NOT_FOUND_ERROR = "reconciler: Luma's API answered 404 for this generation"
 DEFAULT_CALLBACK_PATH = "/luma/callback"
 #: What a redacted write token is replaced with in `request.callback_url`.
@@ -474,6 +479,16 @@ def cloudevents_headers(
         ("ce_subject", callback.generation_id.encode()),
         ("ce_time", received),
     ]
+
+
+def refused_record_letter_headers(
+    headers: Sequence[tuple[str, bytes]], topic: str, kafka_error: str
+) -> list[tuple[str, bytes]]:
+    """The headers of the dead letter for a record Kafka refused for good on `topic`:
+    the same two as every dead letter, the reception time kept from the record."""
+    received = dict(headers).get("luma-received-at", b"")
+    reason = f"{KAFKA_REFUSED_ERROR} on {topic}: {kafka_error}"
+    return [("luma-error", reason.encode()), ("luma-received-at", received)]
 
 
 def deadletter_headers(reason: str, received_at: datetime) -> list[tuple[str, bytes]]:

@@ -16,8 +16,13 @@ it again. A callback whose lane is busy (an earlier record still unresolved)
 goes straight to the spool, behind it. `run()` sends spooled rows in arrival
 order, one per lane at a time, and deletes each one Kafka acknowledged.
 
+A send that failed without Kafka's answer (a timeout, a dropped connection) may still
+have been appended: such a row is looked up in Kafka before it is sent again, and
+removed if it is there (`Publisher.find`), so an outage does not write it twice.
+
 Errors are sorted by `classify`: retried with backoff; a record refused for good
-is quarantined (never blocking its lane); a refused topic or client keeps its rows
+is quarantined (never blocking its lane) and copied to the dead-letter topic when that
+topic takes it; a refused topic or client keeps its rows
 and counts as no progress; an unusable producer is renewed.
 """
 
@@ -32,6 +37,7 @@ from dataclasses import dataclass
 
 from aiokafka.errors import ProducerClosed
 
+from bridge.contract.callback import refused_record_letter_headers
 from bridge.delivery.publisher import (
     Failure,
     KafkaUnavailable,
@@ -40,6 +46,7 @@ from bridge.delivery.publisher import (
     Record,
     classify,
     failure_reason,
+    may_have_landed,
     settle_within,
 )
 from bridge.delivery.spool import (
@@ -60,6 +67,11 @@ ROUND_PAUSE = 0.005
 # ack timeout (Kafka away or slow), before it is spooled.
 DEGRADED_ACK_WAIT = 0.25
 MAX_BACKOFF = 5.0
+# Looking a doubtful row up in Kafka: how long it may take, and how far before the failed
+# send the search starts (record timestamps come from the producer's clock, or from the
+# broker's with LogAppendTime).
+LOOKUP_SECONDS = 5.0
+LOOKUP_CLOCK_MARGIN_MS = 10_000
 
 
 class Unavailable(Exception):
@@ -101,8 +113,10 @@ class Lanes:
         spool: Spool | None,
         metrics: Metrics,
         stall_seconds: float = 60.0,
+        dead_letter_topic: str | None = None,
     ) -> None:
         self._publisher = publisher
+        self._dead_letter_topic = dead_letter_topic
         self._spool = spool
         self._metrics = metrics
         self._stall_seconds = stall_seconds
@@ -112,7 +126,9 @@ class Lanes:
         self._sending: dict[int, Lane] = {}  # spooled rows being sent by `run()`
         self._sending_bytes = 0
         self._acked: dict[int, Lane] = {}  # acknowledged rows not yet deleted
-        self._finished: list[tuple[SpooledRecord, asyncio.Future[Placement]]] = []
+        # Rows whose send failed without an answer: epoch ms of their earliest such send.
+        self._doubtful: dict[int, int] = {}
+        self._finished: list[tuple[SpooledRecord, int, asyncio.Future[Placement]]] = []
         self._free: dict[Lane, list[asyncio.Future[None]]] = {}
         self._retry_at = 0.0
         self._backoff = MIN_BACKOFF
@@ -179,6 +195,7 @@ class Lanes:
     async def _send_direct(
         self, rows: list[tuple[int, Record]], lanes: list[Lane], deadline: float
     ) -> Written:
+        sent_ms = _now_ms()
         futures = self._publisher.send([record for _, record in rows])
         await settle_within(futures, deadline - asyncio.get_running_loop().time())
         if all(_succeeded(future) for future in futures):
@@ -216,27 +233,37 @@ class Lanes:
             self._release_when_done([f for _, _, f in unacked], [lane for _, lane, _ in unacked])
             raise _unavailable(exc) from exc
         for (seq, _), lane, future in unacked:
-            self._pin(seq, lane, future)
+            self._pin(seq, lane, sent_ms, future)
         if any(future.done() for _, _, future in unacked):
             self._unblocked()  # failed already: the drainer sends those rows
         return Written((), spooled=True)
 
-    def _pin(self, seq: int, lane: Lane, future: asyncio.Future[Placement]) -> None:
+    def _pin(self, seq: int, lane: Lane, sent_ms: int, future: asyncio.Future[Placement]) -> None:
         """Keep a spooled row's direct send: its late outcome decides, not a second send."""
         if future.done():
-            self._settle_pin(seq, lane, future)
+            self._settle_pin(seq, lane, sent_ms, future)
             return
         self._pinned[seq] = lane
-        future.add_done_callback(functools.partial(self._settle_pin, seq, lane))
+        future.add_done_callback(functools.partial(self._settle_pin, seq, lane, sent_ms))
 
-    def _settle_pin(self, seq: int, lane: Lane, future: asyncio.Future[Placement]) -> None:
+    def _settle_pin(
+        self, seq: int, lane: Lane, sent_ms: int, future: asyncio.Future[Placement]
+    ) -> None:
         self._pinned.pop(seq, None)
         if _succeeded(future):
             self._metrics.late_acknowledgements.inc()
             self._acknowledged(seq, lane)
-        elif not future.cancelled() and classify(_error(future)) is Failure.PRODUCER:
-            self._renew = True
+        else:
+            error = _error(future)
+            self._doubt(seq, sent_ms, error)
+            if not future.cancelled() and classify(error) is Failure.PRODUCER:
+                self._renew = True
         self._unblocked()
+
+    def _doubt(self, seq: int, sent_ms: int, error: BaseException) -> None:
+        """Remember a row whose send may have landed although it failed."""
+        if may_have_landed(error):
+            self._doubtful[seq] = min(self._doubtful.get(seq, sent_ms), sent_ms)
 
     def _release_when_done(
         self, futures: Sequence[asyncio.Future[Placement]], lanes: Sequence[Lane]
@@ -280,6 +307,7 @@ class Lanes:
         self.changed.set()
 
     def _acknowledged(self, seq: int, lane: Lane) -> None:
+        self._doubtful.pop(seq, None)
         self._acked[seq] = lane
         self._release(lane)
         self._progress()
@@ -333,7 +361,7 @@ class Lanes:
         if finished:
             self._scan = True  # room in the window again
         failed = False
-        for row, future in finished:
+        for row, sent_ms, future in finished:
             lane = self._sending.pop(row.seq)
             self._sending_bytes -= row.size
             if _succeeded(future):
@@ -345,6 +373,7 @@ class Lanes:
                 await self._quarantine(row, lane, error)
                 continue
             failed = True
+            self._doubt(row.seq, sent_ms, error)
             if kind is Failure.PRODUCER:
                 self._renew = True
             elif kind is Failure.TOPIC:
@@ -364,8 +393,30 @@ class Lanes:
             extra={"fields": {"seq": row.seq, "topic": row.record.topic, "reason": reason}},
         )
         await self._spool.quarantine(row.seq, reason)
+        self._doubtful.pop(row.seq, None)
         self._release(lane)
         self._progress()
+        self._copy_to_dead_letters(row.record, reason)
+
+    def _copy_to_dead_letters(self, record: Record, reason: str) -> None:
+        """Show a quarantined record where operators and consumers look for refused input;
+        the spool's quarantine keeps it either way (the dead-letter topic may refuse it too)."""
+        topic = self._dead_letter_topic
+        if topic is None or record.topic == topic:
+            return
+        headers = refused_record_letter_headers(record.headers, record.topic, reason)
+        [future] = self._publisher.send([Record(topic, None, record.value, headers)])
+        future.add_done_callback(self._dead_letter_sent)
+
+    def _dead_letter_sent(self, future: asyncio.Future[Placement]) -> None:
+        if _succeeded(future):
+            self._metrics.deadletters.labels(reason="kafka_refused").inc()
+            return
+        log.warning(
+            "the dead-letter topic did not take a copy of a quarantined record; it stays in "
+            "the spool's quarantine only (see `luma-kafka-bridge spool inspect`)",
+            extra={"fields": {"reason": failure_reason(_error(future))}},
+        )
 
     def _refused(self, row: SpooledRecord, error: BaseException) -> None:
         reason = failure_reason(error)
@@ -445,13 +496,45 @@ class Lanes:
             for row in await spool.rows(chosen)
             if lane_of(row.record) not in busy and row.seq not in self._acked
         ]
+        rows = await self._without_landed(rows)
         if not rows:
             return
+        sent_ms = _now_ms()
         futures = self._publisher.send([row.record for row in rows])
         for row, future in zip(rows, futures, strict=True):
             self._sending[row.seq] = lane_of(row.record)
             self._sending_bytes += row.size
-            future.add_done_callback(functools.partial(self._send_finished, row))
+            future.add_done_callback(functools.partial(self._send_finished, row, sent_ms))
+
+    async def _without_landed(self, rows: list[SpooledRecord]) -> list[SpooledRecord]:
+        """`rows` less the doubtful ones Kafka already holds, which count as acknowledged."""
+        doubtful = [row for row in rows if row.seq in self._doubtful]
+        if not doubtful:
+            return rows
+        since = min(self._doubtful[row.seq] for row in doubtful) - LOOKUP_CLOCK_MARGIN_MS
+        try:
+            found = await self._publisher.find(
+                [row.record for row in doubtful], since, within=LOOKUP_SECONDS
+            )
+        except KafkaUnavailable as exc:
+            # Sending is how the drainer learns Kafka is back; a send that fails again
+            # leaves the row doubtful, and one that succeeds may be a second copy.
+            log.warning(
+                "cannot look up records whose send failed without an answer; sending them "
+                "again, which may write them twice (the bridge needs read access to its topics)",
+                extra={"fields": {"records": len(doubtful), "reason": exc.reason}},
+            )
+            self._metrics.resend_lookups.labels(outcome="failed").inc(len(doubtful))
+            return rows
+        landed = {row.seq for row, hit in zip(doubtful, found, strict=True) if hit}
+        self._metrics.resend_lookups.labels(outcome="found").inc(len(landed))
+        self._metrics.resend_lookups.labels(outcome="absent").inc(len(doubtful) - len(landed))
+        for row in doubtful:
+            if row.seq in landed:
+                self._acknowledged(row.seq, lane_of(row.record))
+            else:
+                self._doubtful.pop(row.seq, None)
+        return [row for row in rows if row.seq not in landed]
 
     def _busy_lanes(self) -> set[Lane]:
         """Lanes with a record in the producer: nothing more of theirs may be sent."""
@@ -460,8 +543,10 @@ class Lanes:
         busy.update(self._sending.values())
         return busy
 
-    def _send_finished(self, row: SpooledRecord, future: asyncio.Future[Placement]) -> None:
-        self._finished.append((row, future))
+    def _send_finished(
+        self, row: SpooledRecord, sent_ms: int, future: asyncio.Future[Placement]
+    ) -> None:
+        self._finished.append((row, sent_ms, future))
         self.wakeup.set()
 
     async def settle(self, deadline: float) -> None:
@@ -481,6 +566,10 @@ class Lanes:
                     await self._delete_acknowledged()
             except TimeoutError:
                 log.warning("could not delete acknowledged rows in time; they are sent again")
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
 
 
 def _succeeded(future: asyncio.Future[Placement]) -> bool:

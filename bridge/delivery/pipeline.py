@@ -2,6 +2,11 @@
 
 The pipeline knows nothing of HTTP. It returns a `Result` whose `outcome` the
 HTTP edge maps to a status code, in one place.
+
+With a `CallbackVerifier` (`LUMA_BRIDGE_VERIFY=tag|enforce`), a new callback is
+checked against Luma's API before it is written: its records then carry the
+header `luma-verified`, and a callback the verifier refuses is answered
+`unauthorized` (or `unavailable`, for Luma to retry) and written nowhere.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from bridge.delivery.dedupe import DedupeWindow
 from bridge.delivery.lanes import Lanes, Refused, Unavailable
 from bridge.delivery.publisher import Placement, Publisher, Record
 from bridge.delivery.spool import Spool
+from bridge.delivery.verification import VERIFIED_HEADER, Action, CallbackVerifier, Verified
 from bridge.ops.metrics import Metrics, model_label, state_label
 from bridge.ops.tracing import TRACING_OFF, Tracing
 
@@ -76,7 +82,10 @@ class Pipeline:
         callback_path: str = DEFAULT_CALLBACK_PATH,
         cloudevents: CloudEvents = CLOUDEVENTS_ON,
         tracing: Tracing = TRACING_OFF,
+        verifier: CallbackVerifier | None = None,
     ) -> None:
+        """`verifier` None: callbacks are written unchecked and carry no `luma-verified`."""
+        self._verifier = verifier
         self._lanes = lanes or Lanes(publisher=publisher, spool=spool, metrics=metrics)
         self._callback_path = callback_path
         self._topics = topics
@@ -119,14 +128,27 @@ class Pipeline:
         self._in_flight[callback.event_id] = future
         result = Result(Outcome.UNAVAILABLE, "interrupted", callback)
         try:
-            result = await self._publish(callback, received_at)
+            result = await self._verify_and_publish(callback, received_at)
             return result
         finally:
             del self._in_flight[callback.event_id]
             future.set_result(result)
 
-    async def _publish(self, callback: Callback, received_at: datetime) -> Result:
-        records = self.records_for(callback, received_at)
+    async def _verify_and_publish(self, callback: Callback, received_at: datetime) -> Result:
+        if self._verifier is None:
+            return await self._publish(callback, received_at)
+        with self._tracing.span("verify"):
+            verdict = await self._verifier.verify(callback)
+        if verdict.action is Action.REFUSE:
+            return Result(Outcome.UNAUTHORIZED, verdict.reason, callback)
+        if verdict.action is Action.RETRY_LATER:
+            return Result(Outcome.UNAVAILABLE, verdict.reason, callback)
+        return await self._publish(callback, received_at, verdict.verified)
+
+    async def _publish(
+        self, callback: Callback, received_at: datetime, verified: Verified | None = None
+    ) -> Result:
+        records = self.records_for(callback, received_at, verified)
         try:
             with self._tracing.span("kafka produce", records=len(records)):
                 written = await self._lanes.write(records, self._ack_timeout)
@@ -142,10 +164,14 @@ class Pipeline:
         self._observe_age(callback, received_at)
         return Result(Outcome.ACCEPTED, "", callback, written.placements, spooled=written.spooled)
 
-    def records_for(self, callback: Callback, received_at: datetime) -> list[Record]:
+    def records_for(
+        self, callback: Callback, received_at: datetime, verified: Verified | None = None
+    ) -> list[Record]:
         """The per-state record and, when enabled, the lifecycle record."""
         key = callback.generation_id.encode()
         headers = record_headers(callback, received_at, cloudevents=self._cloudevents)
+        if verified is not None:
+            headers.append((VERIFIED_HEADER, verified.value.encode()))
         headers += self._tracing.record_headers()
         records = [Record(self._topics.for_state(callback.state), key, callback.value, headers)]
         if self._lifecycle:

@@ -16,7 +16,7 @@ import time
 from collections.abc import Sequence
 from typing import Any, NamedTuple, Protocol
 
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka import errors as Errors
 from aiokafka.errors import KafkaError
 from aiokafka.partitioner import DefaultPartitioner, murmur2
@@ -152,6 +152,13 @@ def classify(error: BaseException) -> Failure:
     return Failure.RETRY
 
 
+def may_have_landed(error: BaseException) -> bool:
+    """False only when the failed record never reached Kafka; otherwise a send whose
+    answer never came (a timeout, a dropped connection, a closed producer) may still have
+    been appended, and sending it again without looking first could write it twice."""
+    return not isinstance(error, NotConnected)
+
+
 def failure_reason(error: BaseException) -> str:
     """A short closed-set label for logs and metrics: the error's class name."""
     return type(error).__name__
@@ -178,6 +185,13 @@ class Publisher(Protocol):
 
     async def check_connection(self, within: float) -> bool:
         """True when the cluster answered a metadata request within `within` seconds."""
+        ...
+
+    async def find(self, records: Sequence[Record], since_ms: int, within: float) -> list[bool]:
+        """For each of `records`, whether its partition already holds an identical record
+        (same key, value and headers) written at or after `since_ms` (epoch ms). Raises
+        `KafkaUnavailable` when the partitions cannot be read to their end within `within`
+        seconds."""
         ...
 
     async def renew(self) -> None:
@@ -232,6 +246,13 @@ class KafkaPublisher:
 
     def __init__(self, settings: Settings, *, metrics: Metrics) -> None:
         self._options = producer_options(settings)
+        self._lookup_options: dict[str, Any] = {
+            "bootstrap_servers": settings.kafka_bootstrap_servers,
+            "client_id": f"{settings.kafka_client_id}-lookup",
+            "enable_auto_commit": False,
+            "request_timeout_ms": settings.kafka_request_timeout_ms,
+            **security_options(settings),
+        }
         self._metrics = metrics
         self._started = False
         self._producer: AIOKafkaProducer | None = None
@@ -401,6 +422,76 @@ class KafkaPublisher:
         except (TimeoutError, KafkaError):
             return False
         return True
+
+    async def find(self, records: Sequence[Record], since_ms: int, within: float) -> list[bool]:
+        if not records:
+            return []
+        try:
+            async with asyncio.timeout(within):
+                return await self._find(records, since_ms)
+        except TimeoutError as exc:
+            raise KafkaUnavailable("timeout") from exc
+        except KafkaError as exc:
+            raise KafkaUnavailable(failure_reason(exc)) from exc
+
+    async def _find(self, records: Sequence[Record], since_ms: int) -> list[bool]:
+        wanted: dict[tuple[str, bytes | None, bytes, tuple[tuple[str, bytes], ...]], int] = {
+            (record.topic, record.key, record.value, tuple(record.headers)): index
+            for index, record in enumerate(records)
+        }
+        producer = self._producer
+        if producer is None:
+            raise KafkaUnavailable("not_connected")
+        # Every partition of the topics, not only the key's: which one the producer chose
+        # depends on the partitions it saw then.
+        partitions = [
+            TopicPartition(topic, partition)
+            for topic in {record.topic for record in records}
+            for partition in sorted(await producer.partitions_for(topic))
+        ]
+        found = [False] * len(records)
+        consumer = AIOKafkaConsumer(**self._lookup_options)
+        await consumer.start()
+        try:
+            remaining = await _seek_to_time(consumer, partitions, since_ms)
+            while remaining and not all(found):
+                batch = await consumer.getmany(*remaining, timeout_ms=200)
+                for tp, messages in batch.items():
+                    for message in messages:
+                        index = wanted.get(
+                            (tp.topic, message.key, message.value, tuple(message.headers))
+                        )
+                        if index is not None:
+                            found[index] = True
+                remaining = await _unfinished(consumer, remaining)
+        finally:
+            await consumer.stop()
+        return found
+
+
+async def _seek_to_time(
+    consumer: AIOKafkaConsumer, partitions: list[TopicPartition], since_ms: int
+) -> dict[TopicPartition, int]:
+    """Position `consumer` on the first record of each partition at or after `since_ms`;
+    the partitions with records from then on, each with its end offset."""
+    consumer.assign(partitions)
+    starts = await consumer.offsets_for_times(dict.fromkeys(partitions, since_ms))
+    ends = await consumer.end_offsets(partitions)
+    remaining: dict[TopicPartition, int] = {}
+    for tp in partitions:
+        start = starts.get(tp)
+        if start is not None and start.offset < ends[tp]:
+            consumer.seek(tp, start.offset)
+            remaining[tp] = ends[tp]
+    return remaining
+
+
+async def _unfinished(
+    consumer: AIOKafkaConsumer, remaining: dict[TopicPartition, int]
+) -> dict[TopicPartition, int]:
+    # The embedded broker reports a partition's end as its last batch's first offset + 1:
+    # reading up to it still reads that whole batch.
+    return {tp: end for tp, end in remaining.items() if await consumer.position(tp) < end}
 
 
 async def settle_within(futures: Sequence[asyncio.Future[Any]], within: float) -> None:

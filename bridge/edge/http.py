@@ -10,7 +10,9 @@ The order: rate limit (429), then source and token from the request head (401,
 before a byte of the body is read), then content type and encoding (415), then
 the body (413, 408, and 503 when the global body budget is spent), its
 Content-Encoding (a body that does not decode as it says is 400 `invalid`, its
-raw bytes dead-lettered), and the signature when one is configured (401). An
+raw bytes dead-lettered), and the signature when one is configured (401). With
+`VERIFY=enforce`, the pipeline may answer a callback Luma's API does not confirm
+`unauthorized` (401) and one it cannot check in time `unavailable` (503). An
 answer given before the whole body was read closes the connection
 (`Connection: close`): the rest of that body is not a request.
 
@@ -223,8 +225,10 @@ class CallbackHandler:
         else:
             with self._tracing.request(request.headers, request.remote):
                 result = await self._pipeline.handle(body, received_at)
-        if result.outcome is Outcome.UNAVAILABLE:
-            self._auth.release(decision)  # the sender will retry the same signed request
+        if result.outcome in (Outcome.UNAVAILABLE, Outcome.UNAUTHORIZED):
+            # The sender will retry the same signed request (refused by verification: Luma's
+            # API may only have lagged); it must be checked again, not taken as a duplicate.
+            self._auth.release(decision)
         elif result.callback is not None:
             self._auth.accepted(decision, result.callback.event_id)
         return result, None

@@ -253,10 +253,12 @@ class GuardedSite(web.BaseSite):
         max_headers: int,
         ssl_context: ssl.SSLContext | None = None,
         backlog: int = 512,
+        reuse_port: bool = False,
     ) -> None:
         super().__init__(runner, ssl_context=ssl_context, backlog=backlog)
         self._host = host
         self._port = port
+        self._reuse_port = reuse_port
         self.guard = guard
         self._handler_args: dict[str, Any] = {
             "max_line_size": max_header_bytes,
@@ -295,6 +297,9 @@ class GuardedSite(web.BaseSite):
             ssl=self._ssl_context,
             backlog=self._backlog,
             reuse_address=True,
+            # `serve --workers N`: N processes listen on one port, the kernel spreads
+            # connections over them.
+            reuse_port=self._reuse_port or None,
             # A client that never finishes the TLS handshake is not let hold the socket either.
             ssl_handshake_timeout=self.guard.header_timeout if self._ssl_context else None,
         )

@@ -6,16 +6,18 @@ a hostile sender must not be able to create unbounded series.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from bridge import __version__
 from bridge.contract.callback import KNOWN_MODELS, KNOWN_STATES
 
-DEADLETTER_REASONS = ("json", "shape", "schema", "encoding")
+DEADLETTER_REASONS = ("json", "shape", "schema", "encoding", "kafka_refused")
 SHED_REASONS = ("inflight_limit", "spool_full", "body_budget")
 # The commonest ways Kafka refuses a record for good (others appear when they happen).
 REFUSAL_REASONS = ("MessageSizeTooLargeError", "RecordTooLargeError")
-BACKGROUND_TASKS = ("drainer", "connect", "kafka_health", "file_reload")
+BACKGROUND_TASKS = ("drainer", "connect", "kafka_health", "file_reload", "orphan_spools")
 OUTCOMES = ("accepted", "duplicate", "invalid", "unauthorized", "rejected", "unavailable")
 
 # 1 ms to 5 s (Luma's timeout), dense where answers normally land.
@@ -119,7 +121,8 @@ class Metrics:
         )
         self.deadletters = Counter(
             "luma_bridge_deadletters",
-            "Invalid callbacks written to the dead-letter topic, by reason.",
+            "Invalid callbacks written to the dead-letter topic, by reason; kafka_refused: "
+            "copies of records Kafka refused for good and the spool quarantined.",
             ["reason"],
             registry=registry,
         )
@@ -185,6 +188,14 @@ class Metrics:
         self.late_acknowledgements = Counter(
             "luma_bridge_late_acknowledgements",
             "Kafka records acknowledged after they were spooled: removed, not sent again.",
+            registry=registry,
+        )
+        self.resend_lookups = Counter(
+            "luma_bridge_resend_lookups",
+            "Spooled Kafka records whose earlier send failed without an answer, looked up in "
+            "Kafka before being sent again, by outcome: found (already written: removed, not "
+            "sent again), absent (sent again), failed (the lookup could not finish: sent again).",
+            ["outcome"],
             registry=registry,
         )
         self.spool_quarantined = Counter(
@@ -279,6 +290,8 @@ class Metrics:
             self.produce_errors.labels(reason=reason)
         for kind in ("retry", "topic", "producer"):
             self.spool_send_failures.labels(kind=kind)
+        for outcome in RESEND_LOOKUP_OUTCOMES:
+            self.resend_lookups.labels(outcome=outcome)
         for task in BACKGROUND_TASKS:
             self.task_restarts.labels(task=task)
         for reason in REFUSAL_REASONS:
@@ -286,6 +299,8 @@ class Metrics:
             self.spool_quarantined.labels(reason=reason)
 
 
+#: What looking up a record whose send failed without an answer found in Kafka.
+RESEND_LOOKUP_OUTCOMES = ("found", "absent", "failed")
 #: What a lookup in Luma's API found, the `outcome` label of the reconciler's lookups.
 LOOKUP_OUTCOMES = ("unchanged", "repaired", "not_found", "unknown_state", "error")
 #: Why the reconciler wrote a record: a generation gone silent, or one Kafka never saw.
@@ -401,3 +416,63 @@ class ReconcilerMetrics:
         for state in ("queued", "dreaming", "other"):
             for _, age in (*STUCK_AGE_BOUNDS, (0, STUCK_AGE_OLDER)):
                 self.stuck.labels(state=state, age=age).set(counts.get((state, age), 0))
+
+
+class LumaAPISeries(Protocol):
+    """The two series a client of Luma's API records into (the reconciler's or the verifier's)."""
+
+    @property
+    def luma_api_duration(self) -> Histogram: ...
+
+    @property
+    def luma_api_errors(self) -> Counter: ...
+
+
+#: `luma_bridge_verifications_total`'s results: the values of the `luma-verified` header.
+VERIFICATION_RESULTS = ("true", "false", "unknown")
+#: Why each result was reached. `confirmed` and `cached`: Luma's API reports this state or a
+#: later one (fetched now, or within the cache's lifetime); `not_found`, `state_ahead`,
+#: `state_differs`, `assets_differ`: refused by `enforce`; `unknown_state`: a state the bridge
+#: cannot compare; `timeout`, `throttled` (the bridge's own limit toward Luma), `api_error`,
+#: `key_refused`: Luma's API did not answer usefully in time.
+VERIFICATION_REASONS = {
+    "true": ("confirmed", "cached"),
+    "false": ("not_found", "state_ahead", "state_differs", "assets_differ"),
+    "unknown": ("unknown_state", "timeout", "throttled", "api_error", "key_refused"),
+}
+# Verification happens within Luma's 5 s: dense below a second.
+VERIFY_API_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0)
+
+
+class VerificationMetrics:
+    """The series of callback verification (`LUMA_BRIDGE_VERIFY=tag|enforce`), on the bridge's
+    registry. Created only when verification is on, so `off` exports none of them."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.verifications = Counter(
+            "luma_bridge_verifications",
+            "Callbacks checked against Luma's API, by result (the luma-verified header) and "
+            "reason.",
+            ["result", "reason"],
+            registry=registry,
+        )
+        self.luma_api_duration = Histogram(
+            "luma_bridge_verify_luma_api_duration_seconds",
+            "Time one request to Luma's API took while verifying a callback, by endpoint.",
+            ["endpoint"],
+            buckets=VERIFY_API_BUCKETS,
+            registry=registry,
+        )
+        self.luma_api_errors = Counter(
+            "luma_bridge_verify_luma_api_errors",
+            "Requests to Luma's API made while verifying a callback that failed, by endpoint "
+            "and reason.",
+            ["endpoint", "reason"],
+            registry=registry,
+        )
+        for result, reasons in VERIFICATION_REASONS.items():
+            for reason in reasons:
+                self.verifications.labels(result=result, reason=reason)
+        self.luma_api_duration.labels(endpoint="get")
+        for reason in LUMA_ERROR_REASONS:
+            self.luma_api_errors.labels(endpoint="get", reason=reason)

@@ -25,7 +25,7 @@ from typing import Any
 import lumaai
 from pydantic import SecretStr
 
-from bridge.ops.metrics import ReconcilerMetrics
+from bridge.ops.metrics import LumaAPISeries
 
 log = logging.getLogger("bridge.reconcile.luma")
 
@@ -71,7 +71,10 @@ def retry_after_seconds(value: str | None) -> float | None:
 
 
 class LumaClient:
-    """Reads generations from Luma's API, rate-limited, with backoff. `close()` when done."""
+    """Reads generations from Luma's API, rate-limited, with backoff. `close()` when done.
+
+    `metrics` is the reconciler's or the callback verifier's: their latencies differ in kind.
+    """
 
     def __init__(
         self,
@@ -79,20 +82,23 @@ class LumaClient:
         api_key: SecretStr,
         base_url: str,
         timeout: float,
-        rate_limit: float,
+        rate_limit: float | None,
         max_backoff: float,
-        metrics: ReconcilerMetrics,
+        metrics: LumaAPISeries,
         attempts: int = ATTEMPTS,
     ) -> None:
-        if rate_limit <= 0 or timeout <= 0 or max_backoff <= 0 or attempts < 1:
-            raise ValueError("rate_limit, timeout and max_backoff must be above 0, attempts >= 1")
+        if (rate_limit is not None and rate_limit <= 0) or timeout <= 0 or max_backoff <= 0:
+            raise ValueError("rate_limit, timeout and max_backoff must be above 0")
+        if attempts < 1:
+            raise ValueError("attempts must be at least 1")
         self._client = lumaai.AsyncLumaAI(
             auth_token=api_key.get_secret_value(),
             base_url=base_url,
             timeout=timeout,
             max_retries=0,
         )
-        self._interval = 1.0 / rate_limit
+        # None: no spacing here; the caller limits (the verifier refuses rather than waits).
+        self._interval = 0.0 if rate_limit is None else 1.0 / rate_limit
         self._max_backoff = max_backoff
         self._attempts = attempts
         self._metrics = metrics

@@ -13,18 +13,27 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from bridge.delivery.lanes import Lanes, Refused, Unavailable
-from bridge.delivery.publisher import Placement, Record, wait_all
+from bridge.delivery.publisher import (
+    KafkaUnavailable,
+    NotConnected,
+    Placement,
+    Record,
+    wait_all,
+)
 from bridge.delivery.spool import Spool
 from bridge.ops.metrics import Metrics
 from bridge.server import supervise
 from tests.helpers import wait_until
 
 Verdict = Callable[[Record], str | None]
+ERRORS = {**vars(aiokafka.errors), "NotConnected": NotConnected}
 
 
 class ScriptedPublisher:
     """Decides each send's fate with `verdict(record)`: None acknowledges, "hold" keeps it
-    pending until `release()`, anything else names the aiokafka error it fails with."""
+    pending until `release()`, "unanswered" lands it yet fails it with a request timeout
+    (the answer was lost), anything else names the aiokafka error it fails with. `find`
+    looks in what landed; it fails while `lookups_fail` is set."""
 
     def __init__(self) -> None:
         self.verdict: Verdict = lambda _: None
@@ -32,6 +41,8 @@ class ScriptedPublisher:
         self.landed: list[Record] = []  # what "Kafka" holds, in order
         self.held: list[tuple[Record, asyncio.Future[Placement]]] = []
         self.renewals = 0
+        self.lookups: list[tuple[list[Record], int]] = []
+        self.lookups_fail = False
 
     def send(self, records: Sequence[Record]) -> list[asyncio.Future[Placement]]:
         loop = asyncio.get_running_loop()
@@ -44,8 +55,11 @@ class ScriptedPublisher:
                 self.held.append((record, future))
             elif fate is None:
                 self._land(record, future)
+            elif fate == "unanswered":
+                self.landed.append(record)
+                future.set_exception(aiokafka.errors.RequestTimedOutError())
             else:
-                future.set_exception(getattr(aiokafka.errors, fate)())
+                future.set_exception(ERRORS[fate]())
             futures.append(future)
         return futures
 
@@ -64,6 +78,12 @@ class ScriptedPublisher:
 
     async def check_connection(self, within: float) -> bool:
         return True
+
+    async def find(self, records: Sequence[Record], since_ms: int, within: float) -> list[bool]:
+        self.lookups.append((list(records), since_ms))
+        if self.lookups_fail:
+            raise KafkaUnavailable("timeout")
+        return [record in self.landed for record in records]
 
     async def renew(self) -> None:
         self.renewals += 1
@@ -143,6 +163,63 @@ async def test_a_late_acknowledgement_deletes_the_row_and_nothing_is_sent_again(
     assert rig.sample("luma_bridge_late_acknowledgements_total") == 2
 
 
+async def test_a_send_that_landed_without_an_answer_is_found_not_sent_again(
+    rig: Rig,
+) -> None:
+    """A produce request whose answer never came (the broker froze past the request
+    timeout) was appended when the broker resumed: the drainer looks the row up in Kafka
+    and removes it instead of writing a second copy; the rows behind it follow in order."""
+    rig.publisher.verdict = lambda r: "unanswered" if r.value == b"g:queued" else "hold"
+    before = time.time_ns() // 1_000_000
+    assert (await rig.lanes.write([rec("g", "queued")], 0.5)).spooled
+    assert (await rig.lanes.write([rec("g", "dreaming")], 0.05)).spooled
+    rig.publisher.verdict = lambda r: None
+    rig.publisher.release()
+    await wait_until(lambda: rig.spool.records == 0, what="spool drained")
+    assert states(rig.publisher.landed, "g") == ["queued", "dreaming"]
+    assert [r.value for r in rig.publisher.sent] == [b"g:queued", b"g:dreaming"]
+    [(looked_up, since_ms)] = rig.publisher.lookups
+    assert looked_up == [rec("g", "queued")]
+    assert since_ms <= before  # from before the failed send, whatever the clocks say
+    assert rig.sample("luma_bridge_resend_lookups_total", outcome="found") == 1
+
+
+async def test_a_send_that_did_not_land_is_sent_again_after_the_lookup(rig: Rig) -> None:
+    rig.publisher.verdict = lambda r: "RequestTimedOutError"
+    assert (await rig.lanes.write([rec("g", "queued")], 0.5)).spooled
+    await wait_until(lambda: bool(rig.publisher.lookups), what="the failed send looked up")
+    rig.publisher.verdict = lambda r: None
+    await wait_until(lambda: rig.spool.records == 0, timeout=10, what="spool drained")
+    assert states(rig.publisher.landed, "g") == ["queued"]
+    assert rig.sample("luma_bridge_resend_lookups_total", outcome="absent") >= 1
+    assert rig.sample("luma_bridge_resend_lookups_total", outcome="found") == 0
+
+
+async def test_a_send_never_handed_to_kafka_is_not_looked_up(rig: Rig) -> None:
+    """Not connected: the record cannot have landed, so no lookup is spent on it."""
+    rig.publisher.verdict = lambda r: "NotConnected"
+    assert (await rig.lanes.write([rec("g", "queued")], 0.5)).spooled
+    await wait_until(
+        lambda: rig.sample("luma_bridge_spool_send_failures_total", kind="retry") >= 1,
+        what="the drainer's send failed too",
+    )
+    rig.publisher.verdict = lambda r: None
+    await wait_until(lambda: rig.spool.records == 0, timeout=10, what="spool drained")
+    assert rig.publisher.lookups == []
+
+
+async def test_when_the_lookup_fails_the_row_is_sent_again_rather_than_held(rig: Rig) -> None:
+    """No read access, or Kafka still away: never wedge; send, and count the failure."""
+    rig.publisher.lookups_fail = True
+    rig.publisher.verdict = lambda r: "RequestTimedOutError"
+    assert (await rig.lanes.write([rec("g", "queued")], 0.5)).spooled
+    await wait_until(lambda: bool(rig.publisher.lookups), what="a lookup tried")
+    rig.publisher.verdict = lambda r: None
+    await wait_until(lambda: rig.spool.records == 0, timeout=10, what="spool drained")
+    assert states(rig.publisher.landed, "g") == ["queued"]
+    assert rig.sample("luma_bridge_resend_lookups_total", outcome="failed") >= 1
+
+
 async def test_many_generations_in_flight_keep_their_own_order(rig: Rig) -> None:
     """States of one generation delivered independently, through an outage and back."""
     rig.publisher.verdict = lambda r: "hold"
@@ -170,21 +247,56 @@ async def test_quarantine_at_the_head_of_the_spool(tmp_path: Path) -> None:
     await spool.append([(first + n, rec(g, "queued")) for n, g in enumerate(("big", "g1", "g2"))])
     publisher = ScriptedPublisher()
     publisher.verdict = lambda r: "RecordTooLargeError" if r.key == b"big" else None
-    lanes = Lanes(publisher=publisher, spool=spool, metrics=metrics)
+    lanes = Lanes(publisher=publisher, spool=spool, metrics=metrics, dead_letter_topic="t.dl")
     lanes.open()
     for _ in range(5):
         await lanes.step()
         await asyncio.sleep(0)
     assert spool.records == 0
     assert spool.quarantined == 1
-    assert [r.key for r in publisher.landed] == [b"g1", b"g2"]
-    assert len(publisher.sent) == 3  # each once
+    assert [r.key for r in publisher.landed if r.topic != "t.dl"] == [b"g1", b"g2"]
+    assert len([r for r in publisher.sent if r.topic != "t.dl"]) == 3  # each once
+    # A copy on the dead-letter topic, as every dead letter: no key, why, and when it came.
+    [letter] = [r for r in publisher.landed if r.topic == "t.dl"]
+    assert (letter.key, letter.value) == (None, b"big:queued")
+    assert dict(letter.headers)["luma-error"] == (
+        b"Kafka refused the record for good on t.lifecycle: RecordTooLargeError"
+    )
+    assert (
+        metrics.registry.get_sample_value(
+            "luma_bridge_deadletters_total", {"reason": "kafka_refused"}
+        )
+        == 1
+    )
     reason = {"reason": "RecordTooLargeError"}
     assert (
         metrics.registry.get_sample_value("luma_bridge_spool_quarantined_records_total", reason)
         == 1
     )
     assert metrics.registry.get_sample_value("luma_bridge_spool_quarantine_records") == 1
+    await spool.close()
+
+
+async def test_a_dead_letter_topic_that_refuses_the_copy_leaves_it_quarantined(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    metrics = Metrics(CollectorRegistry())
+    spool = Spool(tmp_path, max_bytes=8 << 20, metrics=metrics)
+    await spool.open()
+    await spool.append([(spool.next_seqs(1), rec("big", "queued"))])
+    publisher = ScriptedPublisher()
+    publisher.verdict = lambda r: "RecordTooLargeError"  # the dead-letter topic too
+    lanes = Lanes(publisher=publisher, spool=spool, metrics=metrics, dead_letter_topic="t.dl")
+    lanes.open()
+    for _ in range(3):
+        await lanes.step()
+        await asyncio.sleep(0)
+    assert spool.quarantined == 1
+    await wait_until(
+        lambda: any("quarantine only" in r.getMessage() for r in caplog.records),
+        what="the refused copy logged",
+    )
+    assert [r.topic for r in publisher.sent] == ["t.lifecycle", "t.dl"]
     await spool.close()
 
 

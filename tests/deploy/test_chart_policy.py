@@ -582,6 +582,8 @@ CHART_MANAGED_SETTINGS = {
     "auth_tokens_file", "hmac_secrets", "tls_cert_file", "tls_key_file",
     # The reconciler's own values (reconciler.apiKeySecret, .lumaBaseUrl, .publicUrl).
     "luma_api_key", "luma_base_url", "public_url",
+    # One worker per pod, the default: the chart scales with replicas, not `--workers`.
+    "workers",
 }  # fmt: skip
 
 

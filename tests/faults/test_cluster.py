@@ -15,6 +15,7 @@ import contextlib
 import functools
 import json
 import os
+import signal
 import tempfile
 import threading
 import time
@@ -182,8 +183,11 @@ def cluster() -> Iterator[Cluster]:
 
 
 @pytest.fixture
-async def bridge(cluster: Cluster, tmp_path: Path) -> AsyncIterator[BridgeProcess]:
-    """The bridge on the cluster with production settings: idempotence on, RF 3, min ISR 2."""
+async def bridge(
+    cluster: Cluster, tmp_path: Path, request: pytest.FixtureRequest
+) -> AsyncIterator[BridgeProcess]:
+    """The bridge on the cluster with production settings: idempotence on, RF 3, min ISR 2
+    (a scenario may add settings of its own through `indirect` parametrization)."""
     await asyncio.to_thread(cluster.kafka.wait_for_brokers, BROKER_IDS)
     prefix = new_prefix()
     settings = load_settings(
@@ -201,6 +205,7 @@ async def bridge(cluster: Cluster, tmp_path: Path) -> AsyncIterator[BridgeProces
         spool_dir=tmp_path,
         prefix=prefix,
         kafka_enable_idempotence="true",
+        **getattr(request, "param", {}),
     )
     process.start()
     try:
@@ -490,6 +495,42 @@ async def test_one_broker_cut_off_from_the_bridge(cluster: Cluster, bridge: Brid
         cluster.proxies.restore(leader)
     repaired = recovery(cluster, bridge)
     await check("Kafka: one broker cut off by a proxy", cluster, bridge, load, recovery=repaired)
+
+
+@contextlib.contextmanager
+def cluster_frozen(cluster: Cluster) -> Iterator[None]:
+    """Every node of the cluster stopped dead (SIGSTOP), controller included, then resumed."""
+    processes = [node.process for node in cluster.kafka.nodes if node.process is not None]
+    for process in processes:
+        process.send_signal(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for process in processes:
+            process.send_signal(signal.SIGCONT)
+
+
+@pytest.mark.parametrize("bridge", [{"kafka_request_timeout_ms": 2000}], indirect=True)
+async def test_whole_cluster_frozen_past_the_request_timeout_makes_no_duplicates(
+    cluster: Cluster, bridge: BridgeProcess
+) -> None:
+    """The production default (idempotent producer) through an outage that outlasts the
+    producer's request timeout: requests in flight are appended when the brokers resume
+    and retried with their sequence numbers, so the brokers drop the copies: exactly 0."""
+    load = Load(bridge.url)
+    await load_established(bridge)
+    with cluster_frozen(cluster):
+        await bridge.wait_for_metric("luma_bridge_spool_records", 20, timeout=60)
+        await asyncio.sleep(max(OUTAGE, 5.0))
+    repaired = recovery(cluster, bridge)
+    numbers = await check(
+        "Kafka: whole cluster frozen past the request timeout",
+        cluster,
+        bridge,
+        load,
+        recovery=repaired,
+    )
+    assert numbers["duplicates"] == 0, numbers
 
 
 def test_the_order_audit_counts_a_generation_that_goes_backwards() -> None:

@@ -162,6 +162,35 @@ async def test_broker_outage_mid_load(
     assert result.regressions == 0, result
 
 
+SHORT_REQUEST_TIMEOUT_MS = 2000
+
+
+@pytest.mark.parametrize(
+    "bridge", [{"kafka_request_timeout_ms": SHORT_REQUEST_TIMEOUT_MS}], indirect=True
+)
+async def test_broker_frozen_past_the_request_timeout_makes_no_duplicates(
+    broker: EmbeddedBroker, bridge: BridgeProcess, prefix: str
+) -> None:
+    """A freeze that outlasts the producer's request timeout: the produce requests in
+    flight when the broker froze fail without an answer, yet the broker appends them when
+    it resumes. Sending those records again would write them twice (no idempotence on
+    the embedded broker): the bridge must look them up first."""
+    load = asyncio.create_task(run_load(bridge.url, 600, rate=50))
+    await wait_for_answers(bridge)
+    with frozen(broker):
+        await asyncio.sleep(max(OUTAGE, 2.5 * SHORT_REQUEST_TIMEOUT_MS / 1000))
+    summary, arrivals = await load
+    result = await check(
+        "broker frozen past the request timeout", broker.bootstrap, prefix, summary, arrivals
+    )
+    timed_out = await bridge.metric(
+        'luma_bridge_kafka_produce_errors_total{reason="RequestTimedOutError"}'
+    )
+    assert timed_out > 0, "no produce request outlived the freeze: the fault did not happen"
+    assert result.duplicates == 0, result
+    assert await bridge.metric('luma_bridge_resend_lookups_total{outcome="found"}') > 0
+
+
 async def test_broker_unreachable_at_start_up(prefix: str, tmp_path: Path) -> None:
     port = free_port()
     bridge = BridgeProcess(f"127.0.0.1:{port}", spool_dir=tmp_path, prefix=prefix).start()

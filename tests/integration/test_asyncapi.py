@@ -30,6 +30,7 @@ from bridge.contract.asyncapi import (
 )
 from bridge.contract.callback import parse_callback, record_headers
 from bridge.delivery.topics import existing_topics
+from bridge.devtools.fake_luma import FakeLumaAPI
 from tests.conftest import KafkaBroker, unavailable
 from tests.consume.support import generation, send
 from tests.helpers import (
@@ -45,6 +46,9 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 DOCUMENT = ROOT / "docs" / "asyncapi.yaml"
 REGENERATE = "luma-kafka-bridge schema --asyncapi > docs/asyncapi.yaml"
+
+
+VERIFY_KEY = "asyncapi-test-luma-key"
 
 
 def jsonschema_module() -> Any:
@@ -135,16 +139,28 @@ def resolve(document: dict[str, Any], node: dict[str, Any]) -> dict[str, Any]:
 async def test_every_record_the_bridge_writes_is_documented_and_nothing_else(
     kafka_broker: KafkaBroker, document: dict[str, Any]
 ) -> None:
-    settings = bridge_settings(kafka_broker.bootstrap, kafka_broker.supports_idempotence)
-    prefix = settings.topic_prefix
-    async with running_bridge(settings) as server:
-        await send(server, SEED_COMPLETED_VIDEO)
-        await send(server, SEED_FAILED_VIDEO)
-        await send(server, generation("gen-q", "queued", assets=None, generation_type="video"))
-        await send(server, generation("gen-d", "dreaming", assets={"progress_video": "https://p"}))
-        await send(server, generation("gen-u", "paused-by-luma"))
-        await send(server, b'{"id":"abc","state":7}', status=400)
-        await send(server, b"\xff not even utf-8", status=400)
+    # With verification on (tag: answers unchanged), so `luma-verified` is written too.
+    async with FakeLumaAPI(api_key=VERIFY_KEY) as luma:
+        luma.put(SEED_COMPLETED_VIDEO)
+        settings = bridge_settings(
+            kafka_broker.bootstrap,
+            kafka_broker.supports_idempotence,
+            verify="tag",
+            luma_api_key=VERIFY_KEY,
+            luma_base_url=luma.base_url,
+            kafka_ack_timeout=3.0,
+        )
+        prefix = settings.topic_prefix
+        async with running_bridge(settings) as server:
+            await send(server, SEED_COMPLETED_VIDEO)
+            await send(server, SEED_FAILED_VIDEO)
+            await send(server, generation("gen-q", "queued", assets=None, generation_type="video"))
+            await send(
+                server, generation("gen-d", "dreaming", assets={"progress_video": "https://p"})
+            )
+            await send(server, generation("gen-u", "paused-by-luma"))
+            await send(server, b'{"id":"abc","state":7}', status=400)
+            await send(server, b"\xff not even utf-8", status=400)
 
     topics = {topic for topic in await existing_topics(settings) if topic.startswith(prefix + ".")}
     documented = {

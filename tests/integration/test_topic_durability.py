@@ -66,12 +66,21 @@ async def test_existing_topics_are_not_altered_and_a_single_replica_is_warned_ab
     await create_topics(again)
     facts = await facts_of_every_topic(again)
     assert set(facts.min_insync_replicas.values()) == {1}
-    with caplog.at_level(logging.WARNING, logger="bridge.server"):
-        async with running_bridge(again, create=False):
+    # A bridge whose settings expect replicated topics is warned that these are not.
+    expecting_three = again.model_copy(update={"topic_replication_factor": 3})
+    with caplog.at_level(logging.INFO, logger="bridge.server"):
+        async with running_bridge(expecting_three, create=False):
             pass
     warnings = [r for r in caplog.records if "single replica" in r.getMessage()]
-    assert warnings, "no warning that acks=all means one replica"
+    assert [r.levelno for r in warnings] == [logging.WARNING], warnings
     assert "min.insync.replicas=2" in warnings[0].getMessage()
+    # One that asks for a single replica itself (`dev`) is told, not warned.
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="bridge.server"):
+        async with running_bridge(again, create=False):
+            pass
+    told = [r for r in caplog.records if "single replica" in r.getMessage()]
+    assert [r.levelno for r in told] == [logging.INFO], told
 
 
 async def test_a_body_the_topic_cannot_take_is_refused_at_the_door(

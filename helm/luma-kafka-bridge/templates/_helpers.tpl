@@ -102,8 +102,23 @@ app.kubernetes.io/component: bridge
 
 {{- define "luma-kafka-bridge.tlsMountPath" -}}/etc/luma-bridge/kafka-tls{{- end }}
 
+{{/* "true" when settings.verify asks the bridge to check callbacks with Luma's API. */}}
+{{- define "luma-kafka-bridge.verifyEnabled" -}}
+{{- if has (toString (.Values.settings.verify | default "off")) (list "tag" "enforce") }}true{{- end }}
+{{- end }}
+
 {{/* Checks across values that JSON Schema cannot express. */}}
 {{- define "luma-kafka-bridge.validate" -}}
+{{- if include "luma-kafka-bridge.verifyEnabled" . }}
+{{- if not .Values.reconciler.apiKeySecret.name }}
+{{- fail "settings.verify needs the Luma API key: set reconciler.apiKeySecret.name to a Secret holding it (the bridge pods read it from there too)" }}
+{{- end }}
+{{- $verifyTimeout := float64 (.Values.settings.verifyTimeout | default 1) }}
+{{- $ackTimeout := float64 (.Values.settings.kafkaAckTimeout | default 4) }}
+{{- if ge (addf $verifyTimeout $ackTimeout) 5.0 }}
+{{- fail "settings.verifyTimeout (default 1) plus settings.kafkaAckTimeout (default 4) must stay below Luma's 5 s: e.g. settings.kafkaAckTimeout: 3" }}
+{{- end }}
+{{- end }}
 {{- if not .Values.kafka.bootstrapServers }}
 {{- fail "kafka.bootstrapServers is required, e.g. --set kafka.bootstrapServers=kafka-0.kafka:9092" }}
 {{- end }}
@@ -235,6 +250,18 @@ LUMA_BRIDGE_SHUTDOWN_TIMEOUT: {{ .Values.lifecycle.shutdownTimeoutSeconds | quot
     secretKeyRef:
       name: {{ include "luma-kafka-bridge.saslSecretName" . }}
       key: {{ include "luma-kafka-bridge.saslSecretKey" . }}
+{{- end }}
+{{- if include "luma-kafka-bridge.verifyEnabled" . }}
+{{- /* Verification reads Luma's API with the reconciler's key and base URL. */}}
+- name: LUMA_BRIDGE_LUMA_API_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.reconciler.apiKeySecret.name }}
+      key: {{ .Values.reconciler.apiKeySecret.key }}
+{{- with .Values.reconciler.lumaBaseUrl }}
+- name: LUMA_BRIDGE_LUMA_BASE_URL
+  value: {{ . | quote }}
+{{- end }}
 {{- end }}
 {{- end }}
 
