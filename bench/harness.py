@@ -83,8 +83,13 @@ class Service:
         return self.ps
 
     def cpu_seconds(self) -> float:
-        times = self.ps.cpu_times()
-        return times.user + times.system
+        """CPU of the process and of its live children (`serve --workers N`'s workers)."""
+        total = 0.0
+        for process in (self.ps, *self.ps.children(recursive=True)):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                times = process.cpu_times()
+                total += times.user + times.system
+        return total
 
     def stop(self) -> None:
         if self.process.poll() is None:
