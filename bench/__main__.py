@@ -1,8 +1,8 @@
 """`python -m bench`: run the whole benchmark and write results/latest.{json,md,png}.
 
-Default: 4 targets x 4 connection counts x 3 repeats x 8 s, interleaved, then the
-bridge's open-loop latency curve; about 12 minutes on 2 cores. `--quick` is one
-repeat of 3 s (about 2 minutes). `--soak N` adds an N-callback run of the bridge to
+Default: 6 targets x 4 connection counts x 3 repeats x 8 s, interleaved, then the
+open-loop latency curves of the bridge and the floor app; about 17 minutes on 2 cores.
+`--quick` is one repeat of 3 s (about 3 minutes). `--soak N` adds an N-callback run of the bridge to
 check that its memory stays flat; `--profile S` records S seconds of py-spy.
 """
 
@@ -28,7 +28,9 @@ NEEDED = {
     "matplotlib": "matplotlib",
     "uvloop": "uvloop",
 }
-TARGETS = ("minimal", "raw_producer", "peer", "bridge")
+TARGETS = ("minimal", "floor", "naive", "raw_producer", "peer", "bridge")
+#: Targets whose open-loop curve is measured, at the same offered rates.
+OPEN_LOOP_TARGETS = ("bridge", "floor")
 CONNECTIONS = (1, 16, 64, 256)
 OPEN_LOOP_FRACTIONS = (0.1, 0.25, 0.5, 0.7, 0.85, 1.0, 1.15)
 
@@ -67,6 +69,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("bench/results"), help="results folder")
     parser.add_argument("--no-open-loop", action="store_true", help="skip the latency curve")
     parser.add_argument(
+        "--open-loop-fractions",
+        default=",".join(map(str, OPEN_LOOP_FRACTIONS)),
+        help="offered rates as fractions of the bridge's closed-loop saturation "
+        "(0.1,0.25,0.5,0.7,0.85,1.0,1.15)",
+    )
+    parser.add_argument(
         "--soak", type=int, default=0, metavar="N", help="then N callbacks into the bridge (RSS)"
     )
     parser.add_argument(
@@ -77,14 +85,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="",
         help="extra `luma-kafka-bridge serve` flags, for experiments (default: none)",
     )
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME=FLAGS",
+        help="an extra bridge target `bridge:NAME` run with these `serve` flags, interleaved "
+        "with the others (repeatable), e.g. --variant 'linger5=--kafka-linger-ms 5'",
+    )
+    parser.add_argument(
+        "--batching",
+        action="store_true",
+        help="then the raw producer open loop at the curve's rates, linger 0 and 5 ms: "
+        "produce requests and CPU per callback (why open-loop arrivals cost more)",
+    )
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to cores")
     parser.add_argument("--no-install", action="store_true", help="never pip install")
     args = parser.parse_args(argv)
     args.duration = args.duration or (3.0 if args.quick else 8.0)
     args.repeats = args.repeats or (1 if args.quick else 3)
     args.connections = [int(c) for c in args.connections.split(",")]
+    args.open_loop_fractions = [float(f) for f in args.open_loop_fractions.split(",")]
     args.targets = [t for t in args.targets.split(",") if t]
     unknown = set(args.targets) - set(TARGETS)
+    args.variants = {}
+    for variant in args.variant:
+        name, separator, flags = variant.partition("=")
+        if not separator or not name:
+            parser.error(f"--variant wants NAME=FLAGS, not {variant!r}")
+        args.variants[name] = shlex.split(flags)
+        args.targets.append(f"bridge:{name}")
     if unknown:
         parser.error(f"unknown targets: {', '.join(sorted(unknown))}")
     return args
@@ -130,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     log(f"starting broker and {', '.join(http_targets)} (layout {layout.describe()})")
     bridge_args = shlex.split(args.bridge_args)
     results["settings"]["bridge_args"] = bridge_args
-    with harness.running_stack(layout, workdir, http_targets, bridge_args) as stack:
+    results["settings"]["variants"] = args.variants
+    with harness.running_stack(layout, workdir, http_targets, bridge_args, args.variants) as stack:
         for target in http_targets:
             log(f"warming up {target}")
             harness.measure_http(stack, target, templates, 64, 2)
@@ -160,31 +191,64 @@ def main(argv: list[str] | None = None) -> int:
         summary = stats.summarize(results["runs"])
         results["summary"] = summary
         results["ratios"] = stats.ratios(summary)
+        results["variant_ratios"] = {
+            target: stats.ratios(summary, subject=target)
+            for target in http_targets
+            if target.startswith("bridge:")
+        }
+        if "bridge" in http_targets:
+            results["tracing_off"] = harness.tracing_off_cost(layout.server)
+            log(f"tracing off: {results['tracing_off']['cost_us_per_callback']:.2f} µs/callback")
         if "bridge" in http_targets and not args.no_open_loop:
             saturation = max(row["rps"] for row in summary["bridge"].values())
             results["saturation_rps"] = saturation
             results["open_loop"] = []
-            for rate in stats.rates_for(saturation, OPEN_LOOP_FRACTIONS):
-                point = harness.measure_open_loop(stack, "bridge", templates, rate, args.duration)
-                point["fraction_of_saturation"] = rate / saturation
-                results["open_loop"].append(point)
-                lat = point["latency_ms"]
-                log(
-                    f"open loop {rate:6d} req/s offered: {point['achieved_rps']:7.0f} answered/s "
-                    f"p50 {lat['p50']:.2f} p99 {lat['p99']:.2f} p99.9 {lat['p999']:.2f} ms "
-                    f"non-200 {point['answered'] - point['ok']} "
-                    f"unanswered {point['unanswered_within_5s']}"
-                )
+            curve_targets = [
+                t for t in http_targets if t in OPEN_LOOP_TARGETS or t.startswith("bridge:")
+            ]
+            for rate in stats.rates_for(saturation, args.open_loop_fractions):
+                for target in curve_targets:
+                    point = harness.measure_open_loop(stack, target, templates, rate, args.duration)
+                    point["target"] = target
+                    point["fraction_of_saturation"] = rate / saturation
+                    results["open_loop"].append(point)
+                    lat = point["latency_ms"]
+                    log(
+                        f"open loop {target:6} {rate:6d} req/s offered: "
+                        f"{point['achieved_rps']:7.0f} answered/s "
+                        f"p50 {lat['p50']:.2f} p99 {lat['p99']:.2f} p99.9 {lat['p999']:.2f} ms "
+                        f"cpu {point['cpu_s_per_1k']:.3f} s/1k "
+                        f"non-200 {point['answered'] - point['ok']} "
+                        f"unanswered {point['unanswered_within_5s']}"
+                    )
         if "bridge" in http_targets and args.soak:
             log(f"soak: {args.soak} callbacks into the bridge at 64 connections")
             results["soak"] = harness.soak(stack, "bridge", templates, args.soak)
             spread = results["soak"]["rss_second_half_spread"]
             log(f"soak RSS spread over the second half: {spread:.1%}")
-        if "bridge" in http_targets and args.profile:
-            log(f"profiling the bridge for {args.profile:.0f} s with py-spy")
-            results["profile"] = harness.profile(
-                stack, "bridge", templates, args.profile, out / "profile-bridge"
-            )
+        if args.batching and "saturation_rps" in results:
+            results["batching"] = []
+            for rate in stats.rates_for(results["saturation_rps"], args.open_loop_fractions):
+                for linger in (0, 5):
+                    point = harness.measure_raw_producer(
+                        stack, templates, 0, args.duration, rate=rate, linger_ms=linger
+                    )
+                    point.update(rate=rate, linger_ms=linger)
+                    results["batching"].append(point)
+                    log(
+                        f"batching: raw producer {rate:6d}/s linger {linger} ms: "
+                        f"{point['produce_requests_per_callback']:.2f} produce requests and "
+                        f"{point['cpu_s_per_1k']:.3f} CPU s per 1k callbacks, "
+                        f"p99 {point['latency_ms']['p99']:.2f} ms"
+                    )
+        if args.profile:
+            results["profile"] = {}
+            for target in (t for t in OPEN_LOOP_TARGETS if t in http_targets):
+                log(f"profiling {target} for {args.profile:.0f} s with py-spy")
+                results["profile"][target] = harness.profile(
+                    stack, target, templates, args.profile, out / f"profile-{target}"
+                )
+    results["loadavg_at_end"] = [round(v, 2) for v in os.getloadavg()]
     results["targets_check"] = report.check_targets(results)
     results["elapsed_s"] = round(time.monotonic() - started, 1)
     out.mkdir(parents=True, exist_ok=True)
@@ -194,9 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     markdown = report.markdown(results)
     (out / "latest.md").write_text(markdown)
     report.plot(results, out / "latest.png")
-    if "profile" in results:
-        collapsed = Path(results["profile"]["collapsed"])
-        report.write_profile_summary(collapsed, out / "profile-bridge.md")
+    for target, profiled in results.get("profile", {}).items():
+        collapsed = Path(profiled["collapsed"])
+        report.write_profile_summary(collapsed, out / f"profile-{target}.md")
     print(markdown)
     log(f"done in {results['elapsed_s']:.0f} s; wrote {out}/latest.json, latest.md, latest.png")
     shutil.rmtree(workdir, ignore_errors=True)

@@ -10,6 +10,8 @@ filling up, spreads over all targets instead of penalising the last one.
 from __future__ import annotations
 
 import contextlib
+import functools
+import itertools
 import json
 import os
 import platform
@@ -81,8 +83,13 @@ class Service:
         return self.ps
 
     def cpu_seconds(self) -> float:
-        times = self.ps.cpu_times()
-        return times.user + times.system
+        """CPU of the process and of its live children (`serve --workers N`'s workers)."""
+        total = 0.0
+        for process in (self.ps, *self.ps.children(recursive=True)):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                times = process.cpu_times()
+                total += times.user + times.system
+        return total
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -130,6 +137,11 @@ def children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+#: Each wrk invocation's number, which its script puts in every generation id: ids never
+#: repeat across the runs of one benchmark, so the bridge's dedupe never answers one early.
+_WRK_RUNS = itertools.count(1)
+
+
 def run_wrk(
     url: str, templates: Path, connections: int, duration: float, cpus: frozenset[int]
 ) -> tuple[str, float]:
@@ -147,6 +159,7 @@ def run_wrk(
             url,
             "--",
             str(templates),
+            str(next(_WRK_RUNS)),
         ],
         cpus,
     )
@@ -179,12 +192,14 @@ def run_json_tool(command: Sequence[str], cpus: frozenset[int], sample_pid: bool
 
 @dataclass
 class Stack:
-    """The broker and the three HTTP targets, running for the whole benchmark."""
+    """The broker and the HTTP targets, running for the whole benchmark."""
 
     layout: Layout
     workdir: Path
     broker_port: int = 0
     bridge_args: Sequence[str] = ()
+    #: Extra bridge targets, `bridge:NAME`, each with its own extra `serve` flags.
+    variants: dict[str, Sequence[str]] = field(default_factory=dict)
     services: dict[str, Service] = field(default_factory=dict)
 
     @property
@@ -236,21 +251,23 @@ class Stack:
         py = sys.executable
         commands = {
             "minimal": lambda port: [py, "-m", "bench.minimal", "--port", str(port)],
+            "floor": lambda port: [
+                *(py, "-m", "bench.floor", "--port", str(port), "--bootstrap", self.bootstrap),
+            ],
+            "naive": lambda port: [
+                *(py, "-m", "bench.floor", "--port", str(port), "--bootstrap", self.bootstrap),
+                "--naive",
+            ],
             "peer": lambda port: [
                 *(py, "-m", "bench.peers.fastapi_peer", "--port", str(port)),
                 *("--bootstrap", self.bootstrap, "--token", TOKEN),
             ],
-            "bridge": lambda port: [
-                *(py, "-m", "bridge", "serve", "--host", "127.0.0.1", "--port", str(port)),
-                *("--admin-port", str(free_port()), "--auth-tokens", TOKEN),
-                *("--kafka-bootstrap-servers", self.bootstrap),
-                *("--kafka-enable-idempotence", "false", "--log-format", "json"),
-                # Shutdown and storage only, not the hot path: no 5 s wait at the end,
-                # and the spool stays in the scratch directory.
-                *("--drain-delay", "0", "--spool-dir", str(logs / "spool")),
-                *self.bridge_args,
-            ],
+            "bridge": lambda port: self._bridge_command(port, self.bridge_args),
         }
+        for name, extra in self.variants.items():
+            commands[f"bridge:{name}"] = functools.partial(
+                self._bridge_command, extra=[*self.bridge_args, *extra]
+            )
         env_root = str(ROOT)
         os.environ["PYTHONPATH"] = env_root + os.pathsep + os.environ.get("PYTHONPATH", "")
         for target in targets:
@@ -264,6 +281,19 @@ class Stack:
             if target in self.services:
                 self.services[target].wait_listening()
 
+    def _bridge_command(self, port: int, extra: Sequence[str]) -> list[str]:
+        spool = self.workdir / f"spool-{port}"
+        return [
+            *(sys.executable, "-m", "bridge", "serve", "--host", "127.0.0.1", "--port", str(port)),
+            *("--admin-port", str(free_port()), "--auth-tokens", TOKEN),
+            *("--kafka-bootstrap-servers", self.bootstrap),
+            *("--kafka-enable-idempotence", "false", "--log-format", "json"),
+            # Shutdown and storage only, not the hot path: no 5 s wait at the end,
+            # and the spool stays in the scratch directory (one per bridge).
+            *("--drain-delay", "0", "--spool-dir", str(spool)),
+            *extra,
+        ]
+
     def stop(self) -> None:
         for name in reversed(list(self.services)):
             with contextlib.suppress(Exception):
@@ -273,9 +303,13 @@ class Stack:
 
 @contextlib.contextmanager
 def running_stack(
-    layout: Layout, workdir: Path, targets: Sequence[str], bridge_args: Sequence[str] = ()
+    layout: Layout,
+    workdir: Path,
+    targets: Sequence[str],
+    bridge_args: Sequence[str] = (),
+    variants: dict[str, Sequence[str]] | None = None,
 ) -> Iterator[Stack]:
-    stack = Stack(layout, workdir, bridge_args=bridge_args)
+    stack = Stack(layout, workdir, bridge_args=bridge_args, variants=dict(variants or {}))
     try:
         stack.start(targets)
         yield stack
@@ -309,14 +343,22 @@ def measure_http(
 
 
 def measure_raw_producer(
-    stack: Stack, templates: Path, connections: int, duration: float
+    stack: Stack,
+    templates: Path,
+    connections: int,
+    duration: float,
+    *,
+    rate: float = 0.0,
+    linger_ms: int = 0,
 ) -> dict[str, Any]:
-    """One run of the raw producer at `connections` callbacks in flight, on the server's core."""
+    """One run of the raw producer at `connections` callbacks in flight (or open loop at
+    `rate` callbacks per second), on the server's core."""
     result = run_json_tool(
         [
             *(sys.executable, "-m", "bench.rawproducer", "--bootstrap", stack.bootstrap),
             *("--templates", str(templates), "--concurrency", str(connections)),
             *("--duration", str(duration), "--warmup", "1"),
+            *("--rate", str(rate), "--linger-ms", str(linger_ms)),
         ],
         stack.layout.server,
         sample_pid=True,
@@ -332,6 +374,8 @@ def measure_open_loop(
 ) -> dict[str, Any]:
     """One open-loop run at `rate` requests/s, with the server's CPU and peak RSS."""
     service = stack.services[target]
+    broker = stack.services["broker"]
+    broker_before = broker.cpu_seconds()
     cpu_before, wall_before = service.cpu_seconds(), time.monotonic()
     with RssSampler(service.process.pid) as sampler:
         result = run_json_tool(
@@ -343,12 +387,23 @@ def measure_open_loop(
             stack.layout.loadgen,
         )
     cpu = service.cpu_seconds() - cpu_before
+    wall = time.monotonic() - wall_before
     answered = max(1, result["answered"])
     result.update(
+        broker_cpu_util=(broker.cpu_seconds() - broker_before) / wall,
+        loadgen_cpu_util=result.get("loadgen_cpu_s", 0.0) / wall,
         # Over the tool's whole life (warm-up and drain included), so it is a lower bound.
         server_cpu_util=cpu / (time.monotonic() - wall_before),
         cpu_s_per_1k=cpu / (answered * (duration + 1) / duration) * 1000,
         peak_rss_mb=sampler.peak / 2**20,
+    )
+    return result
+
+
+def tracing_off_cost(cpus: frozenset[int]) -> dict[str, Any]:
+    """`bench.tracingcost` on the server's core: µs per callback of the tracing-off path."""
+    result: dict[str, Any] = run_json_tool(
+        [sys.executable, "-m", "bench.tracingcost"], cpus, sample_pid=False
     )
     return result
 
@@ -470,6 +525,8 @@ def machine() -> dict[str, Any]:
         "cores": os.cpu_count(),
         "usable_cores": sorted(os.sched_getaffinity(0)),
         "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        # The machine may be shared: the load before the run says how busy it was.
+        "loadavg_at_start": [round(v, 2) for v in os.getloadavg()],
         "kernel": platform.release(),
         "python": platform.python_version(),
         "packages": versions,

@@ -157,6 +157,9 @@ class OpenLoop:
             "unanswered_within_5s": unanswered,
             "connection_errors": self.errors,
             "latency_ms": latency_summary_ms(self.latencies),
+            # This process's CPU over its whole life: on 2 cores it shares a core with the
+            # broker, so together they can be the bottleneck rather than the server.
+            "loadgen_cpu_s": sum(os.times()[:2]),
         }
 
 

@@ -93,11 +93,20 @@ SUMMARY_FIELDS = (
 )
 
 
+def spread(values: Iterable[float]) -> float:
+    """(max - min) / median: how far repeats of one cell disagree; NaN when fewer than 2."""
+    kept = [v for v in values if v is not None and not math.isnan(v)]
+    if len(kept) < 2 or not statistics.median(kept):
+        return math.nan
+    return (max(kept) - min(kept)) / statistics.median(kept)
+
+
 def summarize(runs: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:
     """Median of every summary field per target and connection count.
 
     `runs` are records with "target", "connections" and the measured fields.
-    Returns {target: {str(connections): {field: median, ..., "repeats": n}}}.
+    Returns {target: {str(connections): {field: median, ..., "repeats": n,
+    "cpu_spread": (max - min) / median of the CPU per callback over the repeats}}}.
     """
     grouped: dict[tuple[str, int], list[Mapping[str, Any]]] = {}
     for run in runs:
@@ -106,27 +115,33 @@ def summarize(runs: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, dict[str
     for (target, connections), group in sorted(grouped.items()):
         row = {f: median(get_path(r, f) for r in group) for f in SUMMARY_FIELDS}
         row["repeats"] = len(group)
+        row["cpu_spread"] = spread(get_path(r, "cpu_s_per_1k") for r in group)
+        row["rps_spread"] = spread(get_path(r, "rps") for r in group)
         out.setdefault(target, {})[str(connections)] = row
     return out
 
 
-def ratios(summary: Mapping[str, Mapping[str, Mapping[str, float]]]) -> dict[str, dict[str, float]]:
-    """The bridge against its yardsticks, per connection count (from medians)."""
+#: What the bridge is compared with, each its own target in the same interleaved run.
+YARDSTICKS = ("minimal", "floor", "naive", "peer", "raw_producer")
+
+
+def ratios(
+    summary: Mapping[str, Mapping[str, Mapping[str, float]]], subject: str = "bridge"
+) -> dict[str, dict[str, float]]:
+    """`subject` (the bridge, or a variant of it) against its yardsticks, per connection
+    count (from medians): `rps_vs_X`, `cpu_vs_X` and `p99_vs_X` for every X in
+    `YARDSTICKS` (NaN when X was not measured)."""
     out: dict[str, dict[str, float]] = {}
-    bridge = summary.get("bridge", {})
-    minimal = summary.get("minimal", {})
-    peer = summary.get("peer", {})
-    raw = summary.get("raw_producer", {})
-    for connections, row in bridge.items():
-        m, p, r = minimal.get(connections, {}), peer.get(connections, {}), raw.get(connections, {})
-        out[connections] = {
-            "rps_vs_minimal": ratio(row["rps"], m.get("rps", math.nan)),
-            "rps_vs_peer": ratio(row["rps"], p.get("rps", math.nan)),
-            "rps_vs_raw_producer": ratio(row["rps"], r.get("rps", math.nan)),
-            "cpu_vs_minimal": ratio(row["cpu_s_per_1k"], m.get("cpu_s_per_1k", math.nan)),
-            "cpu_vs_peer": ratio(row["cpu_s_per_1k"], p.get("cpu_s_per_1k", math.nan)),
-            "p99_vs_minimal": ratio(row["latency_ms.p99"], m.get("latency_ms.p99", math.nan)),
-        }
+    for connections, row in summary.get(subject, {}).items():
+        cell: dict[str, float] = {}
+        for name in YARDSTICKS:
+            other = summary.get(name, {}).get(connections, {})
+            cell[f"rps_vs_{name}"] = ratio(row["rps"], other.get("rps", math.nan))
+            cell[f"cpu_vs_{name}"] = ratio(row["cpu_s_per_1k"], other.get("cpu_s_per_1k", math.nan))
+            cell[f"p99_vs_{name}"] = ratio(
+                row["latency_ms.p99"], other.get("latency_ms.p99", math.nan)
+            )
+        out[connections] = cell
     return out
 
 

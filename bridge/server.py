@@ -57,6 +57,7 @@ from bridge.edge.ratelimit import RateLimiter
 from bridge.edge.signing import SignatureCheck
 from bridge.edge.tls import ReloadingTLS, TLSError
 from bridge.ops.admin import Readiness, create_admin_app
+from bridge.ops.logs import count_dropped_lines
 from bridge.ops.metrics import Metrics, VerificationMetrics
 from bridge.ops.tracing import TRACING_OFF, Tracing, TracingUnavailable, build_tracing
 from bridge.ops.workers import WorkerRole, orphan_spool_dirs, retire_spool_dir
@@ -141,6 +142,7 @@ class BridgeServer:
         each time) and returns without serving if `stopping` is set meanwhile.
         """
         self.metrics.phase.set(PHASE_STARTING)
+        count_dropped_lines(self.metrics.log_lines_dropped.inc)
         self._check_auth_configured()
         self.auth = build_authenticator(self.settings, metrics=self.metrics)
         self.tls = build_tls(self.settings)

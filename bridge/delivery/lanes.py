@@ -47,6 +47,7 @@ from bridge.delivery.publisher import (
     classify,
     failure_reason,
     may_have_landed,
+    settle_within,
 )
 from bridge.delivery.spool import (
     Lane,
@@ -196,8 +197,7 @@ class Lanes:
     ) -> Written:
         sent_ms = _now_ms()
         futures = self._publisher.send([record for _, record in rows])
-        timeout = max(0.0, deadline - asyncio.get_running_loop().time())
-        await asyncio.wait(futures, timeout=timeout)
+        await settle_within(futures, deadline - asyncio.get_running_loop().time())
         if all(_succeeded(future) for future in futures):
             for lane in lanes:
                 self._release(lane)

@@ -495,11 +495,48 @@ async def _unfinished(
     return {tp: end for tp, end in remaining.items() if await consumer.position(tp) < end}
 
 
+async def settle_within(futures: Sequence[asyncio.Future[Any]], within: float) -> None:
+    """Return once every future is done, or after `within` seconds; never cancels them.
+
+    `asyncio.wait(futures, timeout=within)` without its per-call set, task wrapping and
+    callback removal from futures already done: it runs twice per callback, and showed
+    as 5 % of the bridge's CPU in py-spy.
+    """
+    left = sum(1 for future in futures if not future.done())
+    if not left:
+        return
+    loop = asyncio.get_running_loop()
+    waiter: asyncio.Future[None] = loop.create_future()
+
+    def one_done(_: asyncio.Future[Any]) -> None:
+        nonlocal left
+        left -= 1
+        if not left and not waiter.done():
+            waiter.set_result(None)
+
+    pending = [future for future in futures if not future.done()]
+    for future in pending:
+        future.add_done_callback(one_done)
+    timer = loop.call_later(max(0.0, within), _wake, waiter)
+    try:
+        await waiter
+    finally:
+        timer.cancel()
+        if left:
+            for future in pending:
+                future.remove_done_callback(one_done)
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
 async def wait_all(futures: list[asyncio.Future[Placement]], within: float) -> list[Placement]:
     """The placements of `futures` once all succeeded; `KafkaUnavailable` when one failed or
     they did not all end within `within` seconds (the records may still land)."""
-    _, pending = await asyncio.wait(futures, timeout=within)
-    if pending:
+    await settle_within(futures, within)
+    if not all(future.done() for future in futures):
         raise KafkaUnavailable("timeout")
     for future in futures:
         error = future.exception()

@@ -8,6 +8,7 @@ trusted proxy, and the first address that is not one is the source. Anyone else'
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable
 
@@ -18,8 +19,13 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 FORWARDED_FOR = "X-Forwarded-For"
 
 
+@functools.lru_cache(maxsize=4096)
 def parse_address(text: str) -> IPAddress | None:
-    """An address as a proxy writes it (IPv4-mapped IPv6 as IPv4), or None if it is not one."""
+    """An address as a proxy writes it (IPv4-mapped IPv6 as IPv4), or None if it is not one.
+
+    Cached: it runs on every request, and the same few peers (an ingress, Luma's senders)
+    send them all; addresses are immutable.
+    """
     text = text.strip()
     if text.startswith("[") and "]" in text:  # [v6]:port
         text = text[1 : text.index("]")]

@@ -47,6 +47,7 @@ from bridge.edge.encoding import (
 )
 from bridge.edge.limits import BodyBudget, BodyLimit, mark_body_received, mark_request_started
 from bridge.edge.ratelimit import RateLimiter
+from bridge.ops.logs import FIELDS
 from bridge.ops.metrics import Metrics, state_label
 from bridge.ops.tracing import TRACING_OFF, Tracing
 
@@ -84,8 +85,9 @@ class Rejected(Exception):
 
 def is_json_content_type(request: web.Request) -> bool:
     """JSON or `+json` media types; no header at all is taken as JSON (Luma sends JSON)."""
-    if "Content-Type" not in request.headers:
-        return True
+    header = request.headers.get("Content-Type")
+    if header is None or header == JSON:
+        return True  # the common cases, without parsing the header's parameters
     media = request.content_type
     return media == "application/json" or (
         media.startswith("application/") and media.endswith("+json")
@@ -243,11 +245,19 @@ class CallbackHandler:
         """The body as sent (still content-encoded), within the size limit, the time
         limit and the global budget."""
         limit = self._limit.bytes
-        too_large = Rejected(413, self._limit.because)
         declared = request.content_length
         if declared is not None and declared > limit:
-            raise too_large
+            raise Rejected(413, self._limit.because)
         reservation.grow_to(declared or 0)
+        if request.content.is_eof() and declared is not None:
+            # The whole body came with the head (most callbacks: one small packet): it is
+            # buffered already, so no time limit to arm. Fewer bytes than declared is a
+            # malformed body, as below.
+            body = await request.content.read()
+            if len(body) != declared:
+                raise Rejected(400, "malformed request body")
+            mark_body_received(request)
+            return body
         chunks: list[bytes] = []
         size = 0
         try:
@@ -255,7 +265,7 @@ class CallbackHandler:
                 while chunk := await request.content.readany():
                     size += len(chunk)
                     if size > limit:
-                        raise too_large
+                        raise Rejected(413, self._limit.because)
                     reservation.grow_to(size)
                     chunks.append(chunk)
         except TimeoutError:
@@ -322,7 +332,13 @@ class CallbackHandler:
             fields["spooled"] = True
         if result.placements:
             fields["records"] = [f"{p.topic}/{p.partition}@{p.offset}" for p in result.placements]
-        log.info("callback", extra={"fields": fields})
+        # The record is made directly: `log.info` would first walk the stack for the
+        # caller's file and line (`findCaller`), which no line of ours prints.
+        log.handle(
+            log.makeRecord(
+                log.name, logging.INFO, __file__, 0, "callback", (), None, extra={FIELDS: fields}
+            )
+        )
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

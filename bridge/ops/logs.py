@@ -2,12 +2,23 @@
 
 Callers attach structured fields with `extra={"fields": {...}}`; tokens and
 request bodies are never among them.
+
+Lines are written by a background thread, never by the event loop: a log call only
+appends the record to a bounded buffer (`BackgroundLogHandler`). A stderr pipe that stalls
+(a full pipe, a slow log collector) therefore cannot stall callbacks; when the queue is
+full the line is dropped and counted (`luma_bridge_log_lines_dropped_total`), so memory
+stays bounded. Closing the handler (`logging.shutdown()`, which runs at exit) writes
+every queued line before it returns.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import sys
+import threading
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -16,6 +27,13 @@ import orjson
 from bridge.settings import LogFormat, LogLevel
 
 FIELDS = "fields"
+#: Lines waiting for the writer thread. A callback line is ~0.5 KB (with its record, ~2 KB
+#: of memory), so a full queue holds about 20 MB: minutes of a stalled pipe at normal rates.
+DEFAULT_QUEUE_LINES = 10_000
+#: How long closing waits for a stalled stream to take the queued lines before giving up.
+CLOSE_TIMEOUT_SECONDS = 5.0
+#: How often the writer thread writes what was logged: lines reach stderr this much later.
+WRITE_INTERVAL_SECONDS = 0.05
 
 
 class JsonFormatter(logging.Formatter):
@@ -29,7 +47,9 @@ class JsonFormatter(logging.Formatter):
             "message": record.getMessage(),
         }
         entry.update(getattr(record, FIELDS, {}))
-        if record.exc_info:
+        if record.exc_text:
+            entry["exception"] = record.exc_text
+        elif record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         # orjson: the per-callback line is on the hot path (~25x faster than json.dumps).
         return orjson.dumps(entry, default=str).decode()
@@ -49,13 +69,160 @@ class TextFormatter(logging.Formatter):
         return line
 
 
-def configure_logging(level: LogLevel, log_format: LogFormat) -> None:
-    """Send every log line to stderr in the chosen format."""
+class BackgroundLogHandler(logging.Handler):
+    """Hands records to a writer thread through a bounded buffer; never blocks the caller.
+
+    The caller only appends the record to a deque: no lock and no thread wake-up per
+    line, as the stdlib `QueueHandler`/`QueueListener` pair would take. The writer wakes
+    every `interval` seconds, formats what is there with `target`'s formatter and writes
+    it with one `write` and one `flush` (one system call per batch, not per line).
+    A record that finds `capacity` records waiting is dropped and counted in `dropped`
+    (and by the callback given to `count_drops`). `flush()` waits until what was logged
+    before it is written; `close()` writes everything queued, waiting at most
+    `CLOSE_TIMEOUT_SECONDS` for a stalled stream, then closes `target`.
+    """
+
+    def __init__(
+        self,
+        target: logging.StreamHandler[Any],
+        *,
+        capacity: int = DEFAULT_QUEUE_LINES,
+        interval: float = WRITE_INTERVAL_SECONDS,
+    ) -> None:
+        if capacity < 1:
+            raise ValueError("capacity must be at least 1")
+        super().__init__()
+        self.target = target
+        self.capacity = capacity
+        self.dropped = 0
+        self._interval = interval
+        self._records: collections.deque[logging.LogRecord] = collections.deque()
+        self._on_drop: Callable[[], None] | None = None
+        self._drop_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._closing = False
+        self._writing = False
+        self._writer: threading.Thread | None = threading.Thread(
+            target=self._write_forever, name="log-writer", daemon=True
+        )
+        self._writer.start()
+
+    def count_drops(self, on_drop: Callable[[], None] | None) -> None:
+        """Call `on_drop` once per dropped line from now on, and once per line dropped so far."""
+        with self._drop_lock:
+            self._on_drop = on_drop
+            earlier = self.dropped if on_drop is not None else 0
+        if on_drop is not None:
+            for _ in range(earlier):
+                on_drop()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if len(self._records) >= self.capacity or self._writer is None:
+            self._drop()
+            return
+        # Formatting happens on the writer thread; only what may change later is fixed
+        # here: the message's arguments and the traceback (its frames live on).
+        if record.args:
+            record.msg = record.getMessage()
+            record.args = None
+        if record.exc_info:
+            if not record.exc_text:
+                record.exc_text = _TRACEBACKS.formatException(record.exc_info)
+            record.exc_info = None
+        self._records.append(record)
+
+    def handle(self, record: logging.LogRecord) -> bool:
+        # No handler lock: the deque is the synchronisation (appends and pops are atomic).
+        if self.filter(record):
+            self.emit(record)
+        return True
+
+    def _drop(self) -> None:
+        with self._drop_lock:
+            self.dropped += 1
+            on_drop = self._on_drop
+        if on_drop is not None:
+            on_drop()
+
+    def _write_forever(self) -> None:
+        while True:
+            self._wake.wait(self._interval)
+            self._wake.clear()
+            self._write_queued()
+            if self._closing and not self._records:
+                return
+
+    def _write_queued(self) -> None:
+        self._writing = True
+        try:
+            lines: list[str] = []
+            while self._records:
+                record = self._records.popleft()
+                try:
+                    lines.append(self.target.format(record) + self.target.terminator)
+                except Exception:
+                    self.target.handleError(record)
+            if lines:
+                self._write_lines(lines)
+        finally:
+            self._writing = False
+
+    def _write_lines(self, lines: list[str]) -> None:
+        try:
+            self.target.stream.write("".join(lines))
+            self.target.flush()
+        except Exception:
+            # A closed or broken stream: nowhere to say so; the lines count as dropped.
+            for _ in lines:
+                self._drop()
+
+    def flush(self) -> None:
+        """Wait (at most `CLOSE_TIMEOUT_SECONDS`) until what was logged so far is written."""
+        deadline = time.monotonic() + CLOSE_TIMEOUT_SECONDS
+        while self._writer is not None and (self._records or self._writing):
+            if time.monotonic() >= deadline or not self._writer.is_alive():
+                return
+            self._wake.set()
+            time.sleep(0.001)
+
+    def close(self) -> None:
+        """Write every queued line, stop the writer thread, close the target. Idempotent."""
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            self._closing = True
+            self._wake.set()
+            # A stream stalled for CLOSE_TIMEOUT_SECONDS must not hang the exit.
+            writer.join(CLOSE_TIMEOUT_SECONDS)
+            self.target.close()
+        super().close()
+
+
+_TRACEBACKS = logging.Formatter()
+
+
+def count_dropped_lines(on_drop: Callable[[], None] | None) -> None:
+    """Count the lines the root logger's background handler drops with `on_drop`
+    (for example a metric's `inc`); `None` stops counting. No-op without one."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, BackgroundLogHandler):
+            handler.count_drops(on_drop)
+
+
+def configure_logging(
+    level: LogLevel, log_format: LogFormat, *, queue_lines: int = DEFAULT_QUEUE_LINES
+) -> BackgroundLogHandler:
+    """Send every log line to stderr in the chosen format, from a background thread
+    (in batches, every `WRITE_INTERVAL_SECONDS`)."""
     use_json = log_format == "json" or (log_format == "auto" and not sys.stderr.isatty())
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if use_json else TextFormatter())
+    stream = logging.StreamHandler(sys.stderr)
+    stream.setFormatter(JsonFormatter() if use_json else TextFormatter())
+    handler = BackgroundLogHandler(stream, capacity=queue_lines)
     root = logging.getLogger()
+    for previous in root.handlers:
+        if isinstance(previous, BackgroundLogHandler):
+            previous.close()  # configured twice (tests, `dev`): no second writer left running
     root.handlers[:] = [handler]
     root.setLevel(level)
     # aiokafka logs every failed reconnect at ERROR; ours say what it means.
     logging.getLogger("aiokafka").setLevel(max(logging.getLevelName(level), logging.WARNING))
+    return handler

@@ -251,6 +251,12 @@ class Metrics:
             "requests arrived within it than LUMA_BRIDGE_HMAC_REPLAY_WINDOW_SIZE holds.",
             registry=registry,
         )
+        self.log_lines_dropped = Counter(
+            "luma_bridge_log_lines_dropped",
+            "Log lines dropped because the log writer's queue was full (stderr slower than "
+            "the lines logged, or stalled).",
+            registry=registry,
+        )
         self._callback_children: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
         self._pre_create_series()
 

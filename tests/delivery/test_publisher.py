@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 
@@ -17,6 +18,7 @@ from bridge.delivery.publisher import (
     RetryCounter,
     classify,
     keyed_partitioner,
+    settle_within,
 )
 from bridge.ops.metrics import Metrics
 
@@ -76,3 +78,39 @@ def test_errors_are_sorted_by_what_can_be_done_about_them(
     error: BaseException, failure: Failure
 ) -> None:
     assert classify(error) is failure
+
+
+async def test_settle_within_returns_when_every_future_is_done() -> None:
+    loop = asyncio.get_running_loop()
+    futures: list[asyncio.Future[int]] = [loop.create_future() for _ in range(3)]
+    futures[0].set_result(0)
+    loop.call_soon(futures[1].set_result, 1)
+    loop.call_later(0.01, futures[2].set_exception, RuntimeError("refused"))
+    started = loop.time()
+    await settle_within(futures, 30)
+    assert loop.time() - started < 10  # not the 30 s deadline
+    assert all(future.done() for future in futures)
+
+
+async def test_settle_within_gives_up_at_the_deadline_without_cancelling() -> None:
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[int] = loop.create_future()
+    done.set_result(1)
+    pending: asyncio.Future[int] = loop.create_future()
+    await settle_within([done, pending], 0.01)
+    assert not pending.done()  # left to resolve later: a record may still land
+    pending.set_result(2)  # its callback was removed: nothing fires into a finished wait
+    await asyncio.sleep(0)
+    assert pending.result() == 2
+
+
+async def test_settle_within_leaves_no_callback_when_its_waiter_is_cancelled() -> None:
+    loop = asyncio.get_running_loop()
+    pending: asyncio.Future[int] = loop.create_future()
+    waiting = asyncio.create_task(settle_within([pending], 30))
+    await asyncio.sleep(0)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert pending.remove_done_callback(lambda _: None) == 0
+    assert not pending._callbacks  # asyncio's own list of done callbacks

@@ -1,0 +1,171 @@
+"""The log writer: a log call never waits for stderr, drops are counted, closing flushes."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from bridge.ops.logs import (
+    BackgroundLogHandler,
+    JsonFormatter,
+    configure_logging,
+    count_dropped_lines,
+)
+from bridge.ops.metrics import Metrics
+
+
+class StalledStream(io.StringIO):
+    """A stream whose writes block until `release` is set, like a full stderr pipe."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+        self.writing = threading.Event()
+
+    def write(self, text: str) -> int:
+        self.writing.set()
+        self.release.wait(30)
+        return super().write(text)
+
+
+def json_handler(stream: io.StringIO) -> logging.StreamHandler[io.StringIO]:
+    target = logging.StreamHandler(stream)
+    target.setFormatter(JsonFormatter())
+    return target
+
+
+def record(message: str, *args: object) -> logging.LogRecord:
+    return logging.LogRecord("bridge.test", logging.INFO, __file__, 1, message, args, None)
+
+
+def lines(stream: io.StringIO) -> list[dict[str, object]]:
+    return [json.loads(line) for line in stream.getvalue().splitlines()]
+
+
+@pytest.fixture
+def stalled() -> Iterator[StalledStream]:
+    stream = StalledStream()
+    yield stream
+    stream.release.set()  # whatever the test did, the writer thread can finish
+
+
+def test_a_stalled_stream_does_not_block_a_log_call(stalled: StalledStream) -> None:
+    handler = BackgroundLogHandler(json_handler(stalled), capacity=10)
+    try:
+        handler.handle(record("first"))
+        assert stalled.writing.wait(10), "the writer thread never took the first line"
+        started = time.monotonic()
+        for number in range(500):
+            handler.handle(record("line %d", number))
+        # Synchronous logging would wait here for 30 s (the stalled write): it returns at once.
+        assert time.monotonic() - started < 5
+        # The writer holds "first"; the queue holds 10; the other 490 lines are dropped.
+        assert handler.dropped == 490
+    finally:
+        stalled.release.set()
+        handler.close()
+    written = [line["message"] for line in lines(stalled)]
+    assert written == ["first", *(f"line {n}" for n in range(10))]
+
+
+def test_dropped_lines_are_counted_in_the_metric(stalled: StalledStream) -> None:
+    metrics = Metrics(CollectorRegistry())
+    handler = BackgroundLogHandler(json_handler(stalled), capacity=1)
+    try:
+        handler.handle(record("first"))
+        assert stalled.writing.wait(10)
+        handler.handle(record("queued"))
+        handler.handle(record("dropped before the metric was attached"))
+        handler.count_drops(metrics.log_lines_dropped.inc)
+        for _ in range(4):
+            handler.handle(record("dropped"))
+    finally:
+        stalled.release.set()
+        handler.close()
+    assert handler.dropped == 5
+    assert metrics.registry.get_sample_value("luma_bridge_log_lines_dropped_total") == 5
+
+
+def test_closing_writes_every_queued_line() -> None:
+    class SlowStream(io.StringIO):
+        def write(self, text: str) -> int:
+            time.sleep(0.0005)  # slower than the caller: the queue fills up behind it
+            return super().write(text)
+
+    stream = SlowStream()
+    handler = BackgroundLogHandler(json_handler(stream), capacity=5000)
+    for number in range(2000):
+        handler.handle(record("line %d", number))
+    handler.close()
+    assert handler.dropped == 0
+    assert [line["message"] for line in lines(stream)] == [f"line {n}" for n in range(2000)]
+    handler.close()  # twice is safe
+
+
+def test_logging_shutdown_flushes_the_configured_handler(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    stream = io.StringIO()
+    monkeypatch.setattr("sys.stderr", stream)
+    root = logging.getLogger()
+    saved_handlers, saved_level = root.handlers[:], root.level
+    try:
+        handler = configure_logging("INFO", "json")
+        registry_metrics = Metrics(CollectorRegistry())
+        count_dropped_lines(registry_metrics.log_lines_dropped.inc)
+        for number in range(300):
+            logging.getLogger("bridge.test").info("callback", extra={"fields": {"number": number}})
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            logging.getLogger("bridge.test").exception("failed")
+        handler.flush()
+        handler.close()  # what logging.shutdown() does at exit
+    finally:
+        root.handlers[:] = saved_handlers
+        root.setLevel(saved_level)
+    written = lines(stream)
+    assert [line.get("number") for line in written[:300]] == list(range(300))
+    assert written[-1]["message"] == "failed"
+    assert "ValueError: boom" in str(written[-1]["exception"])
+    assert registry_metrics.registry.get_sample_value("luma_bridge_log_lines_dropped_total") == 0
+
+
+def test_configuring_again_stops_the_previous_writer(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("sys.stderr", io.StringIO())
+    root = logging.getLogger()
+    saved_handlers, saved_level = root.handlers[:], root.level
+    try:
+        first = configure_logging("INFO", "text")
+        second = configure_logging("INFO", "text")
+        assert root.handlers == [second]
+        assert first._writer is None  # its thread was stopped
+        second.close()
+    finally:
+        root.handlers[:] = saved_handlers
+        root.setLevel(saved_level)
+
+
+def test_a_capacity_below_one_is_refused() -> None:
+    with pytest.raises(ValueError, match="capacity"):
+        BackgroundLogHandler(logging.StreamHandler(io.StringIO()), capacity=0)
+
+
+def test_lines_a_broken_stream_refuses_count_as_dropped() -> None:
+    class BrokenStream(io.StringIO):
+        def write(self, text: str) -> int:
+            raise BrokenPipeError("the reader went away")
+
+    handler = BackgroundLogHandler(json_handler(BrokenStream()), capacity=100)
+    for number in range(3):
+        handler.handle(record("line %d", number))
+    handler.flush()
+    assert handler.dropped == 3
+    handler.close()
