@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -585,4 +586,33 @@ async def test_appends_queued_behind_a_failed_write_are_still_written(
         await first
     await asyncio.wait_for(second, 10)
     assert spool.records == 1
+    await spool.close()
+
+
+class Volume:
+    """What `os.statvfs` says of a small volume: 1 MiB in 4 KiB blocks, half of it free."""
+
+    f_blocks = 256
+    f_frsize = 4096
+    f_bavail = 128
+
+
+async def test_on_a_small_volume_the_reserve_is_a_sixteenth_of_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(os, "statvfs", lambda _: Volume())
+    spool, _ = await open_spool(tmp_path, max_bytes=64 << 20)
+    assert (tmp_path / RESERVE_NAME).stat().st_size == (1 << 20) // 16
+    await spool.close()
+
+
+async def test_a_volume_that_cannot_be_measured_keeps_the_configured_reserve(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def unmeasurable(_: object) -> None:
+        raise OSError("statvfs not supported")
+
+    monkeypatch.setattr(os, "statvfs", unmeasurable)
+    spool, _ = await open_spool(tmp_path, max_bytes=64 << 20)
+    assert (tmp_path / RESERVE_NAME).stat().st_size == 1 << 20
     await spool.close()
