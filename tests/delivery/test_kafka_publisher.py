@@ -237,7 +237,7 @@ async def test_an_unacknowledged_record_times_out_at_the_ack_timeout_not_later(
     began = time.monotonic()
     with pytest.raises(KafkaUnavailable) as raised:
         await publisher.publish(RECORDS, ack_timeout=0.2)
-    assert 0.2 <= time.monotonic() - began < 2.0
+    assert 0.2 <= time.monotonic() - began < 0.9
     assert str(raised.value) == raised.value.reason == "timeout"
 
 

@@ -38,6 +38,7 @@ class StandInConsumer:
     made: list[StandInConsumer] = []  # noqa: RUF012
     fail_start: Exception | None = None
     hang = False
+    at_end = False  # offsets_for_times answers each partition's end offset
 
     def __init__(self, **options: Any) -> None:
         self.options = options
@@ -67,6 +68,8 @@ class StandInConsumer:
             answer[tp] = (
                 None if offset is None else OffsetAndTimestamp(offset, messages[offset].timestamp)
             )
+            if self.at_end:
+                answer[tp] = OffsetAndTimestamp(len(messages), since)
         return answer
 
     async def end_offsets(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
@@ -109,6 +112,7 @@ async def publisher(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[KafkaPubli
     monkeypatch.setattr(StandInConsumer, "made", [])
     monkeypatch.setattr(StandInConsumer, "fail_start", None)
     monkeypatch.setattr(StandInConsumer, "hang", False)
+    monkeypatch.setattr(StandInConsumer, "at_end", False)
     started = KafkaPublisher(
         settings(kafka_client_id="bridge-3", kafka_request_timeout_ms=4321),
         metrics=Metrics(CollectorRegistry()),
@@ -223,3 +227,12 @@ async def test_a_lookup_without_a_producer_is_not_connected(
     with pytest.raises(KafkaUnavailable) as raised:
         await publisher.find([record(1)], since_ms=0, within=5)
     assert raised.value.reason == "not_connected"
+
+
+async def test_a_partition_whose_start_is_its_end_is_not_read(
+    publisher: KafkaPublisher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(StandInConsumer, "log", {"t.queued": {0: [message(100, record(1))]}})
+    monkeypatch.setattr(StandInConsumer, "at_end", True)
+    assert await publisher.find([record(1)], since_ms=0, within=5) == [False]
+    assert StandInConsumer.made[-1].reads == 0
