@@ -12,6 +12,7 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -173,6 +174,9 @@ async def test_the_reserve_file_is_held_and_counted_on_disk(tmp_path: Path) -> N
     middle, _ = await open_spool(tmp_path / "middle", max_bytes=16 << 20)
     assert (tmp_path / "middle" / RESERVE_NAME).stat().st_size == 256 * 1024
     await middle.close()
+    huge, _ = await open_spool(tmp_path / "huge", max_bytes=1 << 30)
+    assert (tmp_path / "huge" / RESERVE_NAME).stat().st_size == 1 << 20  # at most 1 MiB
+    await huge.close()
 
 
 async def test_an_existing_reserve_is_kept_as_it_is(tmp_path: Path) -> None:
@@ -420,8 +424,9 @@ async def test_close_checkpoints_the_wal_and_a_closed_spool_refuses_work(tmp_pat
     await spool.close()
     wal = tmp_path / "spool.sqlite3-wal"
     assert not wal.exists() or wal.stat().st_size == 0
-    with pytest.raises(RuntimeError, match="the spool is not open"):
+    with pytest.raises(RuntimeError) as raised:
         spool._require_db()
+    assert str(raised.value) == "the spool is not open"
 
 
 def test_disk_full_is_recognised_by_code_or_message() -> None:
@@ -615,4 +620,36 @@ async def test_a_volume_that_cannot_be_measured_keeps_the_configured_reserve(
     monkeypatch.setattr(os, "statvfs", unmeasurable)
     spool, _ = await open_spool(tmp_path, max_bytes=64 << 20)
     assert (tmp_path / RESERVE_NAME).stat().st_size == 1 << 20
+    await spool.close()
+
+
+async def test_disk_bytes_are_the_live_pages_plus_the_wal_and_the_reserve(tmp_path: Path) -> None:
+    spool, _ = await open_spool(tmp_path)
+    await append(spool, record(1), record(2))
+    db = spool._require_db()
+    page_size = db.execute("PRAGMA page_size").fetchone()[0]
+    live = (
+        db.execute("PRAGMA page_count").fetchone()[0]
+        - db.execute("PRAGMA freelist_count").fetchone()[0]
+    )
+    wal = (tmp_path / "spool.sqlite3-wal").stat().st_size
+    reserve = (tmp_path / RESERVE_NAME).stat().st_size
+    assert spool.disk_bytes == live * page_size + wal + reserve
+    await spool.close()
+
+
+async def test_a_reserve_that_cannot_be_created_is_not_held_and_the_spool_still_opens(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    opener = Path.open
+
+    def no_reserve(self: Path, *args: Any, **kwargs: Any) -> Any:
+        if self.name == RESERVE_NAME:
+            raise OSError("no space left on device")
+        return opener(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", no_reserve)
+    spool, _ = await open_spool(tmp_path)
+    assert spool._reserve_held is False
+    assert not (tmp_path / RESERVE_NAME).exists()
     await spool.close()
