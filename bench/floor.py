@@ -30,6 +30,7 @@ import orjson
 from aiohttp import web
 from aiokafka import AIOKafkaProducer
 
+from bench.minimal import serve
 from bridge.contract.callback import (
     CLOUDEVENTS_SPECVERSION,
     CLOUDEVENTS_TYPE_PREFIX,
@@ -130,18 +131,7 @@ def main() -> None:
     parser.add_argument("--bootstrap", required=True)
     parser.add_argument("--naive", action="store_true", help="two send_and_wait per request")
     args = parser.parse_args()
-    try:
-        import uvloop
-    except ImportError:
-        uvloop = None
-    web.run_app(
-        create_app(args.bootstrap, naive=args.naive),
-        host=args.host,
-        port=args.port,
-        access_log=None,
-        print=None,
-        loop=uvloop.new_event_loop() if uvloop else None,
-    )
+    serve(create_app(args.bootstrap, naive=args.naive), args.host, args.port)
 
 
 if __name__ == "__main__":

@@ -25,23 +25,29 @@ def create_app() -> web.Application:
     return app
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, required=True)
-    args = parser.parse_args()
+def serve(app: web.Application, host: str, port: int) -> None:
+    """Serve `app` as every aiohttp target of the benchmark is served: no access log, on
+    uvloop when it is installed (the bridge's own choice)."""
     try:
         import uvloop
     except ImportError:
         uvloop = None
     web.run_app(
-        create_app(),
-        host=args.host,
-        port=args.port,
+        app,
+        host=host,
+        port=port,
         access_log=None,
         print=None,
         loop=uvloop.new_event_loop() if uvloop else None,
     )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    args = parser.parse_args()
+    serve(create_app(), args.host, args.port)
 
 
 if __name__ == "__main__":
