@@ -540,6 +540,18 @@ def security_options(settings: Settings) -> dict[str, Any]:
     return options
 
 
+def consumer_options(settings: Settings, role: str) -> dict[str, Any]:
+    """What every aiokafka consumer the bridge makes shares: the cluster, a client id
+    naming its `role`, offsets committed by hand, the request timeout, TLS and SASL."""
+    return {
+        "bootstrap_servers": settings.kafka_bootstrap_servers,
+        "client_id": f"{settings.kafka_client_id}-{role}",
+        "enable_auto_commit": False,
+        "request_timeout_ms": settings.kafka_request_timeout_ms,
+        **security_options(settings),
+    }
+
+
 class SettingsError(Exception):
     """A setting has a bad value; the message names it and never echoes a value."""
 

@@ -42,7 +42,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from pydantic import ValidationError
 
 from bridge.contract.callback import KNOWN_STATES, Generation, Topics, parse_timestamp
-from bridge.settings import Settings, load_settings, security_options
+from bridge.settings import Settings, consumer_options, load_settings
 
 log = logging.getLogger("bridge.consume.consumer")
 
@@ -302,13 +302,12 @@ class GenerationConsumer:
         if self._consumer is not None:
             return
         consumer = AIOKafkaConsumer(
-            bootstrap_servers=self._settings.kafka_bootstrap_servers,
-            client_id=f"{self._settings.kafka_client_id}-consumer",
-            group_id=self.group_id,
-            enable_auto_commit=False,
-            auto_offset_reset=self._start,
-            request_timeout_ms=self._settings.kafka_request_timeout_ms,
-            **{**security_options(self._settings), **self._consumer_options},
+            **{
+                **consumer_options(self._settings, "consumer"),
+                "group_id": self.group_id,
+                "auto_offset_reset": self._start,
+                **self._consumer_options,
+            }
         )
         try:
             await consumer.start()

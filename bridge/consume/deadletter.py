@@ -46,7 +46,7 @@ from bridge.delivery.dedupe import DedupeWindow
 from bridge.delivery.pipeline import Outcome, Pipeline
 from bridge.delivery.publisher import KafkaPublisher
 from bridge.ops.metrics import Metrics
-from bridge.settings import Settings, security_options
+from bridge.settings import Settings, consumer_options
 
 log = logging.getLogger("bridge.consume.deadletter")
 
@@ -140,13 +140,9 @@ async def replay_dead_letters(
     topics = Topics(settings.topic_prefix)
     summary = ReplaySummary(dry_run=dry_run)
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap_servers,
-        client_id=f"{settings.kafka_client_id}-deadletter-replay",
         group_id=group_id or default_group(settings),
-        enable_auto_commit=False,
         auto_offset_reset="earliest",
-        request_timeout_ms=settings.kafka_request_timeout_ms,
-        **security_options(settings),
+        **consumer_options(settings, "deadletter-replay"),
     )
     publisher = KafkaPublisher(settings, metrics=Metrics(CollectorRegistry()))
     try:

@@ -23,7 +23,7 @@ from aiokafka.partitioner import DefaultPartitioner, murmur2
 from prometheus_client import Histogram
 
 from bridge.ops.metrics import Metrics
-from bridge.settings import Settings, security_options
+from bridge.settings import Settings, consumer_options, security_options
 
 log = logging.getLogger("bridge.delivery.publisher")
 
@@ -246,13 +246,7 @@ class KafkaPublisher:
 
     def __init__(self, settings: Settings, *, metrics: Metrics) -> None:
         self._options = producer_options(settings)
-        self._lookup_options: dict[str, Any] = {
-            "bootstrap_servers": settings.kafka_bootstrap_servers,
-            "client_id": f"{settings.kafka_client_id}-lookup",
-            "enable_auto_commit": False,
-            "request_timeout_ms": settings.kafka_request_timeout_ms,
-            **security_options(settings),
-        }
+        self._lookup_options = consumer_options(settings, "lookup")
         self._metrics = metrics
         self._started = False
         self._producer: AIOKafkaProducer | None = None

@@ -66,7 +66,7 @@ from bridge.delivery.topics import existing_topics, raise_for_topic_errors
 from bridge.ops.metrics import Metrics, ReconcilerMetrics, stuck_age_label
 from bridge.reconcile.luma import GenerationNotFound, KeyRejected, LumaAPIError, LumaClient
 from bridge.reconcile.tracking import Tracked, Tracker, decode_entry, encode_entry
-from bridge.settings import Settings, security_options
+from bridge.settings import Settings, consumer_options, security_options
 
 log = logging.getLogger("bridge.reconcile")
 
@@ -190,17 +190,13 @@ class Reconciler:
             except KafkaUnavailable as exc:
                 raise KafkaError(f"cannot connect the producer: {exc.reason}") from exc
         self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.settings.kafka_bootstrap_servers,
-            client_id=f"{self.settings.kafka_client_id}-reconciler",
             group_id=group_id(self.settings),
-            enable_auto_commit=False,
             auto_offset_reset="earliest",
-            request_timeout_ms=self.settings.kafka_request_timeout_ms,
             # A revocation waits for the action in progress (a read to the end, a write).
             rebalance_timeout_ms=120_000,
             max_poll_interval_ms=600_000,
             fetch_max_wait_ms=100,
-            **security_options(self.settings),
+            **consumer_options(self.settings, "reconciler"),
         )
         await _started(self._consumer)
         self._consumer.subscribe([self.topics.lifecycle], listener=_Revocations(self))
@@ -833,13 +829,7 @@ async def load_changelog(
     settings: Settings, topic: str, partitions: list[int]
 ) -> dict[int, dict[str, Tracked]]:
     """The entries of the changelog's `partitions`, each read from its start to its end."""
-    reader = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap_servers,
-        client_id=f"{settings.kafka_client_id}-reconciler-state",
-        enable_auto_commit=False,
-        request_timeout_ms=settings.kafka_request_timeout_ms,
-        **security_options(settings),
-    )
+    reader = AIOKafkaConsumer(**consumer_options(settings, "reconciler-state"))
     await _started(reader)
     entries: dict[int, dict[str, Tracked]] = {partition: {} for partition in partitions}
     try:
