@@ -1,0 +1,459 @@
+"""The ordered path's details that `test_lanes.py` leaves open (found by mutation testing):
+what each error says, the operator's log lines and their fields, lanes freed on every
+failure path, the dead-letter copy's conditions, producer renewal that fails, the stall
+clock, the lookup's window, and shutdown (`settle`, `busy`)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+import bridge.delivery.lanes as lanes_module
+from bridge.delivery.lanes import LOOKUP_SECONDS, Lanes, Refused, Unavailable, Written
+from bridge.delivery.publisher import KafkaUnavailable, Record
+from bridge.delivery.spool import Spool, SpoolFull
+from bridge.ops.metrics import Metrics
+from tests.delivery.test_lanes import ScriptedPublisher, rec, states
+from tests.helpers import wait_until
+
+
+def logged(caplog: pytest.LogCaptureFixture, start: str) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.getMessage().startswith(start)]
+
+
+class Parts:
+    def __init__(self, spool: Spool, publisher: ScriptedPublisher, metrics: Metrics) -> None:
+        self.spool, self.publisher, self.metrics = spool, publisher, metrics
+        self.tasks: list[asyncio.Task[None]] = []
+
+    def lanes(self, *, run: bool = True, **options: object) -> Lanes:
+        lanes = Lanes(publisher=self.publisher, spool=self.spool, metrics=self.metrics, **options)  # type: ignore[arg-type]
+        lanes.open()
+        if run:
+            self.tasks.append(asyncio.create_task(lanes.run()))
+        return lanes
+
+    def sample(self, name: str, **labels: str) -> float:
+        return self.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+@pytest.fixture
+async def parts(tmp_path: Path) -> AsyncIterator[Parts]:
+    metrics = Metrics(CollectorRegistry())
+    spool = Spool(tmp_path, max_bytes=8 << 20, metrics=metrics)
+    await spool.open()
+    made = Parts(spool, ScriptedPublisher(), metrics)
+    try:
+        yield made
+    finally:
+        for task in made.tasks:
+            task.cancel()
+        await asyncio.gather(*made.tasks, return_exceptions=True)
+        await spool.close()
+
+
+# -- what the caller is told ---------------------------------------------------------------
+
+
+async def test_a_refused_record_says_which_error_kafka_gave(parts: Parts) -> None:
+    lanes = parts.lanes()
+    parts.publisher.verdict = lambda r: "MessageSizeTooLargeError"
+    with pytest.raises(Refused) as caught:
+        await lanes.write([rec("g", "queued")], 0.5)
+    assert str(caught.value) == caught.value.reason == "MessageSizeTooLargeError"
+
+
+async def test_without_a_spool_a_lane_busy_past_the_deadline_answers_unavailable_in_time() -> None:
+    publisher = ScriptedPublisher()
+    lanes = Lanes(publisher=publisher, spool=None, metrics=Metrics(CollectorRegistry()))
+    publisher.verdict = lambda r: "hold"
+    first = asyncio.create_task(lanes.write([rec("g", "queued")], 5.0))
+    await wait_until(lambda: bool(publisher.held), what="the first send pending")
+    started = time.monotonic()
+    with pytest.raises(Unavailable) as caught:
+        await asyncio.wait_for(lanes.write([rec("g", "dreaming")], 0.1), timeout=3)
+    assert time.monotonic() - started < 1.0
+    assert str(caught.value) == caught.value.reason == "Kafka unavailable: timeout"
+    assert not caught.value.spool_full
+    publisher.release()
+    assert not (await first).spooled
+
+
+async def test_spooled_behind_a_busy_lane_is_written_with_no_placements(parts: Parts) -> None:
+    lanes = parts.lanes()
+    parts.publisher.verdict = lambda r: "hold"
+    first = asyncio.create_task(lanes.write([rec("g", "queued")], 5.0))
+    await wait_until(lambda: bool(parts.publisher.held), what="the first send pending")
+    assert await lanes.write([rec("g", "dreaming")], 5.0) == Written((), spooled=True)
+    parts.publisher.release()
+    assert not (await first).spooled
+
+
+async def test_a_spool_that_refuses_the_row_behind_a_busy_lane_frees_that_lane(
+    parts: Parts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lanes = parts.lanes()
+    parts.publisher.verdict = lambda r: "hold"
+    first = asyncio.create_task(lanes.write([rec("g", "queued")], 5.0))
+    await wait_until(lambda: bool(parts.publisher.held), what="the first send pending")
+
+    async def full(rows: object) -> None:
+        raise SpoolFull("full")
+
+    append = parts.spool.append
+    monkeypatch.setattr(parts.spool, "append", full)
+    with pytest.raises(Unavailable) as caught:
+        await lanes.write([rec("g", "dreaming")], 5.0)
+    assert caught.value.spool_full
+    monkeypatch.setattr(parts.spool, "append", append)
+    parts.publisher.verdict = lambda r: None
+    parts.publisher.release()
+    assert not (await first).spooled
+    # Nothing of g is left anywhere: Luma's retry of `dreaming` goes straight to Kafka.
+    assert not (await lanes.write([rec("g", "dreaming")], 1.0)).spooled
+    assert not lanes.busy()
+
+
+# -- quarantine and the dead-letter copy -----------------------------------------------------
+
+
+async def spool_rows(spool: Spool, *records: Record) -> None:
+    first = spool.next_seqs(len(records))
+    await spool.append([(first + n, record) for n, record in enumerate(records)])
+
+
+async def steps(lanes: Lanes, count: int = 5) -> None:
+    for _ in range(count):
+        await lanes.step()
+        await asyncio.sleep(0)
+
+
+async def test_a_quarantined_row_is_logged_with_its_seq_topic_and_reason_and_frees_its_lane(
+    parts: Parts, caplog: pytest.LogCaptureFixture
+) -> None:
+    await spool_rows(parts.spool, rec("big", "queued"))
+    parts.publisher.verdict = lambda r: "RecordTooLargeError"
+    lanes = parts.lanes(run=False)
+    await steps(lanes)
+    assert parts.spool.quarantined == 1
+    [line] = logged(caplog, "Kafka refuses a spooled record for good")
+    assert line.levelno == logging.ERROR
+    assert line.getMessage() == (
+        "Kafka refuses a spooled record for good; it is moved to the spool's quarantine "
+        "so the records behind it are not held up (see `luma-kafka-bridge spool inspect`)"
+    )
+    assert line.fields == {  # type: ignore[attr-defined]
+        "seq": 1,
+        "topic": "t.lifecycle",
+        "reason": "RecordTooLargeError",
+    }
+    assert not lanes.busy()
+    parts.publisher.verdict = lambda r: None
+    assert not (await lanes.write([rec("big", "dreaming")], 1.0)).spooled
+
+
+async def test_without_a_dead_letter_topic_a_quarantined_record_is_not_copied(
+    parts: Parts,
+) -> None:
+    await spool_rows(parts.spool, rec("big", "queued"))
+    parts.publisher.verdict = lambda r: "RecordTooLargeError"
+    lanes = parts.lanes(run=False)
+    await steps(lanes)
+    assert parts.spool.quarantined == 1
+    assert [r.topic for r in parts.publisher.sent] == ["t.lifecycle"]
+
+
+async def test_a_record_refused_on_the_dead_letter_topic_itself_is_not_copied_there_again(
+    parts: Parts,
+) -> None:
+    await spool_rows(parts.spool, rec("big", "queued", topic="t.dl"))
+    parts.publisher.verdict = lambda r: "RecordTooLargeError"
+    lanes = parts.lanes(run=False, dead_letter_topic="t.dl")
+    await steps(lanes)
+    assert parts.spool.quarantined == 1
+    assert [r.topic for r in parts.publisher.sent] == ["t.dl"]
+
+
+async def test_a_refused_dead_letter_copy_is_logged_with_the_reason(
+    parts: Parts, caplog: pytest.LogCaptureFixture
+) -> None:
+    await spool_rows(parts.spool, rec("big", "queued"))
+    parts.publisher.verdict = lambda r: "RecordTooLargeError"
+    lanes = parts.lanes(run=False, dead_letter_topic="t.dl")
+    await steps(lanes)
+    await wait_until(
+        lambda: bool(logged(caplog, "the dead-letter topic did not take")), what="logged"
+    )
+    [line] = logged(caplog, "the dead-letter topic did not take")
+    assert line.levelno == logging.WARNING
+    assert line.getMessage() == (
+        "the dead-letter topic did not take a copy of a quarantined record; it stays in "
+        "the spool's quarantine only (see `luma-kafka-bridge spool inspect`)"
+    )
+    assert line.fields == {"reason": "RecordTooLargeError"}  # type: ignore[attr-defined]
+    assert parts.sample("luma_bridge_deadletters_total", reason="kafka_refused") == 0
+
+
+async def test_a_doubtful_row_that_is_then_quarantined_is_no_longer_remembered(
+    parts: Parts,
+) -> None:
+    parts.publisher.lookups_fail = True
+    parts.publisher.verdict = lambda r: "RequestTimedOutError"
+    lanes = parts.lanes()
+    assert (await lanes.write([rec("g", "queued")], 0.5)).spooled
+    await wait_until(lambda: bool(parts.publisher.lookups), what="a lookup tried")
+    parts.publisher.verdict = lambda r: "RecordTooLargeError"
+    await wait_until(lambda: parts.spool.quarantined == 1, timeout=10, what="quarantined")
+    assert lanes._doubtful == {}
+
+
+# -- refused topics, renewal, lookups ---------------------------------------------------------
+
+
+async def test_a_refused_topic_is_logged_once_per_reason_with_its_fields(
+    parts: Parts, caplog: pytest.LogCaptureFixture
+) -> None:
+    parts.publisher.verdict = lambda r: "TopicAuthorizationFailedError"
+    lanes = parts.lanes()
+    assert (await lanes.write([rec("g", "queued")], 0.5)).spooled
+    await wait_until(
+        lambda: parts.sample("luma_bridge_spool_send_failures_total", kind="topic") >= 3,
+        timeout=10,
+        what="the drainer refused again and again",
+    )
+    [line] = logged(caplog, "Kafka refuses the topic or this client")
+    assert line.levelno == logging.ERROR
+    assert line.getMessage() == (
+        "Kafka refuses the topic or this client; spooled records wait until an operator "
+        "fixes it (ACLs, TOPIC_PREFIX, the topics: `luma-kafka-bridge topics create`)"
+    )
+    assert line.fields == {  # type: ignore[attr-defined]
+        "topic": "t.lifecycle",
+        "reason": "TopicAuthorizationFailedError",
+    }
+    parts.publisher.verdict = lambda r: "ClusterAuthorizationFailedError"
+    await wait_until(
+        lambda: len(logged(caplog, "Kafka refuses the topic")) == 2,
+        timeout=10,
+        what="another reason logged",
+    )
+    assert logged(caplog, "Kafka refuses the topic")[1].fields["reason"] == (  # type: ignore[attr-defined]
+        "ClusterAuthorizationFailedError"
+    )
+
+
+class RenewFailsTwice(ScriptedPublisher):
+    """Refuses every send (an unusable producer) until a renewal succeeds, the third."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.verdict = lambda r: "OutOfOrderSequenceNumber"
+
+    async def renew(self) -> None:
+        await super().renew()
+        if self.renewals < 3:
+            raise KafkaUnavailable("timeout")
+        self.verdict = lambda r: None
+
+
+async def test_a_renewal_that_cannot_reach_kafka_is_tried_again_and_nothing_sent_meanwhile(
+    tmp_path: Path,
+) -> None:
+    metrics = Metrics(CollectorRegistry())
+    spool = Spool(tmp_path, max_bytes=8 << 20, metrics=metrics)
+    await spool.open()
+    publisher = RenewFailsTwice()
+    lanes = Lanes(publisher=publisher, spool=spool, metrics=metrics)
+    lanes.open()
+    drainer = asyncio.create_task(lanes.run())
+    try:
+        assert (await lanes.write([rec("g", "queued")], 0.5)).spooled
+        await wait_until(lambda: spool.records == 0, timeout=10, what="drained after renewal")
+        assert publisher.renewals == 3
+        # The direct send, then one send with the renewed producer: none with the old one.
+        assert [r.value for r in publisher.sent] == [b"g:queued", b"g:queued"]
+        assert states(publisher.landed, "g") == ["queued"]
+    finally:
+        drainer.cancel()
+        await asyncio.gather(drainer, return_exceptions=True)
+        await spool.close()
+
+
+class WithinRecorded(ScriptedPublisher):
+    def __init__(self) -> None:
+        super().__init__()
+        self.withins: list[float] = []
+
+    async def find(self, records: Sequence[Record], since_ms: int, within: float) -> list[bool]:
+        self.withins.append(within)
+        return await super().find(records, since_ms, within)
+
+
+async def test_a_lookup_is_bounded_and_its_failure_is_logged_with_its_fields(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    metrics = Metrics(CollectorRegistry())
+    spool = Spool(tmp_path, max_bytes=8 << 20, metrics=metrics)
+    await spool.open()
+    publisher = WithinRecorded()
+    publisher.lookups_fail = True
+    publisher.verdict = lambda r: "RequestTimedOutError"
+    lanes = Lanes(publisher=publisher, spool=spool, metrics=metrics)
+    lanes.open()
+    drainer = asyncio.create_task(lanes.run())
+    try:
+        assert (await lanes.write([rec("g", "queued")], 0.5)).spooled
+        await wait_until(lambda: bool(publisher.lookups), what="a lookup tried")
+        publisher.verdict = lambda r: None
+        await wait_until(lambda: spool.records == 0, timeout=10, what="drained")
+        assert publisher.withins[0] == LOOKUP_SECONDS
+        line = logged(caplog, "cannot look up records")[0]
+        assert line.levelno == logging.WARNING
+        assert line.getMessage() == (
+            "cannot look up records whose send failed without an answer; sending them "
+            "again, which may write them twice (the bridge needs read access to its topics)"
+        )
+        assert line.fields == {"records": 1, "reason": "timeout"}  # type: ignore[attr-defined]
+    finally:
+        drainer.cancel()
+        await asyncio.gather(drainer, return_exceptions=True)
+        await spool.close()
+
+
+async def test_the_lookup_searches_from_the_first_failed_send_not_the_latest(
+    parts: Parts,
+) -> None:
+    """Sent, failed without an answer, sent again and failed again: the record may be from
+    either send, so the search starts before the first."""
+    parts.publisher.lookups_fail = True
+    parts.publisher.verdict = lambda r: "RequestTimedOutError"
+    lanes = parts.lanes()
+    assert (await lanes.write([rec("g", "queued")], 0.5)).spooled
+    await wait_until(lambda: len(parts.publisher.sent) >= 3, timeout=10, what="sent again")
+    parts.publisher.lookups_fail = False
+    parts.publisher.verdict = lambda r: None
+    await wait_until(lambda: parts.spool.records == 0, timeout=10, what="drained")
+    sinces = {since for _, since in parts.publisher.lookups}
+    assert len(sinces) == 1, sinces
+
+
+# -- the stall clock ----------------------------------------------------------------------
+
+
+def test_without_a_spool_nothing_stalls() -> None:
+    lanes = Lanes(
+        publisher=ScriptedPublisher(),
+        spool=None,
+        metrics=Metrics(CollectorRegistry()),
+        stall_seconds=0.0,
+    )
+    assert not lanes.stalled()
+
+
+async def test_an_empty_spool_never_stalls_and_restarts_the_clock(
+    parts: Parts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    now = [100.0]
+    monkeypatch.setattr(
+        lanes_module, "time", SimpleNamespace(monotonic=lambda: now[0], time_ns=time.time_ns)
+    )
+    lanes = parts.lanes(run=False, stall_seconds=10.0)
+    now[0] = 200.0
+    assert not lanes.stalled()  # nothing waits: no stall, however long since progress
+    await spool_rows(parts.spool, rec("g", "queued"))
+    now[0] = 210.0
+    assert not lanes.stalled()  # exactly the stall time since the spool was last empty
+    now[0] = 210.5
+    assert lanes.stalled()
+
+
+# -- shutdown: busy and settle ----------------------------------------------------------------
+
+
+async def test_busy_while_anything_is_unresolved(parts: Parts) -> None:
+    await spool_rows(parts.spool, rec("left", "queued"))  # a previous process's row
+    unopened = Lanes(publisher=parts.publisher, spool=parts.spool, metrics=parts.metrics)
+    assert unopened.busy()  # by the spool's rows alone
+    idle = Lanes(publisher=parts.publisher, spool=None, metrics=parts.metrics)
+    assert not idle.busy()
+    parts.publisher.verdict = lambda r: "hold"
+    sending = asyncio.create_task(idle.write([rec("g", "queued")], 5.0))
+    await wait_until(lambda: bool(parts.publisher.held), what="a send pending")
+    assert idle.busy()  # by the send in progress alone
+    parts.publisher.release()
+    await sending
+    assert not idle.busy()
+
+
+async def test_settle_returns_at_once_when_nothing_is_unresolved(parts: Parts) -> None:
+    lanes = parts.lanes()
+    started = time.monotonic()
+    await lanes.settle(time.monotonic() + 5.0)
+    assert time.monotonic() - started < 0.5
+
+
+async def test_settle_drains_the_spool_before_the_deadline(parts: Parts) -> None:
+    lanes = parts.lanes()
+    parts.publisher.verdict = lambda r: "hold"
+    assert (await lanes.write([rec("g", "queued")], 0.05)).spooled
+    assert (await lanes.write([rec("g", "dreaming")], 0.05)).spooled
+    parts.publisher.verdict = lambda r: None
+    parts.publisher.release()
+    started = time.monotonic()
+    await lanes.settle(time.monotonic() + 5.0)
+    assert time.monotonic() - started < 4.0
+    assert parts.spool.records == 0
+    assert not lanes.busy()
+    assert states(parts.publisher.landed, "g") == ["queued", "dreaming"]
+
+
+async def test_settle_gives_up_at_the_deadline_while_kafka_is_away(parts: Parts) -> None:
+    lanes = parts.lanes()
+    parts.publisher.verdict = lambda r: "hold"
+    assert (await lanes.write([rec("g", "queued")], 0.05)).spooled
+    started = time.monotonic()
+    await lanes.settle(started + 0.5)
+    took = time.monotonic() - started
+    assert 0.45 <= took < 0.7, took
+    assert parts.spool.records == 1  # kept for the next start
+
+
+async def test_settle_deletes_acknowledged_rows_even_without_a_drainer(parts: Parts) -> None:
+    lanes = parts.lanes(run=False)
+    parts.publisher.verdict = lambda r: "hold"
+    assert (await lanes.write([rec("g", "queued")], 0.05)).spooled
+    parts.publisher.release()  # a late acknowledgement: the row is to be deleted
+    await asyncio.sleep(0)
+    assert parts.spool.records == 1
+    await lanes.settle(time.monotonic() + 0.3)
+    assert parts.spool.records == 0
+    assert not lanes.busy()
+
+
+async def test_settle_warns_when_acknowledged_rows_cannot_be_deleted_in_time(
+    parts: Parts, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    lanes = parts.lanes(run=False)
+    parts.publisher.verdict = lambda r: "hold"
+    assert (await lanes.write([rec("g", "queued")], 0.05)).spooled
+    parts.publisher.release()
+    await asyncio.sleep(0)
+
+    async def stuck_remove(seqs: object) -> None:
+        await asyncio.sleep(30)
+
+    monkeypatch.setattr(parts.spool, "remove", stuck_remove)
+    started = time.monotonic()
+    await lanes.settle(started + 0.2)
+    took = time.monotonic() - started
+    assert 0.25 <= took < 0.7, took  # the deadline, then at least 0.1 s for the delete
+    [line] = logged(caplog, "could not delete acknowledged rows")
+    assert line.levelno == logging.WARNING
+    assert line.getMessage() == "could not delete acknowledged rows in time; they are sent again"
