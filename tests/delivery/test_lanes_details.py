@@ -12,12 +12,13 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from types import SimpleNamespace
 
+import aiokafka.errors as aiokafka_errors
 import pytest
 from prometheus_client import CollectorRegistry
 
 import bridge.delivery.lanes as lanes_module
 from bridge.delivery.lanes import LOOKUP_SECONDS, Lanes, Refused, Unavailable, Written
-from bridge.delivery.publisher import KafkaUnavailable, Record
+from bridge.delivery.publisher import KafkaUnavailable, Placement, Record
 from bridge.delivery.spool import Spool, SpoolFull
 from bridge.ops.metrics import Metrics
 from tests.delivery.test_lanes import ScriptedPublisher, rec, states
@@ -457,3 +458,204 @@ async def test_settle_warns_when_acknowledged_rows_cannot_be_deleted_in_time(
     [line] = logged(caplog, "could not delete acknowledged rows")
     assert line.levelno == logging.WARNING
     assert line.getMessage() == "could not delete acknowledged rows in time; they are sent again"
+
+
+# -- the drainer's rounds: backoff, the window, the scan ------------------------------------
+
+
+class Batches(ScriptedPublisher):
+    """Remembers how many records each `send` call carried."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: list[int] = []
+
+    def send(self, records: Sequence[Record]) -> list[asyncio.Future[Placement]]:
+        self.batches.append(len(records))
+        return super().send(records)
+
+
+async def rounds(lanes: Lanes, count: int = 1) -> None:
+    """Drainer rounds by hand: each lets send callbacks run first."""
+    for _ in range(count):
+        await asyncio.sleep(0)
+        await lanes.step()
+
+
+async def test_failed_rounds_back_off_doubling_up_to_the_cap_and_not_sending_meanwhile(
+    parts: Parts,
+) -> None:
+    await spool_rows(parts.spool, rec("g", "queued"))
+    parts.publisher.verdict = lambda r: "NotConnected"
+    lanes = parts.lanes(run=False)
+    loop = asyncio.get_running_loop()
+    expected = [0.2, 0.4, 0.8, 1.6, 3.2, 5.0, 5.0]
+    for backoff in expected:
+        lanes._retry_at = 0.0  # the backoff has passed
+        sends = len(parts.publisher.sent)
+        await rounds(lanes)
+        assert len(parts.publisher.sent) == sends + 1
+        await rounds(lanes)  # takes the failure
+        assert lanes._retry_at - loop.time() == pytest.approx(backoff, abs=0.05)
+        await rounds(lanes, 3)  # within the backoff: nothing is sent
+        assert len(parts.publisher.sent) == sends + 1
+    parts.publisher.verdict = lambda r: None
+    lanes._retry_at = 0.0
+    await rounds(lanes, 3)
+    assert parts.spool.records == 0
+    assert lanes._backoff == 0.2  # progress resets it
+    assert lanes._sending_bytes == 0
+
+
+async def test_a_delivery_resets_the_backoff_and_the_stall_clock(parts: Parts) -> None:
+    await spool_rows(parts.spool, rec("a", "queued"), rec("b", "queued"))
+    parts.publisher.verdict = lambda r: "NotConnected" if r.key == b"b" else None
+    lanes = parts.lanes(run=False)
+    await rounds(lanes, 3)
+    assert parts.spool.records == 1
+    assert not lanes.stalled()  # a was delivered just now
+    lanes._retry_at = 0.0
+    await rounds(lanes, 2)  # b fails again after a's progress: a backoff from 0.2 again
+    assert lanes._retry_at - asyncio.get_running_loop().time() == pytest.approx(0.4, abs=0.05)
+
+
+async def test_the_window_bounds_the_records_in_flight(parts: Parts) -> None:
+    await spool_rows(parts.spool, *(rec(f"g{n}", "queued") for n in range(6)))
+    publisher = Batches()
+    publisher.verdict = lambda r: "hold"
+    parts.publisher = publisher
+    lanes = parts.lanes(run=False)
+    lanes.WINDOW_RECORDS = 2
+    await rounds(lanes)
+    lanes._unblocked()  # something else changed: a new round, still no room
+    await rounds(lanes)
+    assert publisher.batches == [2]
+    publisher.verdict = lambda r: None
+    publisher.release()
+    await rounds(lanes, 6)
+    assert publisher.batches[:3] == [2, 2, 2]
+    assert parts.spool.records == 0
+
+
+async def test_the_byte_window_counts_what_is_in_flight(parts: Parts) -> None:
+    await spool_rows(parts.spool, *(rec(f"g{n}", "queued") for n in range(8)))
+    [(_, _, size)] = (await parts.spool.index(0, 1))[:1]
+    publisher = Batches()
+    parts.publisher = publisher
+    lanes = parts.lanes(run=False)
+    lanes.WINDOW_BYTES = int(2.5 * size)  # two rows fit, a third does not
+    await rounds(lanes, 8)
+    assert parts.spool.records == 0
+    assert publisher.batches == [2, 2, 2, 2]  # room freed as each batch is acknowledged
+
+
+async def test_a_row_beyond_a_full_byte_window_waits_for_room(parts: Parts) -> None:
+    await spool_rows(parts.spool, *(rec(f"g{n}", "queued") for n in range(6)))
+    [(_, _, size)] = (await parts.spool.index(0, 1))[:1]
+    publisher = Batches()
+    publisher.verdict = lambda r: "hold"
+    parts.publisher = publisher
+    lanes = parts.lanes(run=False)
+    lanes.WINDOW_BYTES = int(2.5 * size)
+    await rounds(lanes)
+    lanes._unblocked()
+    await rounds(lanes)
+    # The second round may always send one row (a row larger than the window must go
+    # some time), not two: the window is counted with what is still in flight.
+    assert publisher.batches == [2, 1]
+
+
+def index_in_chunks_of(spool: Spool, chunk: int, calls: list[int]) -> object:
+    index = spool.index
+
+    async def chunked(after: int = 0, limit: int = 500) -> list[tuple[int, object, int]]:
+        calls.append(after)
+        return await index(after, min(limit, chunk))  # type: ignore[return-value]
+
+    return chunked
+
+
+@pytest.mark.parametrize(("window", "scan", "sent"), [(3, 4000, 3), (100, 2, 2), (100, 1, 2)])
+async def test_a_round_reads_the_spool_until_the_window_or_the_scan_limit_is_reached(
+    parts: Parts, monkeypatch: pytest.MonkeyPatch, window: int, scan: int, sent: int
+) -> None:
+    await spool_rows(parts.spool, *(rec(f"g{n}", "queued") for n in range(6)))
+    calls: list[int] = []
+    monkeypatch.setattr(parts.spool, "index", index_in_chunks_of(parts.spool, 2, calls))
+    parts.publisher.verdict = lambda r: "hold"
+    lanes = parts.lanes(run=False)
+    lanes.WINDOW_RECORDS = window
+    lanes.SCAN_ROWS = scan
+    await rounds(lanes)
+    assert len(parts.publisher.sent) == sent
+
+
+async def test_a_round_with_nothing_new_reads_nothing(
+    parts: Parts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[int] = []
+    monkeypatch.setattr(parts.spool, "index", index_in_chunks_of(parts.spool, 1000, calls))
+    lanes = parts.lanes(run=False)
+    parts.publisher.verdict = lambda r: "hold"
+    assert (await lanes.write([rec("g", "queued")], 0.05)).spooled
+    assert (await lanes.write([rec("g", "dreaming")], 0.05)).spooled  # behind queued
+    await rounds(lanes)
+    reads = len(calls)
+    assert reads >= 1  # looked: g is busy, nothing to send
+    lanes.wakeup.set()  # woken without a change
+    await rounds(lanes, 3)
+    assert len(calls) == reads
+    assert len(parts.publisher.sent) == 1
+
+
+async def test_while_every_row_is_still_in_the_producer_the_spool_is_not_read(
+    parts: Parts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[int] = []
+    monkeypatch.setattr(parts.spool, "index", index_in_chunks_of(parts.spool, 1000, calls))
+    lanes = parts.lanes(run=False)
+    parts.publisher.verdict = lambda r: "hold"
+    assert (await lanes.write([rec("a", "queued")], 0.05)).spooled
+    assert (await lanes.write([rec("b", "queued")], 0.05)).spooled
+    lanes._unblocked()
+    await rounds(lanes, 2)
+    assert calls == []  # both rows pinned to their pending sends: nothing to look for
+
+
+async def test_an_idle_drainer_does_not_spin_while_rows_wait_behind_a_busy_lane(
+    parts: Parts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[int] = []
+    monkeypatch.setattr(parts.spool, "index", index_in_chunks_of(parts.spool, 1000, calls))
+    lanes = parts.lanes()
+    parts.publisher.verdict = lambda r: "hold"
+    assert (await lanes.write([rec("g", "queued")], 0.05)).spooled
+    assert (await lanes.write([rec("g", "dreaming")], 0.05)).spooled
+    lanes.wakeup.set()
+    await asyncio.sleep(0.3)
+    assert len(calls) <= 2  # not a read every round pause
+
+
+async def test_a_row_refused_for_good_after_a_late_failure_frees_its_lane(
+    parts: Parts,
+) -> None:
+    lanes = parts.lanes()
+    parts.publisher.verdict = lambda r: "hold"
+    assert (await lanes.write([rec("g", "queued")], 0.05)).spooled
+    parts.publisher.verdict = lambda r: "RecordTooLargeError"
+    held, parts.publisher.held = parts.publisher.held, []
+    for _, future in held:
+        future.set_exception(aiokafka_errors.RecordTooLargeError())
+    await wait_until(lambda: parts.spool.quarantined == 1, what="quarantined by the drainer")
+    parts.publisher.verdict = lambda r: None
+    assert not (await lanes.write([rec("g", "dreaming")], 1.0)).spooled
+    assert not lanes.busy()
+
+
+async def test_a_row_found_by_the_lookup_is_no_longer_doubtful(parts: Parts) -> None:
+    parts.publisher.verdict = lambda r: "unanswered"
+    lanes = parts.lanes()
+    assert (await lanes.write([rec("g", "queued")], 0.5)).spooled
+    await wait_until(lambda: parts.spool.records == 0, timeout=10, what="found and deleted")
+    assert parts.sample("luma_bridge_resend_lookups_total", outcome="found") == 1
+    assert lanes._doubtful == {}
