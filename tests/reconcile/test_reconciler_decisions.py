@@ -12,7 +12,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, ClassVar
 
 import orjson
 import pytest
@@ -37,6 +37,7 @@ from bridge.reconcile.reconciler import (
 )
 from bridge.reconcile.tracking import Tracked, decode_entry
 from bridge.settings import Settings
+from tests.helpers import wait_until
 
 PUBLIC_URL = "https://bridge.example.com/luma/callback"
 NOW = 1_800_000_000.0  # the reconciler's clock in these tests
@@ -119,7 +120,7 @@ class FakeConsumer:
             if records:
                 batch[tp] = list(records)
                 self.positions[tp] = records[-1].offset + 1
-        await asyncio.sleep(0)
+        await asyncio.sleep(0 if batch else 0.005)  # an empty poll waits a little, as Kafka's
         return batch
 
     def seek(self, tp: TopicPartition, offset: int) -> None:
@@ -805,3 +806,338 @@ async def test_the_stuck_gauge_counts_by_state_and_silence() -> None:
         sum(s.value for m in rig.metrics.registry.collect() for s in m.samples if s.name == gauge)
         == 2
     )
+
+
+# -- the cluster: topics, the changelog, start and stop, the loop -----------------------------
+
+
+class FakeAdmin:
+    """The admin client over a dict of topic -> partition count."""
+
+    def __init__(self, cluster: dict[str, int], *, refuse: int = 0) -> None:
+        self.cluster = cluster
+        self.created: list[Any] = []
+        self.refuse = refuse
+        self.closed = 0
+        self.odd: dict[str, dict[str, Any]] = {}
+
+    async def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        self.closed += 1
+
+    async def list_topics(self) -> list[str]:
+        return list(self.cluster)
+
+    async def describe_topics(self, topics: list[str]) -> list[dict[str, Any]]:
+        return [
+            self.odd.get(t) or {"topic": t, "error_code": 0, "partitions": [{}] * self.cluster[t]}
+            for t in topics
+        ]
+
+    async def create_topics(self, topics: list[Any]) -> Any:
+        self.created.extend(topics)
+        if self.refuse:
+            return SimpleNamespace(topic_errors=[(topics[0].name, self.refuse, "no", None)])
+        for topic in topics:
+            self.cluster[topic.name] = topic.num_partitions
+        return SimpleNamespace(topic_errors=[(t.name, 0, None, None) for t in topics])
+
+
+@pytest.fixture
+def admin(monkeypatch: pytest.MonkeyPatch) -> FakeAdmin:
+    fake = FakeAdmin({LIFECYCLE: 3})
+    monkeypatch.setattr(reconciler_module, "_admin", lambda settings: fake)
+
+    async def existing(settings: Settings) -> set[str]:
+        return set(fake.cluster)
+
+    monkeypatch.setattr(reconciler_module, "existing_topics", existing)
+    return fake
+
+
+def cluster_settings(**overrides: Any) -> Settings:
+    return Settings.model_validate(
+        {
+            "lifecycle_topic": True,
+            "topic_prefix": "luma",
+            "topic_replication_factor": 1,
+            **overrides,
+        }
+    )
+
+
+async def test_partition_counts_are_of_existing_described_topics_only(admin: FakeAdmin) -> None:
+    admin.cluster["luma.odd"] = 2
+    admin.cluster["luma.empty"] = 0
+    admin.odd["luma.odd"] = {"topic": "luma.odd", "error_code": 3, "partitions": [{}]}
+    counts = await reconciler_module.partition_counts(
+        cluster_settings(), [LIFECYCLE, "luma.odd", "luma.empty", "luma.absent"]
+    )
+    assert counts == {LIFECYCLE: 3}
+    assert admin.closed == 1
+    assert await reconciler_module.partition_counts(cluster_settings(), ["luma.absent"]) == {}
+
+
+async def test_the_changelog_topic_is_created_compacted_like_the_lifecycle_topic(
+    admin: FakeAdmin,
+) -> None:
+    assert await reconciler_module.ensure_state_topic(cluster_settings()) == 3
+    [topic] = admin.created
+    assert (topic.name, topic.num_partitions, topic.replication_factor) == (
+        "luma.reconciler-state",
+        3,
+        1,
+    )
+    assert topic.topic_configs == {"cleanup.policy": "compact"}
+    assert admin.cluster["luma.reconciler-state"] == 3
+    assert await reconciler_module.ensure_state_topic(cluster_settings()) == 3
+    assert len(admin.created) == 1  # there now: not created again
+
+
+async def test_without_the_lifecycle_topic_the_reconciler_says_what_to_create(
+    admin: FakeAdmin,
+) -> None:
+    del admin.cluster[LIFECYCLE]
+    with pytest.raises(ReconcilerError) as caught:
+        await reconciler_module.ensure_state_topic(cluster_settings())
+    assert str(caught.value).startswith(f"topic {LIFECYCLE} is missing on ")
+    assert "`luma-kafka-bridge topics create`" in str(caught.value)
+
+
+async def test_a_changelog_topic_of_another_size_is_refused(admin: FakeAdmin) -> None:
+    admin.cluster["luma.reconciler-state"] = 5
+    with pytest.raises(ReconcilerError) as caught:
+        await reconciler_module.ensure_state_topic(cluster_settings())
+    assert str(caught.value).startswith(
+        f"topic luma.reconciler-state has 5 partitions but {LIFECYCLE} has 3: they must match"
+    )
+
+
+async def test_a_changelog_topic_kafka_refuses_to_create_says_what_to_check(
+    admin: FakeAdmin,
+) -> None:
+    admin.refuse = 38  # INVALID_REPLICATION_FACTOR
+    with pytest.raises(ReconcilerError, match="check the replication factor"):
+        await reconciler_module.ensure_state_topic(cluster_settings())
+
+
+async def test_a_topic_created_a_moment_ago_is_waited_for_then_given_up(
+    admin: FakeAdmin, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    admin.odd[LIFECYCLE] = {"topic": LIFECYCLE, "error_code": 0, "partitions": []}
+    monkeypatch.setattr(reconciler_module, "TOPIC_VISIBLE_SECONDS", 0.3)
+    with pytest.raises(ReconcilerError, match="is not in the cluster's metadata after 0 s"):
+        await reconciler_module.ensure_state_topic(cluster_settings())
+
+    async def appear_soon() -> None:
+        await asyncio.sleep(0.1)
+        del admin.odd[LIFECYCLE]
+
+    task = asyncio.create_task(appear_soon())
+    admin.odd[LIFECYCLE] = {"topic": LIFECYCLE, "error_code": 0, "partitions": []}
+    assert await reconciler_module.ensure_state_topic(cluster_settings()) == 3
+    await task
+
+
+class FakeReader(FakeConsumer):
+    """The changelog reader: assigned partitions read from the start."""
+
+    instances: ClassVar[list[FakeReader]] = []
+
+    def __init__(self, log: Log, **options: Any) -> None:
+        super().__init__(log, ())
+        self.options = options
+        self.stopped = False
+        FakeReader.instances.append(self)
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        self.stopped = True
+
+    def assign(self, tps: list[TopicPartition]) -> None:
+        self.assigned = set(tps)
+
+    async def seek_to_beginning(self, *tps: TopicPartition) -> None:
+        for tp in tps:
+            self.positions[tp] = 0
+
+
+async def test_the_changelog_is_read_to_its_end_latest_entry_winning(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    log = Log()
+    topic = "luma.reconciler-state"
+    entry = b'{"state":"queued","seen_at":1.0}'
+    later = b'{"state":"dreaming","seen_at":2.0}'
+    log.append(topic, 0, b"a", entry)
+    log.append(topic, 0, b"a", later)
+    log.append(topic, 0, b"b", entry)
+    log.append(topic, 0, b"b", None)  # a tombstone
+    log.append(topic, 0, None, entry)  # no key: ignored
+    log.append(topic, 0, b"c", entry)
+    log.append(topic, 0, b"c", b"garbage")  # unreadable: as a tombstone
+    log.append(topic, 2, b"z", entry)
+    monkeypatch.setattr(
+        reconciler_module, "AIOKafkaConsumer", lambda **options: FakeReader(log, **options)
+    )
+    FakeReader.instances.clear()
+    entries = await reconciler_module.load_changelog(cluster_settings(), topic, [0, 1, 2])
+    assert entries == {
+        0: {"a": Tracked("dreaming", 2.0)},
+        1: {},
+        2: {"z": Tracked("queued", 1.0)},
+    }
+    [reader] = FakeReader.instances
+    assert reader.stopped
+    assert reader.options["client_id"].endswith("reconciler-state")
+
+
+class FakeClient:
+    def __init__(self, fail: bool = False, **options: Any) -> None:
+        self.options = options
+        self.fail = fail
+        self.started = False
+        self.stopped = 0
+        self.subscribed: tuple[list[str], Any] | None = None
+
+    async def start(self) -> None:
+        if self.fail:
+            raise KafkaConnectionError()
+        self.started = True
+
+    async def stop(self) -> None:
+        self.stopped += 1
+
+    def subscribe(self, topics: list[str], listener: Any) -> None:
+        self.subscribed = (topics, listener)
+
+
+async def test_a_client_that_cannot_start_is_stopped_and_the_error_raised() -> None:
+    client = FakeClient(fail=True)
+    with pytest.raises(KafkaConnectionError):
+        await reconciler_module._started(client)
+    assert client.stopped == 1
+
+
+async def test_start_joins_the_group_on_the_lifecycle_topic_and_stop_leaves_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    rig = Rig(kafka_client_id="bridge-9")
+    made: dict[str, FakeClient] = {}
+
+    async def partitions(settings: Settings) -> int:
+        return 4
+
+    def producer(**options: Any) -> FakeClient:
+        made["producer"] = FakeClient(**options)
+        return made["producer"]
+
+    def consumer(**options: Any) -> FakeClient:
+        made["consumer"] = FakeClient(**options)
+        return made["consumer"]
+
+    monkeypatch.setattr(reconciler_module, "ensure_state_topic", partitions)
+    monkeypatch.setattr(reconciler_module, "AIOKafkaProducer", producer)
+    monkeypatch.setattr(reconciler_module, "AIOKafkaConsumer", consumer)
+    reconciler = rig.reconciler
+    reconciler._consumer = None
+    reconciler._changelog = None
+    await reconciler.start()
+    assert reconciler.started
+    assert reconciler._lifecycle_partitions == 4
+    options = made["consumer"].options
+    assert options["group_id"] == "bridge-9-reconciler"
+    assert options["auto_offset_reset"] == "earliest"
+    assert options["rebalance_timeout_ms"] == 120_000
+    assert options["max_poll_interval_ms"] == 600_000
+    assert options["fetch_max_wait_ms"] == 100
+    assert options["enable_auto_commit"] is False
+    topics, listener = made["consumer"].subscribed  # type: ignore[misc]
+    assert topics == [LIFECYCLE]
+    assert isinstance(listener, reconciler_module._Revocations)
+    assert made["producer"].started
+    await reconciler.stop()
+    await reconciler.stop()  # twice is safe
+    assert not reconciler.started
+    assert made["consumer"].stopped == 1
+    assert made["producer"].stopped == 1
+
+
+async def test_stop_saves_the_state_and_warns_when_it_cannot(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    rig = Rig()
+    await stuck(rig)
+    rig.consumer.stop = _async_noop  # type: ignore[attr-defined]
+    rig.changelog.stop = _async_noop  # type: ignore[attr-defined]
+    rig.changelog.fail = True
+    await rig.reconciler.stop()
+    assert any(r.getMessage() == "could not save the state at shutdown" for r in caplog.records)
+    assert rig.reconciler._consumer is None
+
+
+async def _async_noop() -> None:
+    pass
+
+
+async def test_the_listener_hands_partitions_to_the_reconciler(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    rig = Rig(partitions=2, ours=(0,))
+
+    async def load(settings: Settings, topic: str, partitions: list[int]) -> dict[int, Any]:
+        return {}
+
+    monkeypatch.setattr(reconciler_module, "load_changelog", load)
+    listener = reconciler_module._Revocations(rig.reconciler)
+    await listener.on_partitions_assigned([TopicPartition(LIFECYCLE, 1)])
+    assert rig.reconciler.tracker.partitions == {0, 1}
+    await listener.on_partitions_revoked([TopicPartition(LIFECYCLE, 0)])
+    assert rig.reconciler.tracker.partitions == {1}
+
+
+async def test_the_loop_follows_passes_and_checkpoints_until_stopped(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    rig = Rig(reconcile_interval_seconds=0.1)
+    monkeypatch.setattr(reconciler_module, "CHECKPOINT_SECONDS", 0.1)
+    rig.log.state("g", "queued")
+    rig.luma.put(generation("g", "completed"))
+    stopping = asyncio.Event()
+    loop = asyncio.create_task(rig.reconciler.run(stopping))
+    try:
+        await wait_until(lambda: bool(rig.consumer.commits), timeout=10, what="a checkpoint")
+        await wait_until(lambda: bool(rig.publisher.published), timeout=10, what="a repair")
+    finally:
+        stopping.set()
+        await asyncio.wait_for(loop, timeout=5)
+    assert rig.written() == [("luma.completed", "completed"), (LIFECYCLE, "completed")]
+    assert rig.changelog.sent
+
+
+async def test_a_pass_that_fails_is_logged_and_the_loop_goes_on(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    rig = Rig(reconcile_interval_seconds=0.05)
+    calls = 0
+
+    async def broken(stopping: asyncio.Event | None = None) -> None:
+        nonlocal calls
+        calls += 1
+        raise (KafkaConnectionError() if calls == 1 else RuntimeError("bug"))
+
+    monkeypatch.setattr(rig.reconciler, "reconcile_once", broken)
+    stopping = asyncio.Event()
+    loop = asyncio.create_task(rig.reconciler.run(stopping))
+    try:
+        await wait_until(lambda: calls >= 3, timeout=10, what="passes after failures")
+    finally:
+        stopping.set()
+        await asyncio.wait_for(loop, timeout=5)
+    messages = [r.getMessage() for r in caplog.records]
+    assert "a pass stopped on a Kafka error; next pass" in messages
+    assert "a reconciliation pass failed; next pass" in messages
