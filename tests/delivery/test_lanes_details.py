@@ -658,4 +658,49 @@ async def test_a_row_found_by_the_lookup_is_no_longer_doubtful(parts: Parts) -> 
     assert (await lanes.write([rec("g", "queued")], 0.5)).spooled
     await wait_until(lambda: parts.spool.records == 0, timeout=10, what="found and deleted")
     assert parts.sample("luma_bridge_resend_lookups_total", outcome="found") == 1
+    assert parts.sample("luma_bridge_resend_lookups_total", outcome="absent") == 0
     assert lanes._doubtful == {}
+
+
+def fail_held(publisher: ScriptedPublisher, error: BaseException | None) -> None:
+    """What Kafka held ends in `error` (None: the sends are cancelled)."""
+    held, publisher.held = publisher.held, []
+    for _, future in held:
+        if error is None:
+            future.cancel()
+        else:
+            future.set_exception(error)
+
+
+@pytest.mark.parametrize(
+    ("error", "renewed"),
+    [
+        (aiokafka_errors.OutOfOrderSequenceNumber(), True),
+        (aiokafka_errors.RequestTimedOutError(), False),
+        (None, False),  # cancelled: the producer was stopped or replaced on purpose
+    ],
+)
+async def test_a_late_failure_of_a_spooled_send_renews_the_producer_only_if_it_is_unusable(
+    parts: Parts, error: BaseException | None, renewed: bool
+) -> None:
+    lanes = parts.lanes()
+    parts.publisher.verdict = lambda r: "hold"
+    assert (await lanes.write([rec("g", "queued")], 0.05)).spooled
+    parts.publisher.verdict = lambda r: None
+    fail_held(parts.publisher, error)
+    await wait_until(lambda: parts.spool.records == 0, timeout=10, what="sent again")
+    assert (parts.publisher.renewals > 0) is renewed
+    assert states(parts.publisher.landed, "g") == ["queued"]
+
+
+async def test_a_row_looked_up_and_absent_is_not_looked_up_again_after_a_send_that_never_left(
+    parts: Parts,
+) -> None:
+    verdicts = iter(["RequestTimedOutError", "NotConnected"])
+    parts.publisher.verdict = lambda r: next(verdicts, None)
+    lanes = parts.lanes()
+    assert (await lanes.write([rec("g", "queued")], 0.5)).spooled
+    await wait_until(lambda: parts.spool.records == 0, timeout=10, what="delivered")
+    assert len(parts.publisher.lookups) == 1
+    assert parts.sample("luma_bridge_resend_lookups_total", outcome="absent") == 1
+    assert parts.sample("luma_bridge_resend_lookups_total", outcome="found") == 0
