@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry
 import bridge.delivery.lanes as lanes_module
 from bridge.delivery.lanes import LOOKUP_SECONDS, Lanes, Refused, Unavailable, Written
 from bridge.delivery.publisher import KafkaUnavailable, Placement, Record
-from bridge.delivery.spool import Spool, SpoolFull
+from bridge.delivery.spool import Spool, SpoolFull, SpoolUnwritable
 from bridge.ops.metrics import Metrics
 from tests.delivery.test_lanes import ScriptedPublisher, rec, states
 from tests.helpers import wait_until
@@ -690,6 +690,7 @@ async def test_a_late_failure_of_a_spooled_send_renews_the_producer_only_if_it_i
     fail_held(parts.publisher, error)
     await wait_until(lambda: parts.spool.records == 0, timeout=10, what="sent again")
     assert (parts.publisher.renewals > 0) is renewed
+    assert len(parts.publisher.lookups) == 1  # it may have landed: looked up first
     assert states(parts.publisher.landed, "g") == ["queued"]
 
 
@@ -704,3 +705,146 @@ async def test_a_row_looked_up_and_absent_is_not_looked_up_again_after_a_send_th
     assert len(parts.publisher.lookups) == 1
     assert parts.sample("luma_bridge_resend_lookups_total", outcome="absent") == 1
     assert parts.sample("luma_bridge_resend_lookups_total", outcome="found") == 0
+
+
+# -- the direct path's bookkeeping ------------------------------------------------------------
+
+
+async def test_a_direct_timeout_is_counted_spooled_with_no_placements_and_not_a_renewal(
+    parts: Parts,
+) -> None:
+    lanes = parts.lanes()
+    parts.publisher.verdict = lambda r: "hold"
+    assert await lanes.write([rec("g", "queued")], 0.05) == Written((), spooled=True)
+    assert parts.sample("luma_bridge_kafka_produce_errors_total", reason="timeout") == 1
+    parts.publisher.verdict = lambda r: None
+    parts.publisher.release()
+    await wait_until(lambda: parts.spool.records == 0, what="late acknowledgement")
+    assert parts.publisher.renewals == 0
+
+
+async def test_a_direct_failure_other_than_a_timeout_is_not_counted_as_one(parts: Parts) -> None:
+    lanes = parts.lanes()
+    parts.publisher.verdict = lambda r: "NotConnected"
+    assert (await lanes.write([rec("g", "queued")], 0.5)).spooled
+    assert parts.sample("luma_bridge_kafka_produce_errors_total", reason="timeout") == 0
+
+
+async def test_a_refused_record_is_counted_by_its_reason(parts: Parts) -> None:
+    lanes = parts.lanes()
+    parts.publisher.verdict = lambda r: "MessageSizeTooLargeError"
+    with pytest.raises(Refused):
+        await lanes.write([rec("g", "queued")], 0.5)
+    refused = "luma_bridge_kafka_refused_records_total"
+    assert parts.sample(refused, reason="MessageSizeTooLargeError") == 1
+
+
+async def test_a_partly_acknowledged_callback_frees_its_lane_once_the_rest_lands(
+    parts: Parts,
+) -> None:
+    lanes = parts.lanes()
+    parts.publisher.verdict = lambda r: "hold" if r.topic == "t.queued" else None
+    both = [rec("g", "queued"), rec("g", "queued", topic="t.queued")]
+    assert (await lanes.write(both, 0.05)).spooled
+    parts.publisher.verdict = lambda r: None
+    parts.publisher.release()
+    await wait_until(lambda: parts.spool.records == 0, what="the late half acknowledged")
+    assert not lanes.busy()
+    assert not (await lanes.write([rec("g", "dreaming")], 1.0)).spooled
+
+
+async def test_the_lookup_window_starts_just_before_the_failed_send(parts: Parts) -> None:
+    parts.publisher.verdict = lambda r: "RequestTimedOutError"
+    lanes = parts.lanes()
+    before = time.time_ns() // 1_000_000
+    assert (await lanes.write([rec("g", "queued")], 0.5)).spooled
+    await wait_until(lambda: bool(parts.publisher.lookups), what="a lookup")
+    [(_, since_ms)] = parts.publisher.lookups[:1]
+    assert isinstance(since_ms, int)
+    assert before - 10_000 - 2_000 <= since_ms <= before - 10_000 + 2_000
+
+
+async def test_spool_drained_is_logged_once_when_the_last_row_goes(
+    parts: Parts, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="bridge.delivery.lanes")
+    await spool_rows(parts.spool, rec("g", "queued"), rec("g", "dreaming"))
+    lanes = parts.lanes(run=False)
+    await rounds(lanes, 2)  # queued delivered and deleted; dreaming on its way
+    assert parts.spool.records == 1
+    assert logged(caplog, "spool drained") == []
+    await rounds(lanes, 6)
+    assert parts.spool.records == 0
+    assert len(logged(caplog, "spool drained")) == 1
+    assert parts.publisher.renewals == 0
+
+
+async def test_a_delete_that_fails_is_retried_after_a_backoff_without_sending_again(
+    parts: Parts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await spool_rows(parts.spool, rec("g", "queued"))
+    remove = parts.spool.remove
+    failures = [SpoolUnwritable("disk")]
+
+    async def flaky_remove(seqs: list[int]) -> None:
+        if failures:
+            raise failures.pop()
+        await remove(seqs)
+
+    monkeypatch.setattr(parts.spool, "remove", flaky_remove)
+    lanes = parts.lanes(run=False)
+    await rounds(lanes, 2)
+    assert lanes._retry_at - asyncio.get_running_loop().time() == pytest.approx(0.2, abs=0.05)
+    assert parts.spool.records == 1
+    await rounds(lanes, 3)
+    assert parts.spool.records == 0
+    assert len(parts.publisher.sent) == 1  # acknowledged rows are never sent again
+
+
+async def reopened(parts: Parts, tmp_path: Path) -> Spool:
+    await parts.spool.close()
+    parts.spool = Spool(tmp_path, max_bytes=8 << 20, metrics=parts.metrics)
+    await parts.spool.open()
+    return parts.spool
+
+
+async def test_rows_left_by_a_previous_process_hold_their_lanes_until_delivered(
+    parts: Parts, tmp_path: Path
+) -> None:
+    await spool_rows(parts.spool, rec("g", "queued"), rec("g", "dreaming"), rec("h", "queued"))
+    await reopened(parts, tmp_path)
+    lanes = parts.lanes(run=False)
+    assert lanes.busy()
+    await rounds(lanes, 2)  # g:queued and h:queued delivered; g:dreaming sent after
+    assert parts.spool.records == 1  # g:dreaming, sent, not yet deleted
+    assert (await lanes.write([rec("g", "completed")], 1.0)).spooled  # behind dreaming
+    assert not (await lanes.write([rec("h", "dreaming")], 1.0)).spooled  # h is free
+    await rounds(lanes, 8)
+    assert parts.spool.records == 0
+    assert states(parts.publisher.landed, "g") == ["queued", "dreaming", "completed"]
+    assert not lanes.busy()
+    assert not (await lanes.write([rec("g", "failed")], 1.0)).spooled
+
+
+def test_the_default_stall_time_is_a_minute(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [100.0]
+    monkeypatch.setattr(
+        lanes_module, "time", SimpleNamespace(monotonic=lambda: now[0], time_ns=time.time_ns)
+    )
+    spool = SimpleNamespace(records=1)
+    lanes = Lanes(publisher=ScriptedPublisher(), spool=spool, metrics=Metrics(CollectorRegistry()))  # type: ignore[arg-type]
+    now[0] = 160.0
+    assert not lanes.stalled()
+    now[0] = 160.5
+    assert lanes.stalled()
+
+
+async def test_a_byte_window_of_exactly_two_rows_takes_two(parts: Parts) -> None:
+    await spool_rows(parts.spool, *(rec(f"g{n}", "queued") for n in range(4)))
+    [(_, _, size)] = (await parts.spool.index(0, 1))[:1]
+    publisher = Batches()
+    parts.publisher = publisher
+    lanes = parts.lanes(run=False)
+    lanes.WINDOW_BYTES = 2 * size
+    await rounds(lanes, 4)
+    assert publisher.batches == [2, 2]
