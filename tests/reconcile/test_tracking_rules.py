@@ -4,6 +4,8 @@ changelog value, every unreadable value, what counts as a change, the exact thre
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from bridge.reconcile.tracking import Tracked, Tracker, decode_entry, encode_entry
@@ -208,10 +210,16 @@ def test_restored_entries_are_not_changes_but_merged_ones_are() -> None:
         (Tracked("queued", 10.0), Tracked("paused", 5.0), Tracked("queued", 10.0)),
         # a known saved state wins over an unknown live one
         (Tracked("paused", 10.0), Tracked("queued", 5.0), Tracked("queued", 10.0)),
+        # two states this version does not know (a newer one wrote them): the live one stays
+        (Tracked("paused", 10.0), Tracked("archived", 5.0), Tracked("paused", 10.0)),
+        # the same rank, another state, not ended: the live one stays
+        (Tracked("completed", 10.0), Tracked("failed", 5.0), Tracked("completed", 10.0)),
     ],
 )
 def test_restore_merges_forward(live: Tracked, saved: Tracked, merged: Tracked) -> None:
     tracker = tracker_with(0)
-    tracker.restore(0, {"g": live})  # an entry of any state, as a changelog may hold
-    tracker.restore(0, {"g": saved})
+    # Copies: the tracker keeps and updates the entries it is given, and the parameters
+    # are shared by every run of the test in this process.
+    tracker.restore(0, {"g": replace(live)})  # an entry of any state, as a changelog may hold
+    tracker.restore(0, {"g": replace(saved)})
     assert tracker.get(0, "g") == merged
