@@ -1,0 +1,141 @@
+"""The verifier's edges (found by mutation testing): the service built from settings, the
+exact log line of a refused key, and the token bucket and report cache at their bounds."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+from pydantic import SecretStr
+
+from bridge.delivery.verification import Action, Verified
+from bridge.ops.metrics import VerificationMetrics
+from bridge.reconcile.luma import KeyRejected
+from bridge.reconcile.verify import (
+    CACHE_SECONDS,
+    CACHE_SIZE,
+    LumaVerifier,
+    Report,
+    ReportCache,
+    TokenBucket,
+    VerificationService,
+)
+from bridge.settings import Settings
+from tests.reconcile.test_verify import FakeLookup, callback
+
+
+def service_settings(**overrides: Any) -> Settings:
+    return Settings.model_validate(
+        {
+            "verify": "enforce",
+            "luma_api_key": "verify-rules-key-77",
+            "luma_base_url": "http://127.0.0.1:9/dream-machine/v1",
+            "verify_timeout": 0.75,
+            "verify_fallback": "accept",
+            "verify_rate_limit": 7.0,
+            **overrides,
+        }
+    )
+
+
+async def test_the_service_builds_its_client_and_verifier_from_the_settings() -> None:
+    service = VerificationService(
+        service_settings(), metrics=VerificationMetrics(CollectorRegistry())
+    )
+    try:
+        client = service.client
+        assert client._client.auth_token == "verify-rules-key-77"
+        assert str(client._client.base_url).rstrip("/") == "http://127.0.0.1:9/dream-machine/v1"
+        assert client._client.timeout == 0.75
+        assert client._interval == 0.0  # no spacing: the verifier's bucket refuses instead
+        assert client._max_backoff == 0.75
+        assert client._attempts == 1
+        verifier = service.verifier
+        assert verifier._lookup is client
+        assert verifier._enforce is True
+        assert verifier._timeout == 0.75
+        assert verifier._accept_unknown is True
+        assert verifier._bucket._rate == 7.0
+        assert verifier._bucket._burst == 7.0
+    finally:
+        await service.close()
+
+
+async def test_tag_mode_and_the_rejecting_fallback() -> None:
+    settings = service_settings(verify="tag", verify_fallback="reject", verify_rate_limit=0.5)
+    service = VerificationService(settings, metrics=VerificationMetrics(CollectorRegistry()))
+    try:
+        assert service.verifier._enforce is False
+        assert service.verifier._accept_unknown is False
+        assert service.verifier._bucket._burst == 1.0  # at least one lookup at a time
+    finally:
+        await service.close()
+
+
+def test_the_service_needs_verification_on_and_a_key() -> None:
+    metrics = VerificationMetrics(CollectorRegistry())
+    needs = "verification needs VERIFY=tag\\|enforce and LUMA_API_KEY"
+    with pytest.raises(ValueError, match=needs):
+        VerificationService(service_settings(verify="off"), metrics=metrics)
+    keyless = service_settings().model_copy(update={"luma_api_key": None})
+    with pytest.raises(ValueError, match="verification needs"):
+        VerificationService(keyless, metrics=metrics)
+    assert isinstance(service_settings().luma_api_key, SecretStr)
+
+
+async def test_a_refused_key_is_logged_as_an_error_saying_what_to_check(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    check = LumaVerifier(
+        lookup=FakeLookup(KeyRejected("unauthorized", 401)),
+        enforce=True,
+        timeout=2.0,
+        accept_unknown=False,
+        rate_limit=100.0,
+        metrics=VerificationMetrics(CollectorRegistry()),
+        recheck_delay=0.0,
+    )
+    with caplog.at_level(logging.ERROR, logger="bridge.reconcile.verify"):
+        verdict = await check.verify(callback("completed"))
+    assert (verdict.verified, verdict.action) == (Verified.UNKNOWN, Action.RETRY_LATER)
+    [line] = caplog.records
+    assert line.levelno == logging.ERROR
+    assert line.getMessage() == (
+        "Luma's API refused the API key: callbacks cannot be verified. Check "
+        "LUMA_BRIDGE_LUMA_API_KEY (the Secret it comes from) and restart"
+    )
+
+
+def test_the_token_bucket_refills_at_the_rate_up_to_the_burst() -> None:
+    now = [0.0]
+    bucket = TokenBucket(rate=1.0, burst=3.0, clock=lambda: now[0])
+    assert [bucket.take() for _ in range(4)] == [True, True, True, False]
+    now[0] = 100.0  # a long pause refills to the burst, no more
+    assert [bucket.take() for _ in range(4)] == [True, True, True, False]
+    now[0] = 100.999
+    assert not bucket.take()
+    now[0] = 101.0
+    assert bucket.take()
+    with pytest.raises(ValueError, match="burst at least 1"):
+        TokenBucket(rate=1.0, burst=0.5)
+    assert TokenBucket(rate=1.0, burst=1.0).take()
+
+
+def test_the_report_cache_keeps_a_report_for_exactly_its_ttl_and_renews_on_put() -> None:
+    now = [0.0]
+    cache = ReportCache(ttl=10.0, size=2, clock=lambda: now[0])
+    cache.put("a", Report("queued", {}))
+    cache.put("b", Report("queued", {}))
+    now[0] = 5.0
+    cache.put("a", Report("dreaming", {}))  # renewed: now the newest
+    cache.put("c", Report("queued", {}))  # evicts b, the oldest
+    assert cache.get("b") is None
+    assert cache.get("a") == Report("dreaming", {})
+    now[0] = 15.0
+    assert cache.get("a") == Report("dreaming", {})  # exactly the ttl: still there
+    now[0] = 15.001
+    assert cache.get("a") is None
+    assert cache.get("missing") is None
+    assert (CACHE_SECONDS, CACHE_SIZE) == (10.0, 10_000)
