@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import orjson
 import pytest
 from aiokafka import TopicPartition
-from aiokafka.errors import KafkaConnectionError
+from aiokafka.errors import KafkaConnectionError, KafkaError
 from prometheus_client import CollectorRegistry
 
 import bridge.reconcile.reconciler as reconciler_module
@@ -1030,6 +1030,7 @@ async def test_start_joins_the_group_on_the_lifecycle_topic_and_stop_leaves_it(
     made: dict[str, FakeClient] = {}
 
     async def partitions(settings: Settings) -> int:
+        assert settings is rig.settings
         return 4
 
     def producer(**options: Any) -> FakeClient:
@@ -1056,9 +1057,11 @@ async def test_start_joins_the_group_on_the_lifecycle_topic_and_stop_leaves_it(
     assert options["max_poll_interval_ms"] == 600_000
     assert options["fetch_max_wait_ms"] == 100
     assert options["enable_auto_commit"] is False
+    assert options["client_id"] == "bridge-9-reconciler"
     topics, listener = made["consumer"].subscribed  # type: ignore[misc]
     assert topics == [LIFECYCLE]
     assert isinstance(listener, reconciler_module._Revocations)
+    assert listener._reconciler is reconciler
     assert made["producer"].started
     await reconciler.stop()
     await reconciler.stop()  # twice is safe
@@ -1141,3 +1144,88 @@ async def test_a_pass_that_fails_is_logged_and_the_loop_goes_on(
     messages = [r.getMessage() for r in caplog.records]
     assert "a pass stopped on a Kafka error; next pass" in messages
     assert "a reconciliation pass failed; next pass" in messages
+
+
+async def test_a_producer_that_cannot_connect_fails_the_start_saying_why(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    settings = Rig().settings
+
+    async def partitions(settings: Settings) -> int:
+        return 1
+
+    class Unreachable:
+        def __init__(self, settings: Settings, *, metrics: object) -> None:
+            pass
+
+        async def start(self) -> None:
+            raise KafkaUnavailable("timeout")
+
+    monkeypatch.setattr(reconciler_module, "ensure_state_topic", partitions)
+    monkeypatch.setattr(reconciler_module, "AIOKafkaProducer", lambda **o: FakeClient(**o))
+    monkeypatch.setattr(reconciler_module, "KafkaPublisher", Unreachable)
+    reconciler = Reconciler(
+        settings,
+        luma=StubLuma(),  # type: ignore[arg-type]
+        metrics=ReconcilerMetrics(CollectorRegistry()),
+    )
+    with pytest.raises(KafkaError, match="cannot connect the producer: timeout"):
+        await reconciler.start()
+
+
+async def test_taking_over_and_handing_back_are_logged_with_their_partitions(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="bridge.reconcile")
+    rig = Rig(partitions=3, ours=())
+    failing = [True]
+
+    async def load(settings: Settings, topic: str, partitions: list[int]) -> dict[int, Any]:
+        assert settings is rig.settings
+        if failing[0]:
+            raise KafkaConnectionError()
+        return {2: {"a": Tracked("queued", 1.0), "b": Tracked("queued", 1.0)}}
+
+    monkeypatch.setattr(reconciler_module, "load_changelog", load)
+    await rig.reconciler.take_over([TopicPartition(LIFECYCLE, 2), TopicPartition(LIFECYCLE, 0)])
+    [cannot] = [r for r in caplog.records if r.getMessage().startswith("cannot read")]
+    assert cannot.levelno == logging.ERROR
+    assert cannot.getMessage() == (
+        "cannot read the changelog topic; these partitions wait until it can be read"
+    )
+    assert cannot.fields == {"partitions": [0, 2], "error": "KafkaConnectionError"}  # type: ignore[attr-defined]
+    [taken] = [r for r in caplog.records if r.getMessage() == "partitions taken over"]
+    assert taken.fields == {"partitions": [0, 2], "restoring": [0, 2]}  # type: ignore[attr-defined]
+    failing[0] = False
+    await rig.reconciler.reconcile_once()
+    [restored] = [
+        r for r in caplog.records if r.getMessage() == "state restored from the changelog"
+    ]
+    assert restored.fields == {"restored": {"0": 0, "2": 2}}  # type: ignore[attr-defined]
+    rig.consumer.assigned = {TopicPartition(LIFECYCLE, 0), TopicPartition(LIFECYCLE, 2)}
+    rig.log.state("x", "queued", partition=0)
+    await rig.read()
+    rig.changelog.fail = True
+    await rig.reconciler.release([TopicPartition(LIFECYCLE, 0)])
+    [unsaved] = [r for r in caplog.records if "state of revoked" in r.getMessage()]
+    assert unsaved.getMessage() == "could not save the state of revoked partitions"
+    assert isinstance(unsaved.fields["error"], KafkaConnectionError)  # type: ignore[attr-defined]
+    rig.changelog.fail = False
+    await rig.reconciler.release([TopicPartition(LIFECYCLE, 2)])
+    handed = [r for r in caplog.records if r.getMessage() == "partitions handed back"]
+    assert [r.fields for r in handed] == [  # type: ignore[attr-defined]
+        {"partitions": [0], "committed": {}},
+        {"partitions": [2], "committed": {}},
+    ]
+
+
+async def test_a_refused_key_says_what_to_check(caplog: pytest.LogCaptureFixture) -> None:
+    rig = Rig()
+    await stuck(rig)
+    rig.luma.errors["g"] = KeyRejected("unauthorized", 403)
+    await rig.reconciler.reconcile_once()
+    [line] = [r for r in caplog.records if "refused the API key" in r.getMessage()]
+    assert line.getMessage() == (
+        "Luma's API refused the API key (401/403): check LUMA_BRIDGE_LUMA_API_KEY; "
+        "nothing is reconciled until the reconciler restarts with a valid key"
+    )
