@@ -549,7 +549,9 @@ async def test_the_byte_window_counts_what_is_in_flight(parts: Parts) -> None:
     assert publisher.batches == [2, 2, 2, 2]  # room freed as each batch is acknowledged
 
 
-async def test_a_row_beyond_a_full_byte_window_waits_for_room(parts: Parts) -> None:
+async def test_a_row_beyond_a_full_byte_window_waits_for_room(
+    parts: Parts, monkeypatch: pytest.MonkeyPatch
+) -> None:
     await spool_rows(parts.spool, *(rec(f"g{n}", "queued") for n in range(6)))
     [(_, _, size)] = (await parts.spool.index(0, 1))[:1]
     publisher = Batches()
@@ -557,7 +559,10 @@ async def test_a_row_beyond_a_full_byte_window_waits_for_room(parts: Parts) -> N
     parts.publisher = publisher
     lanes = parts.lanes(run=False)
     lanes.WINDOW_BYTES = int(2.5 * size)
+    calls: list[int] = []
+    monkeypatch.setattr(parts.spool, "index", index_in_chunks_of(parts.spool, 1000, calls))
     await rounds(lanes)
+    assert len(calls) == 1  # the window is full: no further read
     lanes._unblocked()
     await rounds(lanes)
     # The second round may always send one row (a row larger than the window must go
@@ -575,7 +580,9 @@ def index_in_chunks_of(spool: Spool, chunk: int, calls: list[int]) -> object:
     return chunked
 
 
-@pytest.mark.parametrize(("window", "scan", "sent"), [(3, 4000, 3), (100, 2, 2), (100, 1, 2)])
+@pytest.mark.parametrize(
+    ("window", "scan", "sent"), [(3, 4000, 3), (100, 2, 2), (100, 1, 2), (100, 3, 4)]
+)
 async def test_a_round_reads_the_spool_until_the_window_or_the_scan_limit_is_reached(
     parts: Parts, monkeypatch: pytest.MonkeyPatch, window: int, scan: int, sent: int
 ) -> None:
@@ -848,3 +855,55 @@ async def test_a_byte_window_of_exactly_two_rows_takes_two(parts: Parts) -> None
     lanes.WINDOW_BYTES = 2 * size
     await rounds(lanes, 4)
     assert publisher.batches == [2, 2]
+
+
+async def test_while_every_row_is_pinned_or_being_sent_the_spool_is_not_read(
+    parts: Parts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lanes = parts.lanes(run=False)
+    parts.publisher.verdict = lambda r: "hold"
+    assert (await lanes.write([rec("a", "queued")], 0.05)).spooled  # pinned
+    await spool_rows(parts.spool, rec("b", "queued"))
+    lanes._unblocked()
+    await rounds(lanes)  # b is sent by the drainer
+    assert len(parts.publisher.sent) == 2
+    calls: list[int] = []
+    monkeypatch.setattr(parts.spool, "index", index_in_chunks_of(parts.spool, 1000, calls))
+    lanes._unblocked()
+    await rounds(lanes, 2)
+    assert calls == []
+
+
+async def test_the_drainers_own_send_renews_an_unusable_producer(parts: Parts) -> None:
+    await spool_rows(parts.spool, rec("g", "queued"))
+    parts.publisher.verdict = lambda r: "OutOfOrderSequenceNumber"
+    lanes = parts.lanes(run=False)
+    await rounds(lanes, 2)
+    lanes._retry_at = 0.0
+    await rounds(lanes)
+    assert parts.publisher.renewals == 1
+
+
+async def test_an_acknowledgement_during_the_spool_write_frees_the_lane(
+    parts: Parts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The send outlives the ack timeout, then Kafka acknowledges it while its row is
+    being written to the spool: the row is deleted and the lane is free again."""
+    insert = parts.spool._insert_sync
+
+    def slow_insert(*args: object) -> int:
+        time.sleep(0.3)
+        return insert(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(parts.spool, "_insert_sync", slow_insert)
+    lanes = parts.lanes()
+    parts.publisher.verdict = lambda r: "hold"
+    writing = asyncio.create_task(lanes.write([rec("g", "queued")], 0.05))
+    await asyncio.sleep(0.15)  # timed out; the row is being written
+    parts.publisher.release()
+    assert (await writing).spooled
+    await wait_until(lambda: parts.spool.records == 0, what="the row deleted")
+    monkeypatch.setattr(parts.spool, "_insert_sync", insert)
+    parts.publisher.verdict = lambda r: None
+    assert not (await lanes.write([rec("g", "dreaming")], 1.0)).spooled
+    assert len(parts.publisher.sent) == 2
