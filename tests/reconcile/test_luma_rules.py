@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncIterator
 from types import SimpleNamespace
 
+import orjson
 import pytest
 from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
@@ -244,3 +245,15 @@ async def test_backoff_doubles_with_jitter_up_to_the_cap_and_retry_after_is_capp
     finally:
         await client.close()
     assert asked == [(0.8, 1.2)] * 3
+
+
+async def test_a_page_is_asked_for_with_its_limit_and_offset(api: FakeLumaAPI) -> None:
+    for n in range(3):
+        api.put({**SEED_COMPLETED_VIDEO, "id": f"page-{n}"})
+    client, _ = client_for(api.base_url)
+    try:
+        page = orjson.loads(await client.list_page(limit=2, offset=1))
+    finally:
+        await client.close()
+    assert [g["id"] for g in page["generations"]] == ["page-1", "page-0"]
+    assert (page["limit"], page["offset"]) == (2, 1)

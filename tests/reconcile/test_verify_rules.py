@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import orjson
 import pytest
 from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
@@ -20,7 +21,9 @@ from bridge.reconcile.verify import (
     Report,
     ReportCache,
     TokenBucket,
+    Unreachable,
     VerificationService,
+    judge,
 )
 from bridge.settings import Settings
 from tests.reconcile.test_verify import FakeLookup, callback
@@ -139,3 +142,46 @@ def test_the_report_cache_keeps_a_report_for_exactly_its_ttl_and_renews_on_put()
     assert cache.get("a") is None
     assert cache.get("missing") is None
     assert (CACHE_SECONDS, CACHE_SIZE) == (10.0, 10_000)
+
+
+def test_unreachable_says_its_reason() -> None:
+    assert str(Unreachable("throttled")) == Unreachable("throttled").reason == "throttled"
+
+
+def test_a_refusal_says_what_the_api_reports() -> None:
+    assets = judge("completed", {"video": "https://x/forged.mp4"}, Report("completed", {}))
+    assert (assets.verified, assets.reason) == (Verified.FALSE, "assets_differ")
+    assert assets.because == "Luma's API reports other assets for this completed generation"
+    state = judge("completed", {}, Report("failed", {}))
+    assert (state.verified, state.reason) == (Verified.FALSE, "state_differs")
+    assert state.because == "Luma's API reports this generation failed"
+
+
+@pytest.mark.parametrize("body", [b"[1, 2]", b'"completed"', b'{"state": 5}', b"{}"])
+async def test_an_answer_that_is_json_but_not_a_generation_is_an_api_error(body: bytes) -> None:
+    metrics = VerificationMetrics(CollectorRegistry())
+    check = LumaVerifier(
+        lookup=FakeLookup(body),
+        enforce=True,
+        timeout=2.0,
+        accept_unknown=False,
+        rate_limit=100.0,
+        metrics=metrics,
+        recheck_delay=0.0,
+    )
+    verdict = await check.verify(callback("completed"))
+    assert (verdict.verified, verdict.action) == (Verified.UNKNOWN, Action.RETRY_LATER)
+
+
+async def test_assets_that_are_not_an_object_count_as_none() -> None:
+    check = LumaVerifier(
+        lookup=FakeLookup(orjson.dumps({"id": "g", "state": "completed", "assets": "oops"})),
+        enforce=True,
+        timeout=2.0,
+        accept_unknown=False,
+        rate_limit=100.0,
+        metrics=VerificationMetrics(CollectorRegistry()),
+        recheck_delay=0.0,
+    )
+    verdict = await check.verify(callback("completed"))
+    assert (verdict.verified, verdict.action) == (Verified.FALSE, Action.REFUSE)
