@@ -257,3 +257,41 @@ async def test_a_page_is_asked_for_with_its_limit_and_offset(api: FakeLumaAPI) -
         await client.close()
     assert [g["id"] for g in page["generations"]] == ["page-1", "page-0"]
     assert (page["limit"], page["offset"]) == (2, 1)
+
+
+async def test_retry_after_is_honoured_over_the_exponential_backoff(api: FakeLumaAPI) -> None:
+    api.fail_next(1, 429, retry_after=1.5)
+    client, _ = client_for(api.base_url, max_backoff=5.0)
+    started = time.monotonic()
+    try:
+        await client.get(GENERATION_ID)
+    finally:
+        await client.close()
+    assert time.monotonic() - started >= 1.4
+
+
+async def test_the_last_failure_leaves_no_pause_behind(api: FakeLumaAPI) -> None:
+    api.fail_next(1, 503, retry_after=3)
+    client, metrics = client_for(api.base_url, max_backoff=5.0, attempts=1)
+    try:
+        with pytest.raises(LumaAPIError) as caught:
+            await client.get(GENERATION_ID)
+        assert (caught.value.reason, caught.value.status) == ("server_error", 503)
+        started = time.monotonic()
+        await client.get(GENERATION_ID)
+        assert time.monotonic() - started < 1.5
+    finally:
+        await client.close()
+    durations = "luma_bridge_reconciler_luma_api_duration_seconds_sum"
+    assert 0 < sample(metrics, durations, endpoint="get") < 1.5
+
+
+async def test_a_429_that_never_ends_is_reported_with_its_status(api: FakeLumaAPI) -> None:
+    api.fail_next(2, 429, retry_after=None)
+    client, _ = client_for(api.base_url, attempts=2)
+    try:
+        with pytest.raises(LumaAPIError) as caught:
+            await client.get(GENERATION_ID)
+    finally:
+        await client.close()
+    assert (caught.value.reason, caught.value.status) == ("rate_limited", 429)

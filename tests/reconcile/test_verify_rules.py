@@ -4,6 +4,7 @@ exact log line of a refused key, and the token bucket and report cache at their 
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 import orjson
@@ -11,6 +12,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
 
+from bridge.contract.callback import parse_callback
 from bridge.delivery.verification import Action, Verified
 from bridge.ops.metrics import VerificationMetrics
 from bridge.reconcile.luma import KeyRejected
@@ -26,7 +28,8 @@ from bridge.reconcile.verify import (
     judge,
 )
 from bridge.settings import Settings
-from tests.reconcile.test_verify import FakeLookup, callback
+from tests.helpers import SEED_COMPLETED_VIDEO
+from tests.reconcile.test_verify import FakeLookup, callback, counted
 
 
 def service_settings(**overrides: Any) -> Settings:
@@ -185,3 +188,91 @@ async def test_assets_that_are_not_an_object_count_as_none() -> None:
     )
     verdict = await check.verify(callback("completed"))
     assert (verdict.verified, verdict.action) == (Verified.FALSE, Action.REFUSE)
+
+
+SERVICE_NEEDS = "verification needs VERIFY=tag|enforce and LUMA_API_KEY"
+
+
+def test_nonsense_bounds_are_refused_saying_which() -> None:
+    with pytest.raises(ValueError, match=r"^rate must be positive and burst at least 1$"):
+        TokenBucket(rate=0.0, burst=1.0)
+    with pytest.raises(ValueError, match=r"^timeout must be above 0 and recheck_delay at least 0$"):
+        LumaVerifier(
+            lookup=FakeLookup(b""),
+            enforce=True,
+            timeout=0.0,
+            accept_unknown=False,
+            rate_limit=1.0,
+            metrics=VerificationMetrics(CollectorRegistry()),
+        )
+    with pytest.raises(ValueError, match=re.escape(SERVICE_NEEDS) + "$"):
+        VerificationService(
+            service_settings(verify="off"), metrics=VerificationMetrics(CollectorRegistry())
+        )
+
+
+async def test_the_service_reports_to_the_metrics_it_is_given() -> None:
+    metrics = VerificationMetrics(CollectorRegistry())
+    service = VerificationService(service_settings(), metrics=metrics)
+    try:
+        assert service.client._metrics is metrics
+        assert service.verifier._metrics is metrics
+    finally:
+        await service.close()
+
+
+class RecordingLookup(FakeLookup):
+    def __init__(self, *answers: Any) -> None:
+        super().__init__(*answers)
+        self.ids: list[str] = []
+
+    async def get(self, generation_id: str) -> bytes:
+        self.ids.append(generation_id)
+        return await super().get(generation_id)
+
+
+def made(lookup: FakeLookup, **options: Any) -> tuple[LumaVerifier, VerificationMetrics]:
+    metrics = VerificationMetrics(CollectorRegistry())
+    values: dict[str, Any] = {
+        "enforce": True,
+        "timeout": 2.0,
+        "accept_unknown": False,
+        "rate_limit": 100.0,
+        "recheck_delay": 0.0,
+        **options,
+    }
+    return LumaVerifier(lookup=lookup, metrics=metrics, **values), metrics
+
+
+async def test_the_cache_follows_the_verifiers_clock_and_compares_assets_on_a_hit() -> None:
+    now = [0.0]
+    body = orjson.dumps({**SEED_COMPLETED_VIDEO})
+    lookup = RecordingLookup(body)
+    check, metrics = made(lookup, clock=lambda: now[0])
+    assert (await check.verify(callback("completed"))).verified is Verified.TRUE
+    assert (await check.verify(callback("completed"))).verified is Verified.TRUE  # cached
+    assert lookup.ids == [SEED_COMPLETED_VIDEO["id"]]
+    assert counted(metrics, "true", "cached") == 1
+    now[0] = 10.5  # past the cache's 10 s on the verifier's clock
+    await check.verify(callback("completed"))
+    assert len(lookup.ids) == 2
+
+
+async def test_json_that_is_not_a_generation_is_counted_as_an_api_error() -> None:
+    check, metrics = made(FakeLookup(b"[1, 2]"))
+    await check.verify(callback("completed"))
+    assert counted(metrics, "unknown", "api_error") == 1
+
+
+async def test_a_callback_with_integers_orjson_refuses_is_still_compared() -> None:
+    body = orjson.dumps(SEED_COMPLETED_VIDEO)[:-1] + b',"huge":100000000000000000000000000}'
+    check, _ = made(FakeLookup(orjson.dumps(SEED_COMPLETED_VIDEO)))
+    verdict = await check.verify(parse_callback(body))
+    assert verdict.verified is Verified.TRUE
+
+
+async def test_a_callback_without_assets_claims_none() -> None:
+    body = orjson.dumps({**SEED_COMPLETED_VIDEO, "assets": None})
+    check, _ = made(FakeLookup(orjson.dumps(SEED_COMPLETED_VIDEO)))
+    verdict = await check.verify(parse_callback(body))
+    assert verdict.verified is Verified.TRUE
