@@ -422,7 +422,7 @@ async def test_settle_gives_up_at_the_deadline_while_kafka_is_away(parts: Parts)
     started = time.monotonic()
     await lanes.settle(started + 0.5)
     took = time.monotonic() - started
-    assert 0.45 <= took < 1.5, took
+    assert 0.45 <= took < 0.95, took  # waits of at most 0.2 s, the last cut at the deadline
     assert parts.spool.records == 1  # kept for the next start
 
 
@@ -454,7 +454,7 @@ async def test_settle_warns_when_acknowledged_rows_cannot_be_deleted_in_time(
     started = time.monotonic()
     await lanes.settle(started + 0.2)
     took = time.monotonic() - started
-    assert 0.25 <= took < 1.5, took  # the deadline, then at least 0.1 s for the delete
+    assert 0.25 <= took < 1.0, took  # the deadline, then 0.1 s for the delete
     [line] = logged(caplog, "could not delete acknowledged rows")
     assert line.levelno == logging.WARNING
     assert line.getMessage() == "could not delete acknowledged rows in time; they are sent again"
