@@ -47,7 +47,7 @@ from bridge.edge.encoding import (
 )
 from bridge.edge.limits import BodyBudget, BodyLimit, mark_body_received, mark_request_started
 from bridge.edge.ratelimit import RateLimiter
-from bridge.ops.logs import FIELDS
+from bridge.ops.logs import log_line
 from bridge.ops.metrics import Metrics, state_label
 from bridge.ops.tracing import TRACING_OFF, Tracing
 
@@ -332,13 +332,7 @@ class CallbackHandler:
             fields["spooled"] = True
         if result.placements:
             fields["records"] = [f"{p.topic}/{p.partition}@{p.offset}" for p in result.placements]
-        # The record is made directly: `log.info` would first walk the stack for the
-        # caller's file and line (`findCaller`), which no line of ours prints.
-        log.handle(
-            log.makeRecord(
-                log.name, logging.INFO, __file__, 0, "callback", (), None, extra={FIELDS: fields}
-            )
-        )
+        log_line(log, logging.INFO, "callback", fields)
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
