@@ -23,6 +23,7 @@ aiohttp's `auto_decompress` off): `bridge.edge.encoding` does it here.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -318,7 +319,7 @@ class CallbackHandler:
             "status": status,
             "latency_ms": round(elapsed * 1000, 3),
             "path": masked_path(request),
-            "source": str(source) if source is not None else "unknown",
+            "source": address_text(source),
         }
         if callback is not None:
             fields.update(
@@ -333,6 +334,13 @@ class CallbackHandler:
         if result.placements:
             fields["records"] = [f"{p.topic}/{p.partition}@{p.offset}" for p in result.placements]
         log_line(log, logging.INFO, "callback", fields)
+
+
+@functools.lru_cache(maxsize=4096)
+def address_text(address: IPAddress | None) -> str:
+    """An address for the log line. Cached like `parse_address`, which makes the same few
+    address objects over and over: `str()` of one took most of the line's fields' time."""
+    return str(address) if address is not None else "unknown"
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
