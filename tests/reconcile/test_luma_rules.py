@@ -91,13 +91,19 @@ def test_retry_after_is_never_negative_and_empty_is_absent() -> None:
     ],
 )
 def test_settings_that_cannot_work_are_refused(options: dict[str, float]) -> None:
-    with pytest.raises(ValueError, match="rate_limit, timeout and max_backoff must be above 0"):
+    with pytest.raises(ValueError, match=r"^rate_limit, timeout and max_backoff must be above 0$"):
         client_for(**options)  # type: ignore[arg-type]
 
 
 def test_at_least_one_attempt() -> None:
-    with pytest.raises(ValueError, match="attempts must be at least 1"):
+    with pytest.raises(ValueError, match=r"^attempts must be at least 1$"):
         client_for(attempts=0)
+
+
+async def test_a_rate_below_one_a_second_is_allowed() -> None:
+    client, _ = client_for(rate=0.5)
+    await client.close()
+    assert client._interval == 2.0
 
 
 async def test_the_official_client_gets_the_key_url_timeout_and_no_retries_of_its_own() -> None:
@@ -295,3 +301,15 @@ async def test_a_429_that_never_ends_is_reported_with_its_status(api: FakeLumaAP
     finally:
         await client.close()
     assert (caught.value.reason, caught.value.status) == ("rate_limited", 429)
+
+
+async def test_slots_do_not_bank_up_while_idle(clock: Clock) -> None:
+    client, _ = client_for(rate=4.0)
+    try:
+        await client._take_slot()
+        clock.now += 10.0  # idle for a while
+        for _ in range(3):
+            await client._take_slot()
+    finally:
+        await client.close()
+    assert clock.sleeps == [0.25, 0.25]

@@ -223,3 +223,10 @@ def test_restore_merges_forward(live: Tracked, saved: Tracked, merged: Tracked) 
     tracker.restore(0, {"g": replace(live)})  # an entry of any state, as a changelog may hold
     tracker.restore(0, {"g": replace(saved)})
     assert tracker.get(0, "g") == merged
+
+
+def test_a_known_state_moves_on_from_a_restored_unknown_one() -> None:
+    tracker = tracker_with(0)
+    tracker.restore(0, {"g": Tracked("paused", 1.0)})  # written by a newer version
+    tracker.observe(0, "g", "queued", 2.0)
+    assert tracker.get(0, "g") == Tracked("queued", 2.0)
