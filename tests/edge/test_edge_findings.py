@@ -165,7 +165,10 @@ async def test_bodies_in_flight_are_bounded_by_a_global_budget() -> None:
             await wait_until(lambda: edge.sample("luma_bridge_inflight_requests") == 1, timeout=10)
             second = await send_raw(edge.port, big + b"{")
             assert second.status == 503
-            assert json.loads(second.body)["status"] == "unavailable"
+            assert json.loads(second.body) == {
+                "status": "unavailable",
+                "error": "too many request bodies in flight; retry later",
+            }
             assert second.headers.get("retry-after") == "1"
             assert edge.sample("luma_bridge_shed_total", reason="body_budget") == 1
         finally:

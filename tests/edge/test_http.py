@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
+import gzip
 import json
 import logging
+import random
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp.web_protocol
 import pytest
+from aiohttp.http_parser import HttpRequestParserPy
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client import CollectorRegistry
 
@@ -20,7 +26,7 @@ from bridge.edge.auth import Authenticator, TokenAuth
 from bridge.edge.http import CallbackHandler, create_app
 from bridge.edge.limits import Phase
 from bridge.ops.metrics import Metrics
-from tests.edge.support import request_bytes, running_edge, send_raw
+from tests.edge.support import RawAnswer, read_answer, request_bytes, running_edge, send_raw
 from tests.helpers import SEED_COMPLETED_VIDEO, TOKEN, MemoryPublisher, wait_until
 
 PATH = f"/luma/callback/{TOKEN}"
@@ -418,3 +424,152 @@ async def test_the_logged_latency_is_the_observed_answer_time_in_milliseconds(
     seconds = edge.sample("luma_bridge_callback_duration_seconds_sum", outcome="accepted")
     assert 0 < seconds < 60
     assert record.__dict__["fields"]["latency_ms"] == round(seconds * 1000, 3)
+
+
+# Bodies that come after the head, in chunks (the streamed path of `_read_body`), and the
+# global body budget they reserve as they grow. The budget is exactly one body here, so a
+# reservation counted twice shows as a 503.
+
+STREAM_LIMIT = 16 * 1024
+
+
+def callback_of_size(size: int) -> bytes:
+    """The seed callback padded with an unknown member to exactly `size` bytes."""
+    bare = json.dumps({**SEED_COMPLETED_VIDEO, "pad": ""}).encode()
+    body = json.dumps({**SEED_COMPLETED_VIDEO, "pad": "x" * (size - len(bare))}).encode()
+    assert len(body) == size
+    return body
+
+
+async def stream(port: int, body: bytes, *, pieces: int = 4) -> RawAnswer:
+    """POST `body` chunked, in `pieces` chunks, each sent once the head is being handled."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        head = request_bytes(
+            body=b"", headers={"Transfer-Encoding": "chunked"}, content_length=False
+        )
+        writer.write(head)
+        await writer.drain()
+        step = -(-len(body) // pieces)
+        # An answer may come (and the connection close) before the last chunk is sent.
+        with contextlib.suppress(ConnectionError):
+            for start in range(0, len(body), step):
+                piece = body[start : start + step]
+                writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                await writer.drain()
+                # Give the handler a turn to read this chunk on its own (a later chunk
+                # coalesced with it still has to give the same answer).
+                await asyncio.sleep(0.05)
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+        return await read_answer(reader, timeout=10)
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+async def test_a_streamed_body_of_the_limit_is_taken_whole_and_one_byte_more_is_413() -> None:
+    async with running_edge(
+        max_body_bytes=STREAM_LIMIT, max_buffered_body_bytes=STREAM_LIMIT
+    ) as listener:
+        body = callback_of_size(STREAM_LIMIT)
+        answer = await stream(listener.port, body)
+        assert answer.status == 200, answer.body
+        values = {record.topic: record.value for record in listener.publisher.records}
+        assert json.loads(values["t.completed"]) == json.loads(body)
+        # Each chunk is smaller than the limit; only their sum is over it.
+        over = await stream(listener.port, callback_of_size(STREAM_LIMIT + 1))
+        assert over.status == 413
+        assert json.loads(over.body) == {
+            "status": "rejected",
+            "error": f"body larger than {STREAM_LIMIT} bytes",
+        }
+        assert listener.sample("luma_bridge_shed_total", reason="body_budget") == 0
+        # The budget came back whole: the largest body is still taken.
+        again = await stream(listener.port, callback_of_size(STREAM_LIMIT).replace(b"x", b"y"))
+        assert again.status == 200
+
+
+async def test_a_compressed_body_reserves_its_bytes_as_received_and_decoded_once() -> None:
+    """The budget holds the body as received and decoded, each counted once: a gzip
+    body whose two forms together fit the budget is taken, and gives all of it back."""
+    async with running_edge(
+        max_body_bytes=STREAM_LIMIT, max_buffered_body_bytes=STREAM_LIMIT
+    ) as listener:
+        noise = base64.b64encode(random.Random(7).randbytes(4 * 1024)).decode()
+        body = json.dumps({**SEED_COMPLETED_VIDEO, "noise": noise}).encode()
+        raw = gzip.compress(body)
+        # Received and decoded fit; counting the received bytes twice more would not.
+        assert len(raw) + len(body) <= STREAM_LIMIT < 3 * len(raw) + len(body)
+        for _ in range(2):
+            answer = await send_raw(
+                listener.port, request_bytes(body=raw, headers={"Content-Encoding": "gzip"})
+            )
+            assert answer.status == 200, answer.body
+        assert listener.sample("luma_bridge_shed_total", reason="body_budget") == 0
+
+
+async def test_a_chunked_body_reserves_nothing_before_its_bytes_arrive() -> None:
+    """With the whole budget held by a slow sender, an empty chunked body is still read
+    (and refused as invalid JSON), not shed for a byte it never sent."""
+    async with running_edge(
+        max_body_bytes=STREAM_LIMIT, max_buffered_body_bytes=STREAM_LIMIT
+    ) as listener:
+        holder = request_bytes(headers={"Content-Length": str(STREAM_LIMIT)}, body=b"{")
+        _, slow = await asyncio.open_connection("127.0.0.1", listener.port)
+        try:
+            slow.write(holder)  # holds the whole budget while it trickles
+            await slow.drain()
+            await wait_until(
+                lambda: listener.sample("luma_bridge_inflight_requests") == 1, timeout=10
+            )
+            empty = request_bytes(
+                body=b"0\r\n\r\n", headers={"Transfer-Encoding": "chunked"}, content_length=False
+            )
+            answer = await send_raw(listener.port, empty)
+            assert answer.status == 400
+            assert json.loads(answer.body)["status"] == "invalid"
+            assert listener.sample("luma_bridge_shed_total", reason="body_budget") == 0
+        finally:
+            slow.close()
+            with contextlib.suppress(ConnectionError):
+                await slow.wait_closed()
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [
+        pytest.param(b"zz\r\n", id="chunk-size-not-hex"),
+        pytest.param(b"3\r\nabcdef\r\n", id="chunk-longer-than-its-size"),
+    ],
+)
+async def test_a_broken_chunked_encoding_is_400_malformed_with_the_pure_python_parser(
+    monkeypatch: pytest.MonkeyPatch, broken: bytes
+) -> None:
+    """Where aiohttp runs without its C extensions (AIOHTTP_NO_EXTENSIONS=1, or no wheel
+    for the platform) its parser fails the body itself: 400, nothing written. (With the C
+    parser such a body is never finished and the body deadline answers 408.)"""
+    monkeypatch.setattr(aiohttp.web_protocol, "HttpRequestParser", HttpRequestParserPy)
+    async with running_edge() as listener:
+        reader, writer = await asyncio.open_connection("127.0.0.1", listener.port)
+        try:
+            writer.write(
+                request_bytes(
+                    body=b"", headers={"Transfer-Encoding": "chunked"}, content_length=False
+                )
+            )
+            await writer.drain()
+            await wait_until(
+                lambda: listener.sample("luma_bridge_inflight_requests") == 1, timeout=10
+            )
+            writer.write(broken)
+            await writer.drain()
+            answer = await read_answer(reader, timeout=5)
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+        assert answer.status == 400
+        assert json.loads(answer.body) == {"status": "rejected", "error": "malformed request body"}
+        assert listener.publisher.records == []
