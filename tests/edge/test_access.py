@@ -356,3 +356,23 @@ async def test_a_webhook_retry_under_a_custom_callback_path_is_the_same_redacted
     ]
     assert [line["outcome"] for line in lines] == ["accepted", "duplicate"]
     assert "reason" not in lines[1]
+
+
+async def test_a_signed_callback_answered_503_is_taken_on_the_senders_retry() -> None:
+    """Kafka down: the signed callback is answered 503 for the pipeline's reason (its
+    webhook id given back, not an internal error); the retry with the same id and body,
+    once Kafka is back, is accepted and written once."""
+    async with running_edge(hmac_secrets=HMAC_SECRET, dedupe_window_size=0) as edge:
+        request = request_bytes(headers=signed_headers(SEED_BODY))
+        edge.publisher.failing = "KafkaTimeoutError"
+        first = await send_raw(edge.port, request)
+        assert first.status == 503
+        assert json.loads(first.body) == {
+            "status": "unavailable",
+            "error": "Kafka unavailable: KafkaTimeoutError; retry later",
+        }
+        edge.publisher.failing = None
+        retried = await send_raw(edge.port, request)
+        assert retried.status == 200
+        assert "duplicate" not in json.loads(retried.body)
+        assert len(edge.publisher.records) == 2

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import contextlib
 import gzip
+import ipaddress
 import json
 import logging
 import random
@@ -26,7 +27,16 @@ from bridge.edge.auth import Authenticator, TokenAuth
 from bridge.edge.http import CallbackHandler, create_app
 from bridge.edge.limits import Phase
 from bridge.ops.metrics import Metrics
-from tests.edge.support import RawAnswer, read_answer, request_bytes, running_edge, send_raw
+from bridge.ops.tracing import Tracing
+from bridge.server import callback_app
+from tests.edge.support import (
+    RawAnswer,
+    edge_settings,
+    read_answer,
+    request_bytes,
+    running_edge,
+    send_raw,
+)
 from tests.helpers import SEED_COMPLETED_VIDEO, TOKEN, MemoryPublisher, wait_until
 
 PATH = f"/luma/callback/{TOKEN}"
@@ -512,7 +522,7 @@ async def test_a_compressed_body_reserves_its_bytes_as_received_and_decoded_once
 
 async def test_a_chunked_body_reserves_nothing_before_its_bytes_arrive() -> None:
     """With the whole budget held by a slow sender, an empty chunked body is still read
-    (and refused as invalid JSON), not shed for a byte it never sent."""
+    (and refused as invalid JSON), not shed for a byte it never sent; a 2-byte body is shed."""
     async with running_edge(
         max_body_bytes=STREAM_LIMIT, max_buffered_body_bytes=STREAM_LIMIT
     ) as listener:
@@ -531,6 +541,10 @@ async def test_a_chunked_body_reserves_nothing_before_its_bytes_arrive() -> None
             assert answer.status == 400
             assert json.loads(answer.body)["status"] == "invalid"
             assert listener.sample("luma_bridge_shed_total", reason="body_budget") == 0
+            # Whereas any byte more than the budget is shed, the smallest body included.
+            tiny = await send_raw(listener.port, request_bytes(body=b"{}"))
+            assert tiny.status == 503
+            assert listener.sample("luma_bridge_shed_total", reason="body_budget") == 1
         finally:
             slow.close()
             with contextlib.suppress(ConnectionError):
@@ -573,3 +587,59 @@ async def test_a_broken_chunked_encoding_is_400_malformed_with_the_pure_python_p
         assert answer.status == 400
         assert json.loads(answer.body) == {"status": "rejected", "error": "malformed request body"}
         assert listener.publisher.records == []
+
+
+async def test_a_compressed_body_is_shed_when_its_decoded_bytes_do_not_fit_the_budget() -> None:
+    """What a body decodes to counts against the budget too (a small gzip body can
+    decode to the limit): with half the budget held, one that decodes to nearly the
+    limit is shed, and one that decodes to less is taken."""
+    async with running_edge(
+        max_body_bytes=STREAM_LIMIT, max_buffered_body_bytes=2 * STREAM_LIMIT
+    ) as listener:
+        holder = request_bytes(headers={"Content-Length": str(STREAM_LIMIT)}, body=b"{")
+        _, slow = await asyncio.open_connection("127.0.0.1", listener.port)
+        try:
+            slow.write(holder)  # holds half the budget while it trickles
+            await slow.drain()
+            await wait_until(
+                lambda: listener.sample("luma_bridge_inflight_requests") == 1, timeout=10
+            )
+            large = gzip.compress(callback_of_size(STREAM_LIMIT - 16))
+            assert len(large) > 16  # received and decoded together: over the half left
+            shed = await send_raw(
+                listener.port, request_bytes(body=large, headers={"Content-Encoding": "gzip"})
+            )
+            assert shed.status == 503
+            assert listener.sample("luma_bridge_shed_total", reason="body_budget") == 1
+            small = gzip.compress(callback_of_size(STREAM_LIMIT // 2))
+            taken = await send_raw(
+                listener.port, request_bytes(body=small, headers={"Content-Encoding": "gzip"})
+            )
+            assert taken.status == 200, taken.body
+        finally:
+            slow.close()
+            with contextlib.suppress(ConnectionError):
+                await slow.wait_closed()
+
+
+TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+async def test_a_trusted_peers_trace_context_is_carried_into_the_records() -> None:
+    """The callback is handled in the context its (trusted) peer sent: its records carry
+    that trace (export off: the incoming context is passed on as it came)."""
+    settings = edge_settings()
+    publisher = MemoryPublisher()
+    metrics = Metrics(CollectorRegistry())
+    tracing = Tracing(trusted_proxies=(ipaddress.ip_network("127.0.0.1/32"),))
+    app = callback_app(settings, publisher=publisher, metrics=metrics, tracing=tracing)
+    async with TestClient(TestServer(app)) as client:
+        response = await client.post(
+            PATH,
+            data=json.dumps(SEED_COMPLETED_VIDEO).encode(),
+            headers={"Content-Type": "application/json", "traceparent": TRACEPARENT},
+        )
+        assert response.status == 200
+    assert len(publisher.records) == 2
+    for record in publisher.records:
+        assert dict(record.headers)["traceparent"] == TRACEPARENT.encode()
