@@ -376,3 +376,22 @@ async def test_a_signed_callback_answered_503_is_taken_on_the_senders_retry() ->
         assert retried.status == 200
         assert "duplicate" not in json.loads(retried.body)
         assert len(edge.publisher.records) == 2
+
+
+async def test_a_source_that_cannot_be_told_is_logged_as_unknown(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Without an allow-list such a callback is taken; its log line says the source is
+    unknown, and a known one is logged as its address."""
+    caplog.set_level(logging.INFO, logger="bridge.edge.http")
+    async with running_edge(trusted_proxies="127.0.0.1") as edge:
+        garbled = request_bytes(headers={"X-Forwarded-For": "not-an-ip"})
+        assert (await send_raw(edge.port, garbled)).status == 200
+        forwarded = request_bytes(headers={"X-Forwarded-For": "192.0.2.7"})
+        assert (await send_raw(edge.port, forwarded)).status == 200
+    sources = [
+        record.__dict__[FIELDS]["source"]
+        for record in caplog.records
+        if record.name == "bridge.edge.http" and record.getMessage() == "callback"
+    ]
+    assert sources == ["unknown", "192.0.2.7"]
