@@ -99,6 +99,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="then the raw producer open loop at the curve's rates, linger 0 and 5 ms: "
         "produce requests and CPU per callback (why open-loop arrivals cost more)",
     )
+    parser.add_argument(
+        "--broker",
+        choices=("tansu", "apache"),
+        default="tansu",
+        help="tansu (embedded, memory only; the default) or apache: one Apache Kafka node "
+        "(KRaft, from Maven Central like the test suite's; Java 17 and Maven), with the "
+        "idempotent producer on for the bridge and the floor, as on a real cluster",
+    )
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to cores")
     parser.add_argument("--no-install", action="store_true", help="never pip install")
     args = parser.parse_args(argv)
@@ -161,7 +169,12 @@ def main(argv: list[str] | None = None) -> int:
     bridge_args = shlex.split(args.bridge_args)
     results["settings"]["bridge_args"] = bridge_args
     results["settings"]["variants"] = args.variants
-    with harness.running_stack(layout, workdir, http_targets, bridge_args, args.variants) as stack:
+    results["settings"]["broker"] = args.broker
+    with harness.running_stack(
+        layout, workdir, http_targets, bridge_args, args.variants, broker=args.broker
+    ) as stack:
+        if isinstance(stack.broker_service, harness.ApacheKafkaBroker):
+            results["machine"]["broker"] = stack.broker_service.version
         for target in http_targets:
             log(f"warming up {target}")
             harness.measure_http(stack, target, templates, 64, 2)

@@ -4,7 +4,8 @@ An aiohttp app (uvloop, no access log) whose handler reads the body, takes the g
 id and state from it (orjson), and writes the bridge's two records: the per-state and the
 lifecycle record, same topics, key, value and headers (the `luma-*` and CloudEvents
 `ce_*` set, with ids of the same length), acks=all, the bridge's own producer settings
-(`producer_options` of the default `Settings`, idempotence off as against Tansu). Both
+(`producer_options` of the default `Settings`; idempotence off against Tansu, on with
+`--idempotent` against Apache Kafka, as the bridge's default). Both
 records are handed to the producer at once and the answer waits for both
 acknowledgements, as the bridge does. No validation, spool, dedupe, logs or metrics.
 The bridge's CPU per callback is measured against this one (issue 14: at most 1.5 x).
@@ -99,7 +100,7 @@ async def naive_callback(request: web.Request) -> web.Response:
     return web.json_response({"status": "accepted", "event_id": headers[1][1].decode()})
 
 
-def create_app(bootstrap: str, *, naive: bool = False) -> web.Application:
+def create_app(bootstrap: str, *, naive: bool = False, idempotent: bool = False) -> web.Application:
     if naive:
         options: dict[str, Any] = {
             "bootstrap_servers": bootstrap,
@@ -107,7 +108,9 @@ def create_app(bootstrap: str, *, naive: bool = False) -> web.Application:
             "enable_idempotence": False,
         }
     else:
-        settings = load_settings(kafka_bootstrap_servers=bootstrap, kafka_enable_idempotence=False)
+        settings = load_settings(
+            kafka_bootstrap_servers=bootstrap, kafka_enable_idempotence=idempotent
+        )
         options = producer_options(settings)
 
     async def producer_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -130,8 +133,12 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--bootstrap", required=True)
     parser.add_argument("--naive", action="store_true", help="two send_and_wait per request")
+    parser.add_argument(
+        "--idempotent", action="store_true", help="the idempotent producer (Apache Kafka)"
+    )
     args = parser.parse_args()
-    serve(create_app(args.bootstrap, naive=args.naive), args.host, args.port)
+    app = create_app(args.bootstrap, naive=args.naive, idempotent=args.idempotent)
+    serve(app, args.host, args.port)
 
 
 if __name__ == "__main__":

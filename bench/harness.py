@@ -190,17 +190,52 @@ def run_json_tool(command: Sequence[str], cpus: frozenset[int], sample_pid: bool
     return result
 
 
+class ApacheKafkaBroker:
+    """One Apache Kafka node (KRaft, controller and broker in one `java` process, data on
+    disk) from the test suite's launcher, in the place of the Tansu `Service`."""
+
+    def __init__(self, workdir: Path, cpus: frozenset[int]) -> None:
+        from tests.kafka.launcher import KafkaCluster
+
+        self.name = "broker"
+        self.cluster = KafkaCluster.combined(workdir / "apache-kafka")
+        # The node inherits this process's CPUs: the broker's while it starts.
+        mine = os.sched_getaffinity(0)
+        pin_self(cpus)
+        try:
+            self.cluster.start()
+        finally:
+            pin_self(frozenset(mine))
+        self.port = int(self.cluster.bootstrap.rsplit(":", 1)[1])
+        self.ps = psutil.Process(self.cluster.nodes[0].process.pid)  # type: ignore[union-attr]
+
+    @property
+    def version(self) -> str:
+        return f"apache-kafka-{self.cluster.version}"
+
+    def cpu_seconds(self) -> float:
+        times = self.ps.cpu_times()
+        return float(times.user + times.system)
+
+    def stop(self) -> None:
+        self.cluster.stop()
+        self.cluster.remove()
+
+
 @dataclass
 class Stack:
     """The broker and the HTTP targets, running for the whole benchmark."""
 
     layout: Layout
     workdir: Path
+    #: `tansu` (memory only, no idempotent producer) or `apache` (Apache Kafka, one node).
+    broker: str = "tansu"
     broker_port: int = 0
     bridge_args: Sequence[str] = ()
     #: Extra bridge targets, `bridge:NAME`, each with its own extra `serve` flags.
     variants: dict[str, Sequence[str]] = field(default_factory=dict)
     services: dict[str, Service] = field(default_factory=dict)
+    broker_service: Service | ApacheKafkaBroker | None = None
 
     @property
     def bootstrap(self) -> str:
@@ -209,8 +244,21 @@ class Stack:
     def url(self, target: str) -> str:
         return f"http://127.0.0.1:{self.services[target].port}{CALLBACK_PATH}/{TOKEN}"
 
+    @property
+    def idempotent(self) -> bool:
+        """The bridge's default (on) where the broker has the idempotent producer."""
+        return self.broker == "apache"
+
     def start(self, targets: Sequence[str]) -> None:
-        logs = self.workdir
+        if self.broker == "apache":
+            apache = ApacheKafkaBroker(self.workdir, self.layout.broker)
+            self.broker_service = apache
+            self.broker_port = apache.port
+        else:
+            self._start_tansu()
+        self._start_targets(targets)
+
+    def _start_tansu(self) -> None:
         self.broker_port = free_port()
         listener = f"tcp://{self.bootstrap}"
         broker = Service(
@@ -226,11 +274,14 @@ class Stack:
                 ],
                 self.layout.broker,
             ),
-            logs,
+            self.workdir,
             self.broker_port,
         )
-        self.services["broker"] = broker
+        self.broker_service = broker
         broker.wait_listening()
+
+    def _start_targets(self, targets: Sequence[str]) -> None:
+        logs = self.workdir
         subprocess.run(  # noqa: S603 - our own CLI
             [
                 sys.executable,
@@ -253,6 +304,7 @@ class Stack:
             "minimal": lambda port: [py, "-m", "bench.minimal", "--port", str(port)],
             "floor": lambda port: [
                 *(py, "-m", "bench.floor", "--port", str(port), "--bootstrap", self.bootstrap),
+                *(["--idempotent"] if self.idempotent else []),
             ],
             "naive": lambda port: [
                 *(py, "-m", "bench.floor", "--port", str(port), "--bootstrap", self.bootstrap),
@@ -287,7 +339,8 @@ class Stack:
             *(sys.executable, "-m", "bridge", "serve", "--host", "127.0.0.1", "--port", str(port)),
             *("--admin-port", str(free_port()), "--auth-tokens", TOKEN),
             *("--kafka-bootstrap-servers", self.bootstrap),
-            *("--kafka-enable-idempotence", "false", "--log-format", "json"),
+            *("--kafka-enable-idempotence", str(self.idempotent).lower()),
+            *("--log-format", "json"),
             # Shutdown and storage only, not the hot path: no 5 s wait at the end,
             # and the spool stays in the scratch directory (one per bridge).
             *("--drain-delay", "0", "--spool-dir", str(spool)),
@@ -299,6 +352,10 @@ class Stack:
             with contextlib.suppress(Exception):
                 self.services[name].stop()
         self.services.clear()
+        if self.broker_service is not None:
+            with contextlib.suppress(Exception):
+                self.broker_service.stop()
+            self.broker_service = None
 
 
 @contextlib.contextmanager
@@ -308,8 +365,11 @@ def running_stack(
     targets: Sequence[str],
     bridge_args: Sequence[str] = (),
     variants: dict[str, Sequence[str]] | None = None,
+    broker: str = "tansu",
 ) -> Iterator[Stack]:
-    stack = Stack(layout, workdir, bridge_args=bridge_args, variants=dict(variants or {}))
+    stack = Stack(
+        layout, workdir, broker=broker, bridge_args=bridge_args, variants=dict(variants or {})
+    )
     try:
         stack.start(targets)
         yield stack
@@ -374,7 +434,8 @@ def measure_open_loop(
 ) -> dict[str, Any]:
     """One open-loop run at `rate` requests/s, with the server's CPU and peak RSS."""
     service = stack.services[target]
-    broker = stack.services["broker"]
+    broker = stack.broker_service
+    assert broker is not None
     broker_before = broker.cpu_seconds()
     cpu_before, wall_before = service.cpu_seconds(), time.monotonic()
     with RssSampler(service.process.pid) as sampler:

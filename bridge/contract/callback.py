@@ -224,6 +224,13 @@ def _within_bounds(document: Any) -> bool:
     return True
 
 
+def _surely_within_bounds(body: bytes) -> bool:
+    """True when the raw body is too small to break the bounds, whatever it holds: no
+    string decodes longer than the body, and no nesting is deeper than its brackets.
+    (The walk below costs as much as the decoding of a typical callback.)"""
+    return len(body) <= MAX_STRING_CHARS and body.count(b"{") + body.count(b"[") <= MAX_JSON_DEPTH
+
+
 def decode_object(body: bytes) -> dict[str, Any]:
     """Decode strict UTF-8 JSON whose top level is an object, or raise `InvalidCallback`."""
     try:
@@ -234,7 +241,7 @@ def decode_object(body: bytes) -> dict[str, Any]:
         raise InvalidCallback("body is not valid UTF-8 JSON", "json") from None
     if not isinstance(document, dict):
         raise InvalidCallback("body is not a JSON object", "shape")
-    if not _within_bounds(document):
+    if not _surely_within_bounds(body) and not _within_bounds(document):
         raise InvalidCallback(
             f"body nests deeper than {MAX_JSON_DEPTH} or holds a string longer than "
             f"{MAX_STRING_CHARS} characters",

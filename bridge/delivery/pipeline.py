@@ -126,13 +126,13 @@ class Pipeline:
     async def _publish_once(self, callback: Callback, received_at: datetime) -> Result:
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         self._in_flight[callback.event_id] = future
-        result = Result(Outcome.UNAVAILABLE, "interrupted", callback)
+        result: Result | None = None
         try:
             result = await self._verify_and_publish(callback, received_at)
             return result
         finally:
             del self._in_flight[callback.event_id]
-            future.set_result(result)
+            future.set_result(result or Result(Outcome.UNAVAILABLE, "interrupted", callback))
 
     async def _verify_and_publish(self, callback: Callback, received_at: datetime) -> Result:
         if self._verifier is None:

@@ -41,7 +41,9 @@ def codings(header: str | None) -> list[str]:
 
     Raises `UnsupportedEncoding` for any coding not in `SUPPORTED`, or too many.
     """
-    names = [name.strip().lower() for name in (header or "").split(",") if name.strip()]
+    if not header:
+        return []  # nearly every callback: no Content-Encoding
+    names = [name.strip().lower() for name in header.split(",") if name.strip()]
     applied = [name for name in names if name != "identity"]
     if len(applied) > MAX_CODINGS or any(name not in SUPPORTED for name in applied):
         raise UnsupportedEncoding("content encoding must be gzip, deflate or identity")

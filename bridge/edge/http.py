@@ -23,6 +23,7 @@ aiohttp's `auto_decompress` off): `bridge.edge.encoding` does it here.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -47,7 +48,7 @@ from bridge.edge.encoding import (
 )
 from bridge.edge.limits import BodyBudget, BodyLimit, mark_body_received, mark_request_started
 from bridge.edge.ratelimit import RateLimiter
-from bridge.ops.logs import FIELDS
+from bridge.ops.logs import log_line
 from bridge.ops.metrics import Metrics, state_label
 from bridge.ops.tracing import TRACING_OFF, Tracing
 
@@ -319,7 +320,7 @@ class CallbackHandler:
             "status": status,
             "latency_ms": round(elapsed * 1000, 3),
             "path": masked_path(request),
-            "source": str(source) if source is not None else "unknown",
+            "source": address_text(source),
         }
         if callback is not None:
             fields.update(
@@ -333,13 +334,14 @@ class CallbackHandler:
             fields["spooled"] = True
         if result.placements:
             fields["records"] = [f"{p.topic}/{p.partition}@{p.offset}" for p in result.placements]
-        # The record is made directly: `log.info` would first walk the stack for the
-        # caller's file and line (`findCaller`), which no line of ours prints.
-        log.handle(
-            log.makeRecord(
-                log.name, logging.INFO, __file__, 0, "callback", (), None, extra={FIELDS: fields}
-            )
-        )
+        log_line(log, logging.INFO, "callback", fields)
+
+
+@functools.lru_cache(maxsize=4096)
+def address_text(address: IPAddress | None) -> str:
+    """An address for the log line. Cached like `parse_address`, which makes the same few
+    address objects over and over: `str()` of one took most of the line's fields' time."""
+    return str(address) if address is not None else "unknown"
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -36,16 +36,30 @@ CLOSE_TIMEOUT_SECONDS = 5.0
 WRITE_INTERVAL_SECONDS = 0.05
 
 
+class Line(NamedTuple):
+    """A line logged with `log_line`: what the formatters print, without a `LogRecord`."""
+
+    created: float
+    levelno: int
+    name: str
+    message: str
+    fields: dict[str, Any]
+
+    def record(self) -> logging.LogRecord:
+        """The `LogRecord` a `logger.log` call would have made (for a text formatter)."""
+        record = logging.makeLogRecord(
+            {"name": self.name, "levelno": self.levelno, "msg": self.message, FIELDS: self.fields}
+        )
+        record.levelname = logging.getLevelName(self.levelno)
+        record.created = self.created
+        return record
+
+
 class JsonFormatter(logging.Formatter):
     """`{"time", "level", "logger", "message", ...fields}` on one line."""
 
     def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, Any] = {
-            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
+        entry = _entry(record.created, record.levelname, record.name, record.getMessage())
         entry.update(getattr(record, FIELDS, {}))
         if record.exc_text:
             entry["exception"] = record.exc_text
@@ -53,6 +67,20 @@ class JsonFormatter(logging.Formatter):
             entry["exception"] = self.formatException(record.exc_info)
         # orjson: the per-callback line is on the hot path (~25x faster than json.dumps).
         return orjson.dumps(entry, default=str).decode()
+
+    def format_line(self, line: Line) -> str:
+        entry = _entry(line.created, logging.getLevelName(line.levelno), line.name, line.message)
+        entry.update(line.fields)
+        return orjson.dumps(entry, default=str).decode()
+
+
+def _entry(created: float, level: str, name: str, message: str) -> dict[str, Any]:
+    return {
+        "time": datetime.fromtimestamp(created, UTC).isoformat(timespec="milliseconds"),
+        "level": level,
+        "logger": name,
+        "message": message,
+    }
 
 
 class TextFormatter(logging.Formatter):
@@ -96,7 +124,7 @@ class BackgroundLogHandler(logging.Handler):
         self.capacity = capacity
         self.dropped = 0
         self._interval = interval
-        self._records: collections.deque[logging.LogRecord] = collections.deque()
+        self._records: collections.deque[logging.LogRecord | Line] = collections.deque()
         self._on_drop: Callable[[], None] | None = None
         self._drop_lock = threading.Lock()
         self._wake = threading.Event()
@@ -131,6 +159,13 @@ class BackgroundLogHandler(logging.Handler):
             record.exc_info = None
         self._records.append(record)
 
+    def queue_line(self, line: Line) -> None:
+        """Queue a line made without a `LogRecord` (see `log_line`); dropped when full."""
+        if len(self._records) >= self.capacity or self._writer is None:
+            self._drop()
+            return
+        self._records.append(line)
+
     def handle(self, record: logging.LogRecord) -> bool:
         # No handler lock: the deque is the synchronisation (appends and pops are atomic).
         if self.filter(record):
@@ -157,15 +192,23 @@ class BackgroundLogHandler(logging.Handler):
         try:
             lines: list[str] = []
             while self._records:
-                record = self._records.popleft()
+                item = self._records.popleft()
                 try:
-                    lines.append(self.target.format(record) + self.target.terminator)
+                    lines.append(self._format(item) + self.target.terminator)
                 except Exception:
-                    self.target.handleError(record)
+                    self.target.handleError(item.record() if isinstance(item, Line) else item)
             if lines:
                 self._write_lines(lines)
         finally:
             self._writing = False
+
+    def _format(self, item: logging.LogRecord | Line) -> str:
+        if not isinstance(item, Line):
+            return self.target.format(item)
+        formatter = self.target.formatter
+        if isinstance(formatter, JsonFormatter):
+            return formatter.format_line(item)
+        return self.target.format(item.record())
 
     def _write_lines(self, lines: list[str]) -> None:
         try:
@@ -198,6 +241,42 @@ class BackgroundLogHandler(logging.Handler):
 
 
 _TRACEBACKS = logging.Formatter()
+
+
+def log_line(logger: logging.Logger, level: int, message: str, fields: dict[str, Any]) -> None:
+    """`logger.log(level, message, extra={"fields": fields})`, for lines on the hot path.
+
+    When the line would reach only a `BackgroundLogHandler` (the configured case), it is
+    queued without making a `LogRecord`: building one, and the logging machinery around
+    it, cost as much as the rest of the per-callback line (measured with cachegrind).
+    """
+    if not logger.isEnabledFor(level):
+        return
+    handler = _only_background_handler(logger, level)
+    if handler is None:
+        logger.handle(
+            logger.makeRecord(logger.name, level, "", 0, message, (), None, extra={FIELDS: fields})
+        )
+        return
+    handler.queue_line(Line(time.time(), level, logger.name, message, fields))
+
+
+def _only_background_handler(logger: logging.Logger, level: int) -> BackgroundLogHandler | None:
+    """The handler a record of `logger` would reach, when that is one `BackgroundLogHandler`
+    and no filter stands on the way; else None."""
+    node: logging.Logger | None = logger
+    while node is not None:
+        if node.filters or node.disabled:
+            return None
+        if node.handlers:
+            (handler, *others) = node.handlers
+            if others or handler.filters or level < handler.level:
+                return None
+            return handler if isinstance(handler, BackgroundLogHandler) else None
+        if not node.propagate:
+            return None
+        node = node.parent
+    return None
 
 
 def count_dropped_lines(on_drop: Callable[[], None] | None) -> None:

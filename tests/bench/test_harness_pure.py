@@ -283,3 +283,13 @@ def test_bridge_variants_get_their_own_rows_and_ratios() -> None:
     text = report.markdown(results)
     assert "| bridge:linger5 | 64 | 4,500 |" in text
     assert "| floor: aiohttp + the two records (for bridge:linger5) | 64 | 0.75 | 2.00 |" in text
+
+
+def test_the_handler_cost_tool_drives_the_real_handler_to_200s() -> None:
+    """`bench.handlercost` measures the app `serve` builds; it must keep working with it."""
+    from bench.handlercost import measure
+    from bridge.cli import run_async
+
+    result = run_async(measure(80, handle=True))
+    assert result["cpu_us_per_callback"] > 0
+    assert run_async(measure(8, handle=False)) == {}

@@ -36,6 +36,9 @@ from tests.helpers import TOKEN
 
 LUMA_TIMEOUT = 5.0
 
+# Only the publisher's own lines: asyncio may log a future an earlier test left unread.
+PUBLISHER_LOG = "bridge.delivery.publisher"
+
 
 class Metadata(NamedTuple):
     partition: int
@@ -288,7 +291,7 @@ async def test_a_flush_that_hangs_is_abandoned_after_the_stop_timeout(
     assert producer.client_closed
     assert producer._sender.sender_task.cancelled()
     assert isinstance(futures[0].exception(), errors.ProducerClosed)
-    assert [r.getMessage() for r in caplog.records] == [
+    assert [r.getMessage() for r in caplog.records if r.name == PUBLISHER_LOG] == [
         "the Kafka producer did not flush in time; its records stay spooled"
     ]
     assert not publisher.connected
@@ -459,7 +462,7 @@ async def test_a_renewal_that_cannot_reach_the_cluster_leaves_the_publisher_not_
         pytest.raises(KafkaUnavailable),
     ):
         await publisher.renew()
-    assert [r.getMessage() for r in caplog.records] == [
+    assert [r.getMessage() for r in caplog.records if r.name == PUBLISHER_LOG] == [
         "renewing the Kafka producer after an error that left it unusable"
     ]
     assert not await publisher.check_connection(0.1)
@@ -560,3 +563,58 @@ async def test_a_hand_over_cut_short_by_stop_still_hands_over_the_rest(
     assert all(isinstance(f.exception(), errors.ProducerClosed) for f in futures)
     assert stand_in.made[-1].attempts == 2
     assert sample(metrics, "luma_bridge_kafka_produce_errors_total", reason="ProducerClosed") == 1
+
+
+async def test_a_hand_over_that_never_waits_is_done_before_send_returns(
+    stand_in: type[StandInProducer],
+) -> None:
+    """No task per callback: the records are with the producer when `send` returns."""
+    publisher = KafkaPublisher(settings(), metrics=Metrics(CollectorRegistry()))
+    await publisher.start()
+    futures = publisher.send(RECORDS)
+    assert stand_in.made[-1].attempts == len(RECORDS)
+    assert publisher._handing == set()
+    await wait_all(futures, 1.0)
+    await publisher.stop()
+
+
+async def test_run_eagerly_finishes_in_a_task_what_waits_and_passes_answers_on() -> None:
+    loop = asyncio.get_running_loop()
+    gate: asyncio.Future[str] = loop.create_future()
+    seen: list[str] = []
+
+    async def steps() -> None:
+        seen.append("before")
+        seen.append(await gate)
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            seen.append("cancelled")
+
+    task = publisher_module.run_eagerly(steps())
+    assert seen == ["before"]
+    assert task is not None
+    gate.set_result("answer")
+    await wait_until_seen(seen, 2)
+    assert seen == ["before", "answer"]
+    task.cancel()
+    await task
+    assert seen == ["before", "answer", "cancelled"]
+
+
+async def test_run_eagerly_runs_a_coroutine_that_never_waits_to_its_end() -> None:
+    seen: list[str] = []
+
+    async def at_once() -> None:
+        seen.append("done")
+
+    assert publisher_module.run_eagerly(at_once()) is None
+    assert seen == ["done"]
+
+
+async def wait_until_seen(seen: list[str], count: int) -> None:
+    for _ in range(100):
+        if len(seen) >= count:
+            return
+        await asyncio.sleep(0)
+    raise AssertionError(f"only {seen} after 100 loop turns")

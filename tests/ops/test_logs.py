@@ -13,12 +13,15 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from bridge.ops.logs import (
+    FIELDS,
     BackgroundLogHandler,
     JsonFormatter,
     configure_logging,
     count_dropped_lines,
+    log_line,
 )
 from bridge.ops.metrics import Metrics
+from bridge.settings import LogFormat
 
 
 class StalledStream(io.StringIO):
@@ -169,3 +172,99 @@ def test_lines_a_broken_stream_refuses_count_as_dropped() -> None:
     handler.flush()
     assert handler.dropped == 3
     handler.close()
+
+
+@pytest.fixture
+def configured(monkeypatch: pytest.MonkeyPatch) -> Iterator[io.StringIO]:
+    """A StringIO for stderr, for the root logger the test configures (then restored)."""
+    stream = io.StringIO()
+    root = logging.getLogger()
+    saved_handlers, saved_level = root.handlers[:], root.level
+    try:
+        yield stream
+    finally:
+        for handler in root.handlers:
+            handler.close()
+        root.handlers[:] = saved_handlers
+        root.setLevel(saved_level)
+
+
+FIELDS_OF_A_LINE = {"outcome": "accepted", "status": 200, "records": ["t/0@1"], "ip": object()}
+
+
+@pytest.mark.parametrize("log_format", ["json", "text"])
+def test_log_line_prints_what_logger_log_with_fields_prints(
+    configured: io.StringIO, log_format: LogFormat, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stream = configured
+    monkeypatch.setattr("sys.stderr", stream)
+    handler = configure_logging("INFO", log_format)
+    logger = logging.getLogger("bridge.test.line")
+    log_line(logger, logging.INFO, "callback", FIELDS_OF_A_LINE)
+    logger.info("callback", extra={FIELDS: FIELDS_OF_A_LINE})
+    log_line(logger, logging.DEBUG, "below the level", {"n": 1})
+    handler.flush()
+    fast, usual = stream.getvalue().splitlines()
+    if log_format == "json":
+        fast_entry, usual_entry = json.loads(fast), json.loads(usual)
+        assert fast_entry.pop("time")[:16] == usual_entry.pop("time")[:16]
+        assert fast_entry == usual_entry
+        assert fast_entry["level"] == "INFO"
+        assert fast_entry["logger"] == "bridge.test.line"
+        assert fast_entry["records"] == ["t/0@1"]
+    else:
+        assert fast.split(" ", 2)[2] == usual.split(" ", 2)[2]  # after the date and time
+        assert "INFO    bridge.test.line callback outcome=accepted status=200" in fast
+
+
+def test_log_line_goes_through_filters_and_other_handlers_as_a_record(
+    configured: io.StringIO, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stream = configured
+    monkeypatch.setattr("sys.stderr", stream)
+    handler = configure_logging("INFO", "json")
+    logger = logging.getLogger("bridge.test.filtered")
+    seen: list[logging.LogRecord] = []
+
+    class Seen(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record)
+
+    def keep(record: logging.LogRecord) -> bool:
+        seen.append(record)
+        return True
+
+    logger.addFilter(keep)
+    try:
+        log_line(logger, logging.INFO, "callback", {"n": 1})
+    finally:
+        logger.filters.clear()
+    extra = Seen()
+    logging.getLogger().addHandler(extra)
+    try:
+        log_line(logger, logging.INFO, "callback", {"n": 2})
+    finally:
+        logging.getLogger().removeHandler(extra)
+    handler.flush()
+    assert [getattr(record, FIELDS)["n"] for record in seen] == [1, 2]
+    assert [line["n"] for line in lines(stream)] == [1, 2]
+
+
+def test_log_line_is_dropped_and_counted_when_the_queue_is_full(stalled: StalledStream) -> None:
+    handler = BackgroundLogHandler(json_handler(stalled), capacity=1)
+    logger = logging.getLogger("bridge.test.full")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        log_line(logger, logging.INFO, "first", {})
+        assert stalled.writing.wait(10)
+        log_line(logger, logging.INFO, "queued", {})
+        log_line(logger, logging.INFO, "dropped", {})
+        assert handler.dropped == 1
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = True
+        stalled.release.set()
+        handler.close()
+    assert [line["message"] for line in lines(stalled)] == ["first", "queued"]

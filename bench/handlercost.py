@@ -1,0 +1,196 @@
+"""The bridge's own cost per callback: its handler alone, without HTTP or a Kafka client.
+
+The public app as `serve` builds it (`callback_app` with the default settings: validation,
+dedupe, lanes, metrics, the JSON log line at INFO) handles callbacks given to it as parsed
+requests, on a publisher whose acknowledgements are already there. What is left is the
+work the bridge adds to what any HTTP-to-Kafka service does, measured two ways:
+
+* CPU microseconds per callback (process time, threads included; best of 8 rounds);
+* `--instructions`: instructions per callback, counted by valgrind (`cachegrind`,
+  Debian's `valgrind`), as the difference between a run that handles the callbacks and
+  one that only prepares them. Unlike time, the count does not move with whatever else
+  the machine runs, so two versions of the code can be compared on a shared machine.
+
+Run: python -m bench.handlercost [--callbacks N] [--instructions] [--log-level WARNING]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from aiohttp import streams, web
+from aiohttp.test_utils import make_mocked_request
+from prometheus_client import CollectorRegistry
+
+from bench.payloads import PLACEHOLDER, templates
+from bridge.cli import run_async
+from bridge.delivery.publisher import Placement, Record
+from bridge.ops.logs import configure_logging
+from bridge.ops.metrics import Metrics
+from bridge.server import callback_app
+from bridge.settings import LogLevel, load_settings
+
+TOKEN = "bench-token-0123456789abcdef"  # noqa: S105 - a throwaway token, no server listens
+PATH = f"/luma/callback/{TOKEN}"
+WARMUP = 200
+ROUNDS = 8
+
+
+class AckedPublisher:
+    """A publisher whose every record is acknowledged before `send` returns."""
+
+    def send(self, records: Sequence[Record]) -> list[asyncio.Future[Placement]]:
+        loop = asyncio.get_running_loop()
+        futures = []
+        for offset, record in enumerate(records):
+            future: asyncio.Future[Placement] = loop.create_future()
+            future.set_result(Placement(record.topic, 0, offset))
+            futures.append(future)
+        return futures
+
+    async def publish(self, records: Sequence[Record], ack_timeout: float) -> list[Placement]:
+        return [future.result() for future in self.send(records)]
+
+    async def check_connection(self, within: float) -> bool:
+        return True
+
+    async def find(self, records: Sequence[Record], since_ms: int, within: float) -> list[bool]:
+        return [False for _ in records]
+
+    async def renew(self) -> None:
+        return None
+
+
+class _Transport:
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return ("127.0.0.1", 40000) if name == "peername" else default
+
+    def is_closing(self) -> bool:
+        return False
+
+
+class _Protocol:
+    """What a request reads from the connection it came on."""
+
+    transport = _Transport()
+    ssl_context = None
+    peername = ("127.0.0.1", 40000)
+    sockname = ("127.0.0.1", 8080)
+
+    def __init__(self) -> None:
+        self._reading_paused = False
+
+    def pause_reading(self) -> None:
+        return None
+
+    def resume_reading(self, resume_parser: bool = True) -> None:
+        return None
+
+
+async def prepared_requests(app: web.Application, count: int) -> list[web.Request]:
+    """`count` callbacks (a new generation id each), parsed and routed as aiohttp would."""
+    bodies = templates()
+    protocol = _Protocol()
+    requests = []
+    for number in range(count):
+        generation_id = f"c0ffee00-0000-4000-8000-{number:012d}"
+        body = bodies[number % len(bodies)].replace(PLACEHOLDER, generation_id).encode()
+        payload = streams.StreamReader(protocol, 2**16, loop=asyncio.get_running_loop())  # type: ignore[arg-type]
+        payload.feed_data(body)
+        payload.feed_eof()
+        request = make_mocked_request(
+            "POST",
+            PATH,
+            headers={"Content-Type": "application/json", "Content-Length": str(len(body))},
+            payload=payload,
+            app=app,
+            protocol=protocol,
+            transport=protocol.transport,
+        )
+        match = await app.router.resolve(request)
+        match.add_app(app)
+        match.freeze()
+        request._match_info = match
+        requests.append(request)
+    return requests
+
+
+async def measure(callbacks: int, handle: bool) -> dict[str, float]:
+    settings = load_settings(auth_tokens=TOKEN, kafka_bootstrap_servers="127.0.0.1:9")
+    app = callback_app(settings, publisher=AckedPublisher(), metrics=Metrics(CollectorRegistry()))
+    requests = await prepared_requests(app, WARMUP + callbacks)
+    if not handle:
+        return {}
+    for request in requests[:WARMUP]:
+        await app._handle(request)
+    rounds = [requests[WARMUP + n :: ROUNDS] for n in range(ROUNDS)]
+    best = float("inf")
+    for batch in rounds:
+        started = time.process_time()
+        for request in batch:
+            response = await app._handle(request)
+            if response.status != 200:
+                raise RuntimeError(f"the bridge answered {response.status}, not 200")
+        best = min(best, (time.process_time() - started) / len(batch))
+        await asyncio.sleep(0.06)  # the log writer's interval: its work falls in a round
+    return {"cpu_us_per_callback": round(best * 1e6, 1)}
+
+
+def instructions(callbacks: int, log_level: str) -> int:
+    """Instructions per callback: cachegrind's count with handling, minus without."""
+    counts = []
+    for mode in ("--handle", "--prepare-only"):
+        command = [
+            *("valgrind", "--tool=cachegrind", "--cache-sim=no"),
+            "--cachegrind-out-file=/dev/null",
+            *(sys.executable, "-m", "bench.handlercost", mode),
+            *("--callbacks", str(callbacks), "--log-level", log_level),
+        ]
+        print(f"counting instructions: {mode[2:]} ({callbacks} callbacks) ...", file=sys.stderr)
+        done = subprocess.run(  # noqa: S603 - our own command
+            command,
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "PYTHONHASHSEED": "0"},
+        )
+        found = re.search(r"I\s+refs:\s+([\d,]+)", done.stderr)
+        if found is None:
+            raise RuntimeError(f"no instruction count in valgrind's output: {done.stderr[-500:]}")
+        counts.append(int(found.group(1).replace(",", "")))
+    return (counts[0] - counts[1]) // (callbacks + WARMUP)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--callbacks", type=int, default=4000)
+    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument(
+        "--instructions", action="store_true", help="count instructions with valgrind"
+    )
+    parser.add_argument("--handle", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--prepare-only", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    level: LogLevel = args.log_level
+    if args.instructions:
+        count = instructions(args.callbacks, level)
+        print(json.dumps({"instructions_per_callback": count}), flush=True)
+        return
+    handler = configure_logging(level, "json")
+    result = run_async(measure(args.callbacks, handle=not args.prepare_only))  # uvloop, as `serve`
+    handler.close()
+    if result:
+        print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
