@@ -288,14 +288,18 @@ def count_dropped_lines(on_drop: Callable[[], None] | None) -> None:
 
 
 def configure_logging(
-    level: LogLevel, log_format: LogFormat, *, queue_lines: int = DEFAULT_QUEUE_LINES
+    level: LogLevel,
+    log_format: LogFormat,
+    *,
+    queue_lines: int = DEFAULT_QUEUE_LINES,
+    interval: float = WRITE_INTERVAL_SECONDS,
 ) -> BackgroundLogHandler:
     """Send every log line to stderr in the chosen format, from a background thread
-    (in batches, every `WRITE_INTERVAL_SECONDS`)."""
+    (in batches, every `interval` seconds)."""
     use_json = log_format == "json" or (log_format == "auto" and not sys.stderr.isatty())
     stream = logging.StreamHandler(sys.stderr)
     stream.setFormatter(JsonFormatter() if use_json else TextFormatter())
-    handler = BackgroundLogHandler(stream, capacity=queue_lines)
+    handler = BackgroundLogHandler(stream, capacity=queue_lines, interval=interval)
     root = logging.getLogger()
     for previous in root.handlers:
         if isinstance(previous, BackgroundLogHandler):

@@ -119,7 +119,12 @@ async def test_a_head_sent_a_byte_at_a_time_is_cut_off_at_the_deadline() -> None
         sender = asyncio.create_task(trickle())
         started = time.monotonic()
         async with asyncio.timeout(3):
-            leftover = await reader.read()  # EOF once the server closes the connection
+            try:
+                leftover = await reader.read()  # EOF once the server closes the connection
+            except ConnectionResetError:
+                # Closed while a trickled byte was still unread on its side: the kernel
+                # resets instead of ending the stream. Closed all the same, not answered.
+                leftover = b""
         closed_after = time.monotonic() - started
         sender.cancel()
         writer.close()
