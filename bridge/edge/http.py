@@ -274,8 +274,9 @@ class CallbackHandler:
         except ConnectionError:
             # The client went away, or its connection was closed to make room (bridge.edge.limits).
             raise Rejected(400, "connection closed before the body was received") from None
-        except PayloadEncodingError:
-            # A broken chunked encoding, or fewer bytes than Content-Length said.
+        except (PayloadEncodingError, web.RequestPayloadError):
+            # A broken chunked encoding, or fewer bytes than Content-Length said (aiohttp's
+            # server wraps its parser's error in RequestPayloadError).
             raise Rejected(400, "malformed request body") from None
         mark_body_received(request)
         return b"".join(chunks)

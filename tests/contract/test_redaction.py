@@ -24,6 +24,7 @@ from bridge.contract.callback import (
     redact_callback_token,
     redact_raw_token,
     redact_url_token,
+    refused_record_letter_headers,
 )
 
 SEED = Path("/work/shared/seed/luma-dream-machine-callback.asyncapi.yaml")
@@ -170,3 +171,74 @@ def test_a_dead_letter_with_escaped_slashes_loses_the_token_too() -> None:
     evidence = redact_raw_token(body, PATH)
     assert TOKEN.encode() not in evidence
     assert evidence.endswith(b"\\/luma\\/callback\\/" + REDACTED.encode() + b'"}}')
+
+
+@pytest.mark.parametrize(
+    ("url", "redacted"),
+    [
+        pytest.param(
+            f"https://example.com/cb?token={TOKEN}&empty=&flag",
+            f"https://example.com/cb?token={REDACTED}&empty=&flag=",
+            id="blank-values-kept",
+        ),
+        pytest.param(
+            f"https://example.com/cb?token={TOKEN}&next=https://a.example/b",
+            f"https://example.com/cb?token={REDACTED}&next=https://a.example/b",
+            id="slashes-and-colons-left-unescaped",
+        ),
+        pytest.param(
+            f"https://bridge:p@ss{TOKEN}@example.com/cb",
+            f"https://bridge:{REDACTED}@example.com/cb",
+            id="password-holding-an-at-sign",
+        ),
+        pytest.param(
+            f"https://bridge:pa:ss{TOKEN}@example.com/cb",
+            f"https://bridge:{REDACTED}@example.com/cb",
+            id="password-holding-a-colon",
+        ),
+        pytest.param(
+            f"https://example.com/luma/callback/{TOKEN}/luma/callback/tail",
+            f"https://example.com/luma/callback/{REDACTED}/luma/callback/tail",
+            id="the-first-callback-path-is-the-bridges",
+        ),
+        pytest.param(
+            f"https://example.com/luma/callback/{TOKEN}/extra/more",
+            f"https://example.com/luma/callback/{REDACTED}/extra/more",
+            id="only-the-segment-after-the-path",
+        ),
+    ],
+)
+def test_the_token_and_only_the_token_is_redacted(url: str, redacted: str) -> None:
+    assert redact_url_token(url, PATH) == redacted
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        pytest.param("https://example.com/cb?x=1&flag&a+b=c%20d", id="a-query-without-a-token"),
+        pytest.param("https://bridge@example.com/cb", id="a-user-without-a-password"),
+        pytest.param("https://example.com/notluma/callback/keep", id="a-longer-segment"),
+    ],
+)
+def test_a_url_without_a_token_is_returned_as_it_was(url: str) -> None:
+    assert redact_url_token(url, PATH) == url
+
+
+@pytest.mark.parametrize("path", ["/hooks/luma", "/hooks/LUMAX", "/X"])
+def test_the_token_after_any_configured_path_is_redacted(path: str) -> None:
+    url = f"https://example.com{path}/{TOKEN}"
+    assert redact_url_token(url, path) == f"https://example.com{path}/{REDACTED}"
+    body = json.dumps({"request": {"callback_url": url}}).encode()
+    assert redact_raw_token(body, path) == body.replace(TOKEN.encode(), REDACTED.encode())
+
+
+def test_the_dead_letter_of_a_refused_record_keeps_its_reception_time() -> None:
+    headers = [("luma-state", b"completed"), ("luma-received-at", b"2026-11-28T10:00:00.000Z")]
+    assert refused_record_letter_headers(headers, "t.completed", "MessageSizeTooLargeError") == [
+        (
+            "luma-error",
+            b"Kafka refused the record for good on t.completed: MessageSizeTooLargeError",
+        ),
+        ("luma-received-at", b"2026-11-28T10:00:00.000Z"),
+    ]
+    assert refused_record_letter_headers([], "t.lifecycle", "E")[1] == ("luma-received-at", b"")

@@ -55,7 +55,8 @@ class StandInProducer:
 
     ack: at once; never: the futures never complete (a broker that stopped answering);
     error: each future fails with `error`; refuse: send() itself raises (buffer full);
-    stuck: send() itself never returns; cancelled: the futures are cancelled;
+    stuck: send() itself never returns; waits: send() waits a loop turn, then ack;
+    cancelled: the futures are cancelled;
     unreachable: start() fails; hang: stop() never returns (a flush that cannot finish).
     """
 
@@ -109,8 +110,10 @@ class StandInProducer:
             raise errors.KafkaTimeoutError()
         if self.mode == "stuck":
             await asyncio.Event().wait()
+        if self.mode == "waits":  # a moment's wait (metadata, buffer room), then acknowledged
+            await asyncio.sleep(0)
         self.sent.append((topic, value, key, headers))
-        if self.mode == "ack":
+        if self.mode in ("ack", "waits"):
             future.set_result(Metadata(len(self.sent), 10 * len(self.sent)))
         elif self.mode == "error":
             future.set_exception(self.error)
@@ -618,3 +621,21 @@ async def wait_until_seen(seen: list[str], count: int) -> None:
             return
         await asyncio.sleep(0)
     raise AssertionError(f"only {seen} after 100 loop turns")
+
+
+async def test_a_hand_over_that_waits_finishes_in_a_task_that_is_then_forgotten(
+    stand_in: type[StandInProducer],
+) -> None:
+    publisher = KafkaPublisher(settings(), metrics=Metrics(CollectorRegistry()))
+    await publisher.start()
+    stand_in.mode = "waits"
+    futures = publisher.send(RECORDS)
+    assert len(publisher._handing) == 1
+    placements = await wait_all(futures, 1.0)
+    assert [placement.topic for placement in placements] == [r.topic for r in RECORDS]
+    for _ in range(100):
+        if not publisher._handing:
+            break
+        await asyncio.sleep(0)
+    assert publisher._handing == set()
+    await publisher.stop()

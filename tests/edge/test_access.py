@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from bridge.edge.access import SourcePolicy, parse_address
 from bridge.edge.auth import read_token_file
 from bridge.edge.ratelimit import RateLimiter
 from bridge.edge.signing import Claim, ReplayGuard, SignatureCheck, sign
+from bridge.ops.logs import FIELDS
 from bridge.server import AUTHENTICATOR
 from bridge.settings import SettingsError, load_settings
 from tests.edge.support import (
@@ -27,7 +29,7 @@ from tests.edge.support import (
     running_edge,
     send_raw,
 )
-from tests.helpers import wait_until
+from tests.helpers import SEED_COMPLETED_VIDEO, wait_until
 
 UNAUTHORIZED = {"status": "unauthorized", "error": "missing or wrong credentials"}
 
@@ -312,3 +314,84 @@ async def test_the_rate_limit_is_kept_per_source_behind_a_trusted_proxy() -> Non
         assert "retry-after" not in first.headers
         assert (await from_source("203.0.113.1")).status == 429
         assert (await from_source("203.0.113.2")).status == 200
+
+
+async def test_a_webhook_retry_under_a_custom_callback_path_is_the_same_redacted_callback(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The retry of a written callback is parsed as the first was (its write token in
+    `request.callback_url` redacted under the configured path): a duplicate of the same
+    event id, counted by state, logged without a reason, and not written again."""
+    token = "custom-path-token-0123456789"
+    value = {
+        **SEED_COMPLETED_VIDEO,
+        "request": {
+            **SEED_COMPLETED_VIDEO["request"],
+            "callback_url": f"https://bridge.example.com/hooks/luma/{token}",
+        },
+    }
+    body = json.dumps(value).encode()
+    caplog.set_level(logging.INFO, logger="bridge.edge.http")
+    async with running_edge(
+        hmac_secrets=HMAC_SECRET,
+        auth_tokens=token,
+        callback_path="/hooks/luma",
+        dedupe_window_size=0,
+    ) as edge:
+        request = request_bytes(
+            path=f"/hooks/luma/{token}", body=body, headers=signed_headers(body)
+        )
+        first = await send_raw(edge.port, request)
+        assert first.status == 200, first.body
+        again = await send_raw(edge.port, request)
+        assert again.status == 200, again.body
+        assert json.loads(again.body) == {**json.loads(first.body), "duplicate": True}
+        assert len(edge.publisher.records) == 2  # per-state and lifecycle, once
+        assert token.encode() not in edge.publisher.records[0].value
+        assert edge.sample("luma_bridge_duplicate_deliveries_total", state="completed") == 1
+    lines = [
+        record.__dict__[FIELDS]
+        for record in caplog.records
+        if record.name == "bridge.edge.http" and record.getMessage() == "callback"
+    ]
+    assert [line["outcome"] for line in lines] == ["accepted", "duplicate"]
+    assert "reason" not in lines[1]
+
+
+async def test_a_signed_callback_answered_503_is_taken_on_the_senders_retry() -> None:
+    """Kafka down: the signed callback is answered 503 for the pipeline's reason (its
+    webhook id given back, not an internal error); the retry with the same id and body,
+    once Kafka is back, is accepted and written once."""
+    async with running_edge(hmac_secrets=HMAC_SECRET, dedupe_window_size=0) as edge:
+        request = request_bytes(headers=signed_headers(SEED_BODY))
+        edge.publisher.failing = "KafkaTimeoutError"
+        first = await send_raw(edge.port, request)
+        assert first.status == 503
+        assert json.loads(first.body) == {
+            "status": "unavailable",
+            "error": "Kafka unavailable: KafkaTimeoutError; retry later",
+        }
+        edge.publisher.failing = None
+        retried = await send_raw(edge.port, request)
+        assert retried.status == 200
+        assert "duplicate" not in json.loads(retried.body)
+        assert len(edge.publisher.records) == 2
+
+
+async def test_a_source_that_cannot_be_told_is_logged_as_unknown(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Without an allow-list such a callback is taken; its log line says the source is
+    unknown, and a known one is logged as its address."""
+    caplog.set_level(logging.INFO, logger="bridge.edge.http")
+    async with running_edge(trusted_proxies="127.0.0.1") as edge:
+        garbled = request_bytes(headers={"X-Forwarded-For": "not-an-ip"})
+        assert (await send_raw(edge.port, garbled)).status == 200
+        forwarded = request_bytes(headers={"X-Forwarded-For": "192.0.2.7"})
+        assert (await send_raw(edge.port, forwarded)).status == 200
+    sources = [
+        record.__dict__[FIELDS]["source"]
+        for record in caplog.records
+        if record.name == "bridge.edge.http" and record.getMessage() == "callback"
+    ]
+    assert sources == ["unknown", "192.0.2.7"]

@@ -4,18 +4,28 @@ tokens file's bounds and reloads."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import os
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer, make_mocked_request
 from prometheus_client import CollectorRegistry
 
 from bridge.edge import auth as auth_module
-from bridge.edge.auth import MAX_TOKEN_FILE_BYTES, TokenAuth, TokenFileError, read_token_file
+from bridge.edge.auth import (
+    MAX_TOKEN_FILE_BYTES,
+    Authenticator,
+    TokenAuth,
+    TokenFileError,
+    read_token_file,
+)
+from bridge.edge.signing import SignatureCheck, sign
 from bridge.ops.metrics import Metrics
 from bridge.server import callback_app
 from bridge.settings import load_settings
@@ -232,3 +242,52 @@ def test_a_token_is_required_unless_explicitly_not_and_always_with_a_tokens_file
     assert TokenAuth((b"t",), allow_unauthenticated=True).required
     assert TokenAuth((), allow_unauthenticated=True, tokens_file=source).required
     assert not TokenAuth((), allow_unauthenticated=True).required
+
+
+def test_a_tokens_file_that_never_ends_is_refused_once_past_the_limit(tmp_path: Path) -> None:
+    """A pipe (or a device) as AUTH_TOKENS_FILE: read up to one byte past the limit and
+    refused, not read to an end that may never come."""
+    fifo = tmp_path / "tokens"
+    os.mkfifo(fifo)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        reading = pool.submit(read_token_file, fifo)
+        # Opening the write end waits for the reader; the writer then stays open (no EOF).
+        with fifo.open("wb") as writer:
+            writer.write(b"t" * (MAX_TOKEN_FILE_BYTES + 1))
+            writer.flush()
+            try:
+                with pytest.raises(TokenFileError) as raised:
+                    reading.result(timeout=10)
+            finally:
+                writer.close()  # the reader, if still blocked, gets its end of file
+    assert "is larger than" in str(raised.value)
+
+
+def signed(body: bytes, webhook_id: str) -> web.Request:
+    timestamp = int(time.time())
+    return make_mocked_request(
+        "POST",
+        "/luma/callback",
+        headers={
+            "webhook-id": webhook_id,
+            "webhook-timestamp": str(timestamp),
+            "webhook-signature": sign(b"k" * 32, webhook_id, timestamp, body),
+        },
+    )
+
+
+def test_a_released_webhook_id_is_claimed_afresh_by_the_senders_retry() -> None:
+    auth = Authenticator(
+        TokenAuth((), allow_unauthenticated=True),
+        signatures=SignatureCheck((b"k" * 32,), tolerance=300),
+    )
+    first = auth.verify_body(signed(SEED_BODY, "msg_1"), SEED_BODY, source=None)
+    assert (first.authorized, first.webhook_id, first.repeat) == (True, "msg_1", False)
+    kept = auth.verify_body(signed(SEED_BODY, "msg_2"), SEED_BODY, source=None)
+    assert not kept.repeat
+    auth.release(first)  # answered 503: the sender will retry msg_1
+    retried = auth.verify_body(signed(SEED_BODY, "msg_1"), SEED_BODY, source=None)
+    assert (retried.authorized, retried.repeat) == (True, False)
+    # An id not released is still remembered: its retry is a repeat.
+    again = auth.verify_body(signed(SEED_BODY, "msg_2"), SEED_BODY, source=None)
+    assert (again.authorized, again.repeat) == (True, True)

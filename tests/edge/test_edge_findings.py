@@ -102,6 +102,10 @@ async def test_a_compressed_body_larger_than_the_limit_once_decoded_is_413() -> 
             edge.port, request_bytes(body=bomb, headers={"Content-Encoding": "gzip"})
         )
         assert answer.status == 413
+        assert json.loads(answer.body) == {
+            "status": "rejected",
+            "error": f"body larger than {edge.settings.max_body_bytes} bytes",
+        }
         assert edge.publisher.records == []
 
 
@@ -109,6 +113,10 @@ async def test_an_unknown_encoding_is_415_before_the_body_is_read() -> None:
     async with running_edge() as edge:
         answer = await send_raw(edge.port, request_bytes(headers={"Content-Encoding": "br"}))
         assert answer.status == 415
+        assert json.loads(answer.body) == {
+            "status": "rejected",
+            "error": "content encoding must be gzip, deflate or identity",
+        }
         assert edge.publisher.records == []
 
 
@@ -165,7 +173,10 @@ async def test_bodies_in_flight_are_bounded_by_a_global_budget() -> None:
             await wait_until(lambda: edge.sample("luma_bridge_inflight_requests") == 1, timeout=10)
             second = await send_raw(edge.port, big + b"{")
             assert second.status == 503
-            assert json.loads(second.body)["status"] == "unavailable"
+            assert json.loads(second.body) == {
+                "status": "unavailable",
+                "error": "too many request bodies in flight; retry later",
+            }
             assert second.headers.get("retry-after") == "1"
             assert edge.sample("luma_bridge_shed_total", reason="body_budget") == 1
         finally:

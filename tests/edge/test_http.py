@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
+import gzip
+import ipaddress
 import json
 import logging
+import random
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp.web_protocol
 import pytest
+from aiohttp.http_parser import HttpRequestParserPy
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client import CollectorRegistry
 
@@ -20,7 +27,16 @@ from bridge.edge.auth import Authenticator, TokenAuth
 from bridge.edge.http import CallbackHandler, create_app
 from bridge.edge.limits import Phase
 from bridge.ops.metrics import Metrics
-from tests.edge.support import request_bytes, running_edge, send_raw
+from bridge.ops.tracing import Tracing
+from bridge.server import callback_app
+from tests.edge.support import (
+    RawAnswer,
+    edge_settings,
+    read_answer,
+    request_bytes,
+    running_edge,
+    send_raw,
+)
 from tests.helpers import SEED_COMPLETED_VIDEO, TOKEN, MemoryPublisher, wait_until
 
 PATH = f"/luma/callback/{TOKEN}"
@@ -413,8 +429,228 @@ async def test_the_logged_latency_is_the_observed_answer_time_in_milliseconds(
     edge: Edge, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="bridge.edge.http")
+    # Kafka acknowledges 50 ms after the send: long enough that a latency off by a
+    # thousandth shows in the milliseconds' third decimal.
+    edge.publisher.gate = gate = asyncio.Event()
+
+    async def acknowledge_later() -> None:
+        await wait_until(lambda: edge.publisher.calls == 1, timeout=10)
+        await asyncio.sleep(0.05)
+        gate.set()
+
+    acknowledging = asyncio.create_task(acknowledge_later())
     assert (await edge.client.post(PATH, json=SEED_COMPLETED_VIDEO)).status == 200
+    await acknowledging
     (record,) = [r for r in caplog.records if r.getMessage() == "callback"]
     seconds = edge.sample("luma_bridge_callback_duration_seconds_sum", outcome="accepted")
-    assert 0 < seconds < 60
+    assert 0.05 <= seconds < 60
     assert record.__dict__["fields"]["latency_ms"] == round(seconds * 1000, 3)
+
+
+# Bodies that come after the head, in chunks (the streamed path of `_read_body`), and the
+# global body budget they reserve as they grow. The budget is exactly one body here, so a
+# reservation counted twice shows as a 503.
+
+STREAM_LIMIT = 16 * 1024
+
+
+def callback_of_size(size: int) -> bytes:
+    """The seed callback padded with an unknown member to exactly `size` bytes."""
+    bare = json.dumps({**SEED_COMPLETED_VIDEO, "pad": ""}).encode()
+    body = json.dumps({**SEED_COMPLETED_VIDEO, "pad": "x" * (size - len(bare))}).encode()
+    assert len(body) == size
+    return body
+
+
+async def stream(port: int, body: bytes, *, pieces: int = 4) -> RawAnswer:
+    """POST `body` chunked, in `pieces` chunks, each sent once the head is being handled."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        head = request_bytes(
+            body=b"", headers={"Transfer-Encoding": "chunked"}, content_length=False
+        )
+        writer.write(head)
+        await writer.drain()
+        step = -(-len(body) // pieces)
+        # An answer may come (and the connection close) before the last chunk is sent.
+        with contextlib.suppress(ConnectionError):
+            for start in range(0, len(body), step):
+                piece = body[start : start + step]
+                writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                await writer.drain()
+                # Give the handler a turn to read this chunk on its own (a later chunk
+                # coalesced with it still has to give the same answer).
+                await asyncio.sleep(0.05)
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+        return await read_answer(reader, timeout=10)
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+async def test_a_streamed_body_of_the_limit_is_taken_whole_and_one_byte_more_is_413() -> None:
+    async with running_edge(
+        max_body_bytes=STREAM_LIMIT, max_buffered_body_bytes=STREAM_LIMIT
+    ) as listener:
+        body = callback_of_size(STREAM_LIMIT)
+        answer = await stream(listener.port, body)
+        assert answer.status == 200, answer.body
+        values = {record.topic: record.value for record in listener.publisher.records}
+        assert json.loads(values["t.completed"]) == json.loads(body)
+        # Each chunk is smaller than the limit; only their sum is over it.
+        over = await stream(listener.port, callback_of_size(STREAM_LIMIT + 1))
+        assert over.status == 413
+        assert json.loads(over.body) == {
+            "status": "rejected",
+            "error": f"body larger than {STREAM_LIMIT} bytes",
+        }
+        assert listener.sample("luma_bridge_shed_total", reason="body_budget") == 0
+        # The budget came back whole: the largest body is still taken.
+        again = await stream(listener.port, callback_of_size(STREAM_LIMIT).replace(b"x", b"y"))
+        assert again.status == 200
+
+
+async def test_a_compressed_body_reserves_its_bytes_as_received_and_decoded_once() -> None:
+    """The budget holds the body as received and decoded, each counted once: a gzip
+    body whose two forms together fit the budget is taken, and gives all of it back."""
+    async with running_edge(
+        max_body_bytes=STREAM_LIMIT, max_buffered_body_bytes=STREAM_LIMIT
+    ) as listener:
+        noise = base64.b64encode(random.Random(7).randbytes(4 * 1024)).decode()
+        body = json.dumps({**SEED_COMPLETED_VIDEO, "noise": noise}).encode()
+        raw = gzip.compress(body)
+        # Received and decoded fit; counting the received bytes twice more would not.
+        assert len(raw) + len(body) <= STREAM_LIMIT < 3 * len(raw) + len(body)
+        for _ in range(2):
+            answer = await send_raw(
+                listener.port, request_bytes(body=raw, headers={"Content-Encoding": "gzip"})
+            )
+            assert answer.status == 200, answer.body
+        assert listener.sample("luma_bridge_shed_total", reason="body_budget") == 0
+
+
+async def test_a_chunked_body_reserves_nothing_before_its_bytes_arrive() -> None:
+    """With the whole budget held by a slow sender, an empty chunked body is still read
+    (and refused as invalid JSON), not shed for a byte it never sent; a 2-byte body is shed."""
+    async with running_edge(
+        max_body_bytes=STREAM_LIMIT, max_buffered_body_bytes=STREAM_LIMIT
+    ) as listener:
+        holder = request_bytes(headers={"Content-Length": str(STREAM_LIMIT)}, body=b"{")
+        _, slow = await asyncio.open_connection("127.0.0.1", listener.port)
+        try:
+            slow.write(holder)  # holds the whole budget while it trickles
+            await slow.drain()
+            await wait_until(
+                lambda: listener.sample("luma_bridge_inflight_requests") == 1, timeout=10
+            )
+            empty = request_bytes(
+                body=b"0\r\n\r\n", headers={"Transfer-Encoding": "chunked"}, content_length=False
+            )
+            answer = await send_raw(listener.port, empty)
+            assert answer.status == 400
+            assert json.loads(answer.body)["status"] == "invalid"
+            assert listener.sample("luma_bridge_shed_total", reason="body_budget") == 0
+            # Whereas any byte more than the budget is shed, the smallest body included.
+            tiny = await send_raw(listener.port, request_bytes(body=b"{}"))
+            assert tiny.status == 503
+            assert listener.sample("luma_bridge_shed_total", reason="body_budget") == 1
+        finally:
+            slow.close()
+            with contextlib.suppress(ConnectionError):
+                await slow.wait_closed()
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [
+        pytest.param(b"zz\r\n", id="chunk-size-not-hex"),
+        pytest.param(b"3\r\nabcdef\r\n", id="chunk-longer-than-its-size"),
+    ],
+)
+async def test_a_broken_chunked_encoding_is_400_malformed_with_the_pure_python_parser(
+    monkeypatch: pytest.MonkeyPatch, broken: bytes
+) -> None:
+    """Where aiohttp runs without its C extensions (AIOHTTP_NO_EXTENSIONS=1, or no wheel
+    for the platform) its parser fails the body itself: 400, nothing written. (With the C
+    parser such a body is never finished and the body deadline answers 408.)"""
+    monkeypatch.setattr(aiohttp.web_protocol, "HttpRequestParser", HttpRequestParserPy)
+    async with running_edge() as listener:
+        reader, writer = await asyncio.open_connection("127.0.0.1", listener.port)
+        try:
+            writer.write(
+                request_bytes(
+                    body=b"", headers={"Transfer-Encoding": "chunked"}, content_length=False
+                )
+            )
+            await writer.drain()
+            await wait_until(
+                lambda: listener.sample("luma_bridge_inflight_requests") == 1, timeout=10
+            )
+            writer.write(broken)
+            await writer.drain()
+            answer = await read_answer(reader, timeout=5)
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+        assert answer.status == 400
+        assert json.loads(answer.body) == {"status": "rejected", "error": "malformed request body"}
+        assert listener.publisher.records == []
+
+
+async def test_a_compressed_body_is_shed_when_its_decoded_bytes_do_not_fit_the_budget() -> None:
+    """What a body decodes to counts against the budget too (a small gzip body can
+    decode to the limit): with half the budget held, one that decodes to nearly the
+    limit is shed, and one that decodes to less is taken."""
+    async with running_edge(
+        max_body_bytes=STREAM_LIMIT, max_buffered_body_bytes=2 * STREAM_LIMIT
+    ) as listener:
+        holder = request_bytes(headers={"Content-Length": str(STREAM_LIMIT)}, body=b"{")
+        _, slow = await asyncio.open_connection("127.0.0.1", listener.port)
+        try:
+            slow.write(holder)  # holds half the budget while it trickles
+            await slow.drain()
+            await wait_until(
+                lambda: listener.sample("luma_bridge_inflight_requests") == 1, timeout=10
+            )
+            large = gzip.compress(callback_of_size(STREAM_LIMIT - 16))
+            assert len(large) > 16  # received and decoded together: over the half left
+            shed = await send_raw(
+                listener.port, request_bytes(body=large, headers={"Content-Encoding": "gzip"})
+            )
+            assert shed.status == 503
+            assert listener.sample("luma_bridge_shed_total", reason="body_budget") == 1
+            small = gzip.compress(callback_of_size(STREAM_LIMIT // 2))
+            taken = await send_raw(
+                listener.port, request_bytes(body=small, headers={"Content-Encoding": "gzip"})
+            )
+            assert taken.status == 200, taken.body
+        finally:
+            slow.close()
+            with contextlib.suppress(ConnectionError):
+                await slow.wait_closed()
+
+
+TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+async def test_a_trusted_peers_trace_context_is_carried_into_the_records() -> None:
+    """The callback is handled in the context its (trusted) peer sent: its records carry
+    that trace (export off: the incoming context is passed on as it came)."""
+    settings = edge_settings()
+    publisher = MemoryPublisher()
+    metrics = Metrics(CollectorRegistry())
+    tracing = Tracing(trusted_proxies=(ipaddress.ip_network("127.0.0.1/32"),))
+    app = callback_app(settings, publisher=publisher, metrics=metrics, tracing=tracing)
+    async with TestClient(TestServer(app)) as client:
+        response = await client.post(
+            PATH,
+            data=json.dumps(SEED_COMPLETED_VIDEO).encode(),
+            headers={"Content-Type": "application/json", "traceparent": TRACEPARENT},
+        )
+        assert response.status == 200
+    assert len(publisher.records) == 2
+    for record in publisher.records:
+        assert dict(record.headers)["traceparent"] == TRACEPARENT.encode()
