@@ -145,8 +145,7 @@ class BackgroundLogHandler(logging.Handler):
                 on_drop()
 
     def emit(self, record: logging.LogRecord) -> None:
-        if len(self._records) >= self.capacity or self._writer is None:
-            self._drop()
+        if not self._room():
             return
         # Formatting happens on the writer thread; only what may change later is fixed
         # here: the message's arguments and the traceback (its frames live on).
@@ -161,10 +160,15 @@ class BackgroundLogHandler(logging.Handler):
 
     def queue_line(self, line: Line) -> None:
         """Queue a line made without a `LogRecord` (see `log_line`); dropped when full."""
-        if len(self._records) >= self.capacity or self._writer is None:
-            self._drop()
-            return
-        self._records.append(line)
+        if self._room():
+            self._records.append(line)
+
+    def _room(self) -> bool:
+        """Whether a line can be queued; when not (full, or closed), it counts as dropped."""
+        if len(self._records) < self.capacity and self._writer is not None:
+            return True
+        self._drop()
+        return False
 
     def handle(self, record: logging.LogRecord) -> bool:
         # No handler lock: the deque is the synchronisation (appends and pops are atomic).
