@@ -27,14 +27,16 @@ import logging
 import os
 import signal
 import ssl
+import sys
 import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from bridge.consume.deadletter import replay_command
 from bridge.delivery.compat import check_broker
 from bridge.delivery.dedupe import DedupeWindow
 from bridge.delivery.lanes import Lanes
@@ -499,6 +501,31 @@ def build_verification(settings: Settings, metrics: Metrics) -> VerificationServ
         },
     )
     return VerificationService(settings, metrics=VerificationMetrics(metrics.registry))
+
+
+async def deadletter_replay(
+    settings: Settings,
+    *,
+    group_id: str | None,
+    dry_run: bool,
+    as_json: bool,
+    out: TextIO = sys.stdout,
+) -> int:
+    """`deadletter replay` with the verifier `serve` would use: a replayed letter is
+    written only on the terms a live callback is (with VERIFY `enforce`, never unchecked)."""
+    verification = build_verification(settings, Metrics(CollectorRegistry()))
+    try:
+        return await replay_command(
+            settings,
+            group_id=group_id,
+            dry_run=dry_run,
+            as_json=as_json,
+            out=out,
+            verifier=verification.verifier if verification else None,
+        )
+    finally:
+        if verification is not None:
+            await verification.close()
 
 
 def build_tls(settings: Settings) -> ReloadingTLS | None:
