@@ -58,7 +58,8 @@ class Clock:
 
 class PacedConsumer(FakeConsumer):
     """A consumer whose empty polls take their whole timeout on `clock` (a poll with records
-    returns at once), and which sets `stopping` once the clock reaches `until`."""
+    returns at once), and which sets `stopping` once the clock reaches `until` (or after
+    10 000 polls, should the loop poll without a timeout)."""
 
     def __init__(self, log: Log, partitions: tuple[int, ...], clock: Clock) -> None:
         super().__init__(log, partitions)
@@ -85,7 +86,9 @@ class PacedConsumer(FakeConsumer):
                 self.positions[tp] = records[-1].offset + 1
         if not batch:
             self.clock.advance(timeout_ms / 1000)
-        if self.stopping is not None and self.clock.monotonic() >= self.until:
+        if self.stopping is not None and (
+            self.clock.monotonic() >= self.until or len(self.polls) > 10_000
+        ):
             self.stopping.set()
         return batch
 
@@ -755,3 +758,21 @@ async def test_discovery_asks_kafka_nothing_about_generations_it_already_follows
     assert rig.luma.pages == pages(0)
     assert rig.publisher.published == []
     assert consumer.end_offset_requests == 0
+
+
+async def test_a_discovered_generation_whose_first_callback_lands_meanwhile_is_left_alone() -> None:
+    """Kafka now follows it (`queued`, though Luma says `completed`): it is the lookups'
+    to repair once it has been silent long enough, not discovery's."""
+    rig = Rig(public_url=PUBLIC_URL)
+    rig.luma.put(generation("g", "completed"))
+    original = rig.luma.list_page
+
+    async def listed_then_queued(*, limit: int, offset: int) -> bytes:
+        page = await original(limit=limit, offset=offset)
+        rig.log.state("g", "queued", at=NOW - 5)
+        return page
+
+    rig.luma.list_page = listed_then_queued  # type: ignore[method-assign]
+    await rig.reconciler.reconcile_once()
+    assert rig.publisher.published == []
+    assert rig.reconciler.tracker.get(0, "g") == Tracked("queued", NOW - 5)
