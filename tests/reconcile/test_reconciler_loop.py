@@ -711,12 +711,11 @@ async def test_a_page_whose_generations_are_not_a_list_ends_discovery() -> None:
 async def test_a_generation_created_exactly_at_the_lookback_keeps_discovery_paging() -> None:
     rig = Rig(public_url=PUBLIC_URL)
     oldest = NOW - 86_400
-    gids = listed(rig, PAGE_SIZE + 50, created=oldest - 10)
+    listed(rig, PAGE_SIZE + 50, created=oldest - 10)
     rig.luma.put(generation("edge", "completed", created=oldest))
     await rig.reconciler.reconcile_once()
     assert rig.luma.pages == pages(0, PAGE_SIZE - PAGE_OVERLAP)
     assert discovered(rig) == [b"edge"]
-    assert len(gids) > PAGE_SIZE
 
 
 async def test_odd_entries_in_a_listing_are_skipped_and_the_rest_written() -> None:
