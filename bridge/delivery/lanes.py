@@ -352,7 +352,7 @@ class Lanes:
         """One round: take finished sends, delete acknowledged rows, send what may go."""
         await self._take_finished()
         await self._delete_acknowledged()
-        if self._renew:
+        if self._renew and asyncio.get_running_loop().time() >= self._retry_at:
             await self._renew_producer()
         await self._send_ready()
 
