@@ -147,8 +147,8 @@ class Lanes:
         if self._spool is not None:
             for lane, count in self._spool.lanes_at_open.items():
                 self._held[lane] = self._held.get(lane, 0) + count
-            self._doubtful.update(self._spool.doubtful_at_open)
             self._unblocked()
+            self._doubtful.update(self._spool.doubtful_at_open)
 
     # The path of a callback ------------------------------------------------------
 

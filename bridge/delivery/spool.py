@@ -222,7 +222,6 @@ class Spool:
             )
         db.execute(SPOOL_TABLE)
         db.execute(QUARANTINE_TABLE)
-        db.execute(DOUBTFUL_TABLE)
         db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         count, oldest, last = db.execute(
             "SELECT count(*), min(spooled_at), coalesce(max(seq), 0) FROM spool"
@@ -234,17 +233,23 @@ class Spool:
         self.lanes_at_open = {
             key: n for key, n in db.execute("SELECT key, count(*) FROM spool GROUP BY key")
         }
-        self.doubtful_at_open = dict(
-            db.execute(
-                "SELECT seq, coalesce(sent_ms, CAST(spooled_at * 1000 AS INTEGER)) "
-                "FROM doubtful JOIN spool USING (seq)"
-            )
-        )
         self._db, self._records, self._oldest = db, count, oldest
         self._quarantined = quarantined
         self._next_seq = max(last, last_quarantined, issued[0] if issued else 0) + 1
         self._keep_reserve_sync()
         self._disk_bytes = self._measure_sync()
+        self.doubtful_at_open = self._doubtful_sync(db)
+
+    @staticmethod
+    def _doubtful_sync(db: sqlite3.Connection) -> dict[int, int]:
+        """The rows the last process noted as unresolved (`mark_doubtful`) and still here."""
+        db.execute(DOUBTFUL_TABLE)
+        return dict(
+            db.execute(
+                "SELECT seq, coalesce(sent_ms, CAST(spooled_at * 1000 AS INTEGER)) "
+                "FROM doubtful JOIN spool USING (seq)"
+            )
+        )
 
     def _free_bytes(self) -> int:
         try:
