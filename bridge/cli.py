@@ -113,7 +113,7 @@ SETTING_GROUPS: dict[str, tuple[str, ...]] = {
         "callback_path",
         "max_body_bytes",
     ),
-    "processes": ("workers",),
+    "processes": ("workers", "tune_gc"),
     "who may write": (
         "auth_tokens",
         "auth_tokens_file",

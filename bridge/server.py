@@ -702,7 +702,8 @@ async def serve(
     server = BridgeServer(settings, worker=worker)
     try:
         await server.start(stopping)
-        tune_garbage_collection()
+        if settings.tune_gc:
+            tune_garbage_collection()
         if not stopping.is_set() and on_serving is not None:
             on_serving(server)
         await stopping.wait()

@@ -51,3 +51,20 @@ async def test_serving_freezes_what_startup_made_and_widens_the_young_generation
     assert seen["frozen"] > 10_000
     # A frozen object is in no generation a collection walks.
     assert seen["publisher collected"] is False
+
+
+@pytest.mark.usefixtures("collector_restored")
+async def test_with_tune_gc_off_the_collector_keeps_cpythons_settings(settings: Settings) -> None:
+    seen: dict[str, object] = {}
+
+    def on_serving(server: BridgeServer) -> None:
+        seen["threshold"] = gc.get_threshold()
+        seen["frozen"] = gc.get_freeze_count()
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    await create_topics(settings)
+    await topics_visible(settings)
+    before = gc.get_threshold()
+    await serve(settings.model_copy(update={"tune_gc": False}), on_serving=on_serving)
+
+    assert seen == {"threshold": before, "frozen": 0}
