@@ -6,6 +6,8 @@ does not write them twice."""
 from __future__ import annotations
 
 import asyncio
+import logging
+import sqlite3
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -13,8 +15,9 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
+import bridge.delivery.lanes as lanes_module
 from bridge.delivery.lanes import LOOKUP_CLOCK_MARGIN_MS, Lanes
-from bridge.delivery.spool import Spool
+from bridge.delivery.spool import Spool, SpoolUnwritable
 from bridge.ops.metrics import Metrics
 from tests.delivery.test_lanes import ScriptedPublisher, rec, states
 from tests.delivery.test_lanes_details import spool_rows
@@ -119,3 +122,63 @@ async def test_a_stop_with_sends_held_in_the_producer_marks_them_and_only_them(
         assert again.doubtful_at_open.keys() == {1}
     finally:
         await again.close()
+
+
+async def test_a_failed_send_keeps_its_send_time_across_the_restart(
+    spool: Spool, metrics: Metrics
+) -> None:
+    await spool_rows(spool, rec("a", "queued"))
+    lanes = Lanes(publisher=ScriptedPublisher(), spool=spool, metrics=metrics)
+    lanes.open()
+    lanes._doubtful[1] = SENT_MS  # its send failed without an answer, and was not retried
+    await lanes.settle(time.monotonic() + 0.1)
+    again = await reopened(spool, metrics)
+    try:
+        assert again.doubtful_at_open == {1: SENT_MS}
+    finally:
+        await again.close()
+
+
+async def test_a_spool_that_cannot_note_the_rows_says_so_and_names_the_error(
+    spool: Spool, metrics: Metrics, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def locked(sent: object) -> None:
+        raise sqlite3.OperationalError("database is locked")
+
+    monkeypatch.setattr(spool, "_mark_doubtful_sync", locked)
+    with pytest.raises(SpoolUnwritable, match=r"^database is locked$"):
+        await spool.mark_doubtful({1: None})
+    assert metrics.registry.get_sample_value("luma_bridge_spool_write_errors_total") == 1
+
+
+@pytest.mark.parametrize("failure", ["unwritable", "slow"])
+async def test_a_stop_that_cannot_note_the_rows_warns_that_they_may_be_written_twice(
+    spool: Spool,
+    metrics: Metrics,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    failure: str,
+) -> None:
+    async def unwritable(sent: object) -> None:
+        raise SpoolUnwritable("database or disk is full")
+
+    async def slow(sent: object) -> None:
+        await asyncio.sleep(30)
+
+    monkeypatch.setattr(spool, "mark_doubtful", unwritable if failure == "unwritable" else slow)
+    monkeypatch.setattr(lanes_module, "MARK_SECONDS", 0.05)
+    await spool_rows(spool, rec("a", "queued"), rec("b", "queued"))
+    lanes = Lanes(publisher=ScriptedPublisher(), spool=spool, metrics=metrics)
+    lanes.open()
+    lanes._doubtful.update({1: SENT_MS, 2: SENT_MS})
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="bridge.delivery.lanes"):
+        await lanes.settle(started)
+    assert time.monotonic() - started < 5
+    [warning] = [r for r in caplog.records if r.getMessage().startswith("could not note")]
+    assert warning.getMessage() == (
+        "could not note which spooled rows may be in Kafka already; the next start sends "
+        "them again without looking, which may write them twice"
+    )
+    reason = "SpoolUnwritable" if failure == "unwritable" else "TimeoutError"
+    assert warning.fields == {"rows": 2, "reason": reason}  # type: ignore[attr-defined]
