@@ -64,6 +64,9 @@ def wait_for_port(host: str, port: int, deadline: float) -> bool:
     return False
 
 
+_TCP_LISTEN = "0A"  # the state column of /proc/net/tcp
+
+
 def holds_listener(pid: int, port: int) -> bool | None:
     """Whether process `pid` holds the socket listening on TCP `port` (from Linux's /proc);
     None where /proc cannot tell (another system, or no listener on the port)."""
@@ -91,9 +94,6 @@ def holds_listener(pid: int, port: int) -> bool | None:
         except OSError:
             continue  # closed meanwhile
     return False
-
-
-_TCP_LISTEN = "0A"  # the state column of /proc/net/tcp
 
 
 #: Ports tried when the broker chose its own and another process took one first.
