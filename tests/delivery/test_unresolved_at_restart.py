@@ -49,6 +49,19 @@ async def reopened(spool: Spool, metrics: Metrics) -> Spool:
     return again
 
 
+async def drain_until(lanes: Lanes, records: int) -> None:
+    """Open `lanes` and run its drainer until its spool holds `records` rows."""
+    lanes.open()
+    spool = lanes._spool
+    assert spool is not None
+    drainer = asyncio.create_task(lanes.run())
+    try:
+        await wait_until(lambda: spool.records == records, timeout=10, what="the spool drained")
+    finally:
+        drainer.cancel()
+        await asyncio.gather(drainer, return_exceptions=True)
+
+
 async def test_the_rows_marked_unresolved_are_what_the_next_open_finds(
     spool: Spool, metrics: Metrics
 ) -> None:
@@ -82,14 +95,9 @@ async def test_the_next_process_looks_up_unresolved_rows_and_sends_only_what_is_
     again = await reopened(spool, metrics)
     publisher = ScriptedPublisher()
     publisher.landed.append(rec("a", "queued"))  # the last process's send of a landed
-    lanes = Lanes(publisher=publisher, spool=again, metrics=metrics)
-    lanes.open()
-    drainer = asyncio.create_task(lanes.run())
     try:
-        await wait_until(lambda: again.records == 0, timeout=10, what="the spool drained")
+        await drain_until(Lanes(publisher=publisher, spool=again, metrics=metrics), 0)
     finally:
-        drainer.cancel()
-        await asyncio.gather(drainer, return_exceptions=True)
         await again.close()
     assert states(publisher.landed, "a") == ["queued"]  # once
     assert [r.key for r in publisher.sent] == [b"b", b"c"]
@@ -109,13 +117,7 @@ async def test_a_stop_with_sends_held_in_the_producer_marks_them_and_only_them(
     publisher.verdict = lambda r: "hold" if r.key == b"a" else None
     await spool_rows(spool, rec("a", "queued"), rec("b", "queued"))
     lanes = Lanes(publisher=publisher, spool=spool, metrics=metrics)
-    lanes.open()
-    drainer = asyncio.create_task(lanes.run())
-    try:
-        await wait_until(lambda: spool.records == 1, timeout=10, what="b written, a held")
-    finally:
-        drainer.cancel()
-        await asyncio.gather(drainer, return_exceptions=True)
+    await drain_until(lanes, 1)  # b written, a held
     await lanes.settle(time.monotonic() + 0.3)
     again = await reopened(spool, metrics)
     try:
