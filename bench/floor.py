@@ -40,6 +40,7 @@ from bridge.contract.callback import (
     SOURCE_CALLBACK,
 )
 from bridge.delivery.publisher import producer_options
+from bridge.server import tune_garbage_collection
 from bridge.settings import load_settings
 
 PRODUCER = web.AppKey("producer", AIOKafkaProducer)
@@ -127,6 +128,11 @@ def create_app(bootstrap: str, *, naive: bool = False, idempotent: bool = False)
     return app
 
 
+async def tuned_garbage_collection(app: web.Application) -> None:
+    """The bridge's collector settings on the floor, to show what they are worth alone."""
+    tune_garbage_collection()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
@@ -136,8 +142,15 @@ def main() -> None:
     parser.add_argument(
         "--idempotent", action="store_true", help="the idempotent producer (Apache Kafka)"
     )
+    parser.add_argument(
+        "--gc-tuned",
+        action="store_true",
+        help="the garbage collector as `serve` sets it, once the producer is started",
+    )
     args = parser.parse_args()
     app = create_app(args.bootstrap, naive=args.naive, idempotent=args.idempotent)
+    if args.gc_tuned:
+        app.on_startup.append(tuned_garbage_collection)
     serve(app, args.host, args.port)
 
 

@@ -306,6 +306,11 @@ class Stack:
                 *(py, "-m", "bench.floor", "--port", str(port), "--bootstrap", self.bootstrap),
                 *(["--idempotent"] if self.idempotent else []),
             ],
+            "floor_gc": lambda port: [
+                *(py, "-m", "bench.floor", "--port", str(port), "--bootstrap", self.bootstrap),
+                *(["--idempotent"] if self.idempotent else []),
+                "--gc-tuned",
+            ],
             "naive": lambda port: [
                 *(py, "-m", "bench.floor", "--port", str(port), "--bootstrap", self.bootstrap),
                 "--naive",

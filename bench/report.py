@@ -15,6 +15,7 @@ TARGET_CONNECTIONS = "64"
 LABELS = {
     "minimal": "minimal aiohttp (HTTP limit)",
     "floor": "floor: aiohttp + the two records",
+    "floor_gc": "floor, its garbage collector tuned as the bridge's",
     "naive": "naive peer: aiohttp + 2 send_and_wait",
     "raw_producer": "raw aiokafka producer (Kafka limit)",
     "peer": "FastAPI + send_and_wait peer",
@@ -161,7 +162,7 @@ def markdown(results: Mapping[str, Any]) -> str:
         "|---|---:|---:|---:|---:|",
     ]
     for connections, row in results.get("ratios", {}).items():
-        for name in ("floor", "naive", "minimal", "peer"):
+        for name in ("floor", "floor_gc", "naive", "minimal", "peer"):
             if math.isnan(row.get(f"rps_vs_{name}", math.nan)):
                 continue
             lines.append(

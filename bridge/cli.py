@@ -29,7 +29,6 @@ from aiokafka.errors import KafkaError
 
 from bridge import __version__
 from bridge.consume.consumer import FOLLOWABLE_STATES
-from bridge.consume.deadletter import replay_command
 from bridge.consume.tail import TailOptions, tail_command
 from bridge.contract.asyncapi import schema_command
 from bridge.delivery.compat import IncompatibleBroker
@@ -48,7 +47,7 @@ from bridge.devtools.embedded import EmbeddedBroker, EmbeddedBrokerError
 from bridge.devtools.simulate import SimulateOptions, simulate
 from bridge.ops.logs import configure_logging
 from bridge.ops.workers import WorkersError, run_workers, worker_role, worker_settings
-from bridge.server import BridgeServer, StartupError, serve
+from bridge.server import BridgeServer, StartupError, deadletter_replay, serve
 from bridge.settings import ENV_PREFIX, Settings, SettingsError, env_name, flag_name, load_settings
 
 PROG = "luma-kafka-bridge"
@@ -114,7 +113,7 @@ SETTING_GROUPS: dict[str, tuple[str, ...]] = {
         "callback_path",
         "max_body_bytes",
     ),
-    "processes": ("workers",),
+    "processes": ("workers", "tune_gc"),
     "who may write": (
         "auth_tokens",
         "auth_tokens_file",
@@ -616,7 +615,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "spool":
             return run_spool(args, settings)
         if args.command == "deadletter":
-            replay = replay_command(
+            replay = deadletter_replay(
                 settings, group_id=args.group, dry_run=args.dry_run, as_json=args.json
             )
             return run_async(replay)

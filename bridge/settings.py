@@ -93,6 +93,12 @@ class Settings(BaseSettings):
         description="Processes of `serve` sharing the callback port (SO_REUSEPORT), each "
         "with its own spool under SPOOL_DIR; keep 1 in Kubernetes and run more pods.",
     )
+    tune_gc: bool = Field(
+        True,
+        description="Once serving, freeze what start-up made and collect young objects every "
+        "10,000 allocations instead of CPython's 700 (docs/performance.md); false keeps "
+        "CPython's defaults.",
+    )
     admin_port: int = Field(
         8081,
         ge=0,

@@ -45,6 +45,7 @@ from bridge.contract.callback import (
 from bridge.delivery.dedupe import DedupeWindow
 from bridge.delivery.pipeline import Outcome, Pipeline
 from bridge.delivery.publisher import KafkaPublisher
+from bridge.delivery.verification import CallbackVerifier
 from bridge.ops.metrics import Metrics
 from bridge.settings import Settings, consumer_options
 
@@ -129,8 +130,12 @@ async def replay_dead_letters(
     *,
     group_id: str | None = None,
     dry_run: bool = False,
+    verifier: CallbackVerifier | None = None,
 ) -> ReplaySummary:
     """Route every dead letter that is valid now; keep the others on the dead-letter topic.
+
+    With a `verifier` (VERIFY `tag` or `enforce`), a letter is checked against Luma's API as
+    a live callback is, and written or refused on the same terms.
 
     Reads from `group_id`'s committed offsets (default `default_group(settings)`)
     to the end seen at start. With `dry_run`, publishes and commits nothing.
@@ -163,6 +168,7 @@ async def replay_dead_letters(
                 size=settings.dedupe_window_size, ttl=settings.dedupe_window_seconds
             ),
             cloudevents=settings.cloudevents_options(),
+            verifier=verifier,
         )
         await _replay(consumer, pipeline, topics, summary, dry_run=dry_run)
     finally:
@@ -256,10 +262,13 @@ async def replay_command(
     dry_run: bool,
     as_json: bool,
     out: TextIO = sys.stdout,
+    verifier: CallbackVerifier | None = None,
 ) -> int:
     """`luma-kafka-bridge deadletter replay`: 0 when every letter was dealt with, else 1."""
     try:
-        summary = await replay_dead_letters(settings, group_id=group_id, dry_run=dry_run)
+        summary = await replay_dead_letters(
+            settings, group_id=group_id, dry_run=dry_run, verifier=verifier
+        )
     except ReplayInterrupted as exc:
         print(
             f"luma-kafka-bridge: replay stopped, Kafka did not acknowledge ({exc.reason}); "

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -347,16 +347,19 @@ def redact_url_token(url: str, callback_path: str) -> str:
 
 
 def _redact_path_token(path: str, callback_path: str) -> str:
-    marker = callback_path.rstrip("/") + "/"
-    start = path.find(marker)
-    if start < 0:
-        return path
-    token_start = start + len(marker)
-    token_end = path.find("/", token_start)
-    token_end = len(path) if token_end < 0 else token_end
-    if token_start == token_end:
-        return path
-    return path[:token_start] + REDACTED + path[token_end:]
+    """The segment after the first occurrence of `callback_path`'s segments, compared
+    decoded: the bridge routes on the decoded path, so `/luma/%63allback/<token>`
+    reaches it with a token that works."""
+    marker = callback_path.strip("/").split("/")
+    segments = path.split("/")
+    decoded = [unquote(segment) for segment in segments]
+    for start in range(len(segments) - len(marker)):
+        if decoded[start : start + len(marker)] == marker:
+            token = start + len(marker)
+            if not segments[token]:
+                return path
+            return "/".join([*segments[:token], REDACTED, *segments[token + 1 :]])
+    return path
 
 
 def redact_callback_token(value: dict[str, Any], callback_path: str) -> dict[str, Any]:

@@ -72,6 +72,8 @@ MAX_BACKOFF = 5.0
 # broker's with LogAppendTime).
 LOOKUP_SECONDS = 5.0
 LOOKUP_CLOCK_MARGIN_MS = 10_000
+# At shutdown, for noting the rows whose send is unresolved (one small SQLite write).
+MARK_SECONDS = 1.0
 
 
 class Unavailable(Exception):
@@ -140,11 +142,13 @@ class Lanes:
         self.changed = asyncio.Event()
 
     def open(self) -> None:
-        """Take the lanes of rows a previous process left in the spool."""
+        """Take the lanes of rows a previous process left in the spool, and look up in
+        Kafka, before sending them again, those whose send it left unresolved."""
         if self._spool is not None:
             for lane, count in self._spool.lanes_at_open.items():
                 self._held[lane] = self._held.get(lane, 0) + count
             self._unblocked()
+            self._doubtful.update(self._spool.doubtful_at_open)
 
     # The path of a callback ------------------------------------------------------
 
@@ -352,7 +356,7 @@ class Lanes:
         """One round: take finished sends, delete acknowledged rows, send what may go."""
         await self._take_finished()
         await self._delete_acknowledged()
-        if self._renew:
+        if self._renew and asyncio.get_running_loop().time() >= self._retry_at:
             await self._renew_producer()
         await self._send_ready()
 
@@ -566,6 +570,25 @@ class Lanes:
                     await self._delete_acknowledged()
             except TimeoutError:
                 log.warning("could not delete acknowledged rows in time; they are sent again")
+        await self._mark_unresolved()
+
+    async def _mark_unresolved(self) -> None:
+        """Leave the next process the rows that may be in Kafka already: in the producer,
+        failed without an answer, or acknowledged but not yet deleted."""
+        if self._spool is None:
+            return
+        unresolved = {*self._sending, *self._pinned, *self._doubtful, *self._acked}
+        try:
+            async with asyncio.timeout(MARK_SECONDS):
+                await self._spool.mark_doubtful(
+                    {seq: self._doubtful.get(seq) for seq in sorted(unresolved)}
+                )
+        except (TimeoutError, SpoolUnwritable) as exc:
+            log.warning(
+                "could not note which spooled rows may be in Kafka already; the next start "
+                "sends them again without looking, which may write them twice",
+                extra={"fields": {"rows": len(unresolved), "reason": type(exc).__name__}},
+            )
 
 
 def _now_ms() -> int:

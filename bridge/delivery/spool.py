@@ -17,7 +17,10 @@ spool is small again. A full disk (`database or disk is full`) fails the write,
 which the caller answers 503; the next write simply tries again.
 
 Schema versions: 1 (the first release: `spool` only) and 2 (adds `quarantine`).
-A version-1 file opens as it is and is upgraded in place.
+A version-1 file opens as it is and is upgraded in place. The `doubtful` table (rows
+whose send was unresolved when the last process stopped, which the next one looks up in
+Kafka before sending them again) is optional: a release that does not know it ignores
+it, so it needs no new version.
 
 All SQLite work runs on one dedicated thread, never on the event loop.
 """
@@ -66,6 +69,12 @@ CREATE TABLE IF NOT EXISTS quarantine (
     value BLOB NOT NULL,
     headers TEXT NOT NULL,
     size INTEGER NOT NULL
+)
+"""
+DOUBTFUL_TABLE = """
+CREATE TABLE IF NOT EXISTS doubtful (
+    seq INTEGER PRIMARY KEY,
+    sent_ms INTEGER
 )
 """
 # SQLite's own bytes per row beyond the payload (row header, cell pointers, index).
@@ -144,6 +153,9 @@ class Spool:
         self._oldest: float | None = None
         self._next_seq = 1
         self.lanes_at_open: dict[Lane, int] = {}
+        #: Rows whose send the last process left unresolved: seq -> the earliest time (ms)
+        #: it may have been sent (its spooled time when the process did not know).
+        self.doubtful_at_open: dict[int, int] = {}
 
     @property
     def path(self) -> Path:
@@ -226,6 +238,18 @@ class Spool:
         self._next_seq = max(last, last_quarantined, issued[0] if issued else 0) + 1
         self._keep_reserve_sync()
         self._disk_bytes = self._measure_sync()
+        self.doubtful_at_open = self._doubtful_sync(db)
+
+    @staticmethod
+    def _doubtful_sync(db: sqlite3.Connection) -> dict[int, int]:
+        """The rows the last process noted as unresolved (`mark_doubtful`) and still here."""
+        db.execute(DOUBTFUL_TABLE)
+        return dict(
+            db.execute(
+                "SELECT seq, coalesce(sent_ms, CAST(spooled_at * 1000 AS INTEGER)) "
+                "FROM doubtful JOIN spool USING (seq)"
+            )
+        )
 
     def _free_bytes(self) -> int:
         try:
@@ -403,6 +427,24 @@ class Spool:
                 )
             )
         return sorted(found, key=lambda row: row.seq)
+
+    async def mark_doubtful(self, sent: dict[int, int | None]) -> None:
+        """Remember, for the next process, the rows whose send is unresolved now (seq ->
+        when it was sent, in ms, if known): they may be in Kafka already, and are looked up
+        before they are sent again. Replaces what was marked before. Raises
+        `SpoolUnwritable`."""
+        try:
+            await self._run(self._mark_doubtful_sync, sent)
+        except Exception as exc:
+            self._metrics.spool_write_errors.inc()
+            raise _unwritable(exc) from exc
+
+    def _mark_doubtful_sync(self, sent: dict[int, int | None]) -> None:
+        db = self._require_db()
+        with db:  # one transaction, one fsync
+            db.execute("BEGIN IMMEDIATE")
+            db.execute("DELETE FROM doubtful")
+            db.executemany("INSERT INTO doubtful (seq, sent_ms) VALUES (?, ?)", sent.items())
 
     async def remove(self, seqs: Iterable[int]) -> None:
         """Delete the rows `seqs` (acknowledged by Kafka). Raises `SpoolUnwritable`."""

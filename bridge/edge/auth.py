@@ -156,10 +156,13 @@ class Decision:
     """The result of authenticating one request."""
 
     authorized: bool
-    source: IPAddress | None
     webhook_id: str | None = None
     # The same webhook id and body were seen before: the sender's retry.
     repeat: bool = False
+
+
+_AUTHORIZED = Decision(True)
+_REFUSED = Decision(False)
 
 
 class Authenticator:
@@ -187,9 +190,7 @@ class Authenticator:
         allowed &= self.tokens.is_authorized(request)
         return allowed
 
-    def verify_body(
-        self, request: web.Request, body: bytes, *, source: IPAddress | None
-    ) -> Decision:
+    def verify_body(self, request: web.Request, body: bytes) -> Decision:
         """The signature over `body`, and the webhook id's claim; call after
         `allowed_before_body` held. Without signatures configured, always authorized.
 
@@ -197,14 +198,14 @@ class Authenticator:
         body is a `repeat` (authorized: the sender's retry); with another body, refused.
         """
         if self.signatures is None:
-            return Decision(True, source)
+            return _AUTHORIZED
         verdict = self.signatures.verify(request.headers, body)
         if not verdict.valid or verdict.webhook_id is None:
-            return Decision(False, source)
+            return _REFUSED
         claim = self.signatures.replays.claim(verdict.webhook_id, body_digest(body))
         if claim is Claim.CONFLICT:
-            return Decision(False, source)
-        return Decision(True, source, verdict.webhook_id, repeat=claim is Claim.REPEAT)
+            return _REFUSED
+        return Decision(True, verdict.webhook_id, repeat=claim is Claim.REPEAT)
 
     def accepted_event(self, decision: Decision) -> str | None:
         """The event id an earlier delivery under this decision's webhook id was written as."""

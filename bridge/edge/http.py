@@ -213,7 +213,7 @@ class CallbackHandler:
         if body is not raw:
             reservation.grow_to(len(raw) + len(body))
         # One answer whatever was wrong: source, token, signature or a reused webhook id.
-        decision = self._auth.verify_body(request, body, source=source)
+        decision = self._auth.verify_body(request, body)
         if not decision.authorized:
             return _UNAUTHORIZED, None
         received_at = datetime.now(UTC)

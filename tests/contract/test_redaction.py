@@ -206,6 +206,18 @@ def test_a_dead_letter_with_escaped_slashes_loses_the_token_too() -> None:
             f"https://example.com/luma/callback/{REDACTED}/extra/more",
             id="only-the-segment-after-the-path",
         ),
+        # The bridge routes on the decoded path, so an encoded path still carries a token
+        # that works: it is redacted, and the path is kept as it was written.
+        pytest.param(
+            f"https://example.com/luma/%63allback/{TOKEN}",
+            f"https://example.com/luma/%63allback/{REDACTED}",
+            id="a-percent-encoded-path",
+        ),
+        pytest.param(
+            "https://example.com/hooks/luma/callback/s3cr3t%2Dt0ken?x=1",
+            f"https://example.com/hooks/luma/callback/{REDACTED}?x=1",
+            id="a-percent-encoded-token",
+        ),
     ],
 )
 def test_the_token_and_only_the_token_is_redacted(url: str, redacted: str) -> None:
@@ -222,6 +234,14 @@ def test_the_token_and_only_the_token_is_redacted(url: str, redacted: str) -> No
 )
 def test_a_url_without_a_token_is_returned_as_it_was(url: str) -> None:
     assert redact_url_token(url, PATH) == url
+
+
+def test_a_configured_path_that_urls_must_encode_is_matched_encoded() -> None:
+    url = f"https://example.com/hooks/l%C3%BCma%20cb/{TOKEN}"
+    assert (
+        redact_url_token(url, "/hooks/lüma cb")
+        == f"https://example.com/hooks/l%C3%BCma%20cb/{REDACTED}"
+    )
 
 
 @pytest.mark.parametrize("path", ["/hooks/luma", "/hooks/LUMAX", "/X"])

@@ -884,6 +884,37 @@ async def test_the_drainers_own_send_renews_an_unusable_producer(parts: Parts) -
     assert parts.publisher.renewals == 1
 
 
+class RenewNeverReaches(ScriptedPublisher):
+    async def renew(self) -> None:
+        await super().renew()
+        raise KafkaUnavailable("timeout")
+
+
+async def test_a_failed_renewal_is_tried_again_only_after_the_backoff(tmp_path: Path) -> None:
+    """Every new spooled row wakes the drainer: during an outage that is every callback,
+    and each wake-up must not build a new producer."""
+    metrics = Metrics(CollectorRegistry())
+    spool = Spool(tmp_path, max_bytes=8 << 20, metrics=metrics)
+    await spool.open()
+    try:
+        await spool_rows(spool, rec("g", "queued"))
+        publisher = RenewNeverReaches()
+        publisher.verdict = lambda r: "OutOfOrderSequenceNumber"
+        lanes = Lanes(publisher=publisher, spool=spool, metrics=metrics)
+        lanes.open()
+        await rounds(lanes, 2)  # sent, refused: the producer is unusable
+        lanes._retry_at = 0.0
+        await rounds(lanes)
+        assert publisher.renewals == 1
+        await rounds(lanes, 5)  # woken again and again within the backoff
+        assert publisher.renewals == 1
+        lanes._retry_at = 0.0  # the backoff has passed
+        await rounds(lanes)
+        assert publisher.renewals == 2
+    finally:
+        await spool.close()
+
+
 async def test_an_acknowledgement_during_the_spool_write_frees_the_lane(
     parts: Parts, monkeypatch: pytest.MonkeyPatch
 ) -> None:

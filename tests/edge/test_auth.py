@@ -281,13 +281,13 @@ def test_a_released_webhook_id_is_claimed_afresh_by_the_senders_retry() -> None:
         TokenAuth((), allow_unauthenticated=True),
         signatures=SignatureCheck((b"k" * 32,), tolerance=300),
     )
-    first = auth.verify_body(signed(SEED_BODY, "msg_1"), SEED_BODY, source=None)
+    first = auth.verify_body(signed(SEED_BODY, "msg_1"), SEED_BODY)
     assert (first.authorized, first.webhook_id, first.repeat) == (True, "msg_1", False)
-    kept = auth.verify_body(signed(SEED_BODY, "msg_2"), SEED_BODY, source=None)
+    kept = auth.verify_body(signed(SEED_BODY, "msg_2"), SEED_BODY)
     assert not kept.repeat
     auth.release(first)  # answered 503: the sender will retry msg_1
-    retried = auth.verify_body(signed(SEED_BODY, "msg_1"), SEED_BODY, source=None)
+    retried = auth.verify_body(signed(SEED_BODY, "msg_1"), SEED_BODY)
     assert (retried.authorized, retried.repeat) == (True, False)
     # An id not released is still remembered: its retry is a repeat.
-    again = auth.verify_body(signed(SEED_BODY, "msg_2"), SEED_BODY, source=None)
+    again = auth.verify_body(signed(SEED_BODY, "msg_2"), SEED_BODY)
     assert (again.authorized, again.repeat) == (True, True)

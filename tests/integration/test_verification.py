@@ -3,6 +3,8 @@ API through the official `lumaai` client (`LUMA_BRIDGE_VERIFY=tag|enforce`)."""
 
 from __future__ import annotations
 
+import io
+import json
 import logging
 import socket
 import time
@@ -11,11 +13,12 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 from aiokafka import ConsumerRecord
 
 from bridge.devtools.fake_luma import FakeLumaAPI
-from bridge.server import BridgeServer
+from bridge.server import BridgeServer, deadletter_replay
 from bridge.settings import Settings
 from tests.conftest import KafkaBroker
 from tests.helpers import (
@@ -26,6 +29,7 @@ from tests.helpers import (
     read_topic,
     running_bridge,
 )
+from tests.integration.test_deadletter_replay import write_letters
 from tests.reconcile.support import header
 
 pytestmark = pytest.mark.integration
@@ -274,3 +278,26 @@ async def test_the_api_key_is_in_no_log_metric_or_answer(
     assert "Luma's API refused the API key" in caplog.text
     everything = "\n".join([caplog.text, *seen])
     assert API_KEY not in everything
+
+
+async def test_a_replayed_dead_letter_is_verified_as_a_live_callback_is(
+    kafka_broker: KafkaBroker, api: FakeLumaAPI
+) -> None:
+    settings = verify_settings(kafka_broker, api.base_url, "enforce")
+    async with running_bridge(settings):
+        pass  # its topics, created as `serve` finds them
+    api.put(generation("gen-real", "completed"))
+    real, forged = (
+        orjson.dumps(generation(gid, "completed")) for gid in ("gen-real", "gen-forged")
+    )
+    await write_letters(settings, [forged, real])
+
+    out = io.StringIO()
+    code = await deadletter_replay(settings, group_id=None, dry_run=False, as_json=True, out=out)
+
+    assert code == 0
+    summary = json.loads(out.getvalue())
+    assert (summary["routed"], summary["still_failing"]) == (1, 1)
+    assert summary["reasons"] == {"not confirmed: Luma's API does not know this generation": 1}
+    records = await settled(kafka_broker.bootstrap, f"{settings.topic_prefix}.lifecycle", 1)
+    assert verdicts(records) == {("gen-real", "completed"): "true"}
