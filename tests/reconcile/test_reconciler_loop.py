@@ -547,18 +547,6 @@ async def test_the_stuck_gauge_counts_every_generation_of_a_state_and_age() -> N
     assert rig.sample("luma_bridge_reconciler_stuck_generations", state="queued", age="30m") == 2
 
 
-async def test_a_repair_kafka_does_not_acknowledge_names_its_generation(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    rig = Rig()
-    await stuck(rig)
-    rig.luma.put(generation("g", "completed"))
-    rig.publisher.fail = "timeout"
-    await rig.reconciler.reconcile_once()
-    [line] = messages(caplog, "Kafka did not acknowledge a reconciled state; retrying next pass")
-    assert line.fields == {"generation_id": "g", "reason": "timeout"}  # type: ignore[attr-defined]
-
-
 async def test_a_record_landing_just_before_ours_is_read_before_the_next_action() -> None:
     """Between reading to the end and our write, a callback for another generation landed:
     the end we knew is dropped, so that generation's action reads it first."""

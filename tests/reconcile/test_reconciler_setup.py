@@ -29,6 +29,7 @@ from tests.reconcile.test_reconciler_decisions import (
     NOW,
     FakeAdmin,
     FakeConsumer,
+    FakeReader,
     Log,
     Rig,
     StubLuma,
@@ -243,28 +244,14 @@ async def test_a_topic_created_a_moment_ago_is_asked_for_again_within_a_fraction
 # -- the changelog ---------------------------------------------------------------------------
 
 
-class ChangelogReader(FakeConsumer):
+class ChangelogReader(FakeReader):
     """The changelog's reader as aiokafka behaves: a position only of an assigned partition,
     a fetch of at most `fetch_size` records per partition, a poll that waits a bounded time."""
 
     def __init__(self, log: Log, fetch_size: int = 2) -> None:
-        super().__init__(log, ())
+        super().__init__(log)
         self.fetch_size = fetch_size
         self.polls: list[tuple[set[TopicPartition], int]] = []
-        self.stopped = False
-
-    async def start(self) -> None:
-        pass
-
-    async def stop(self) -> None:
-        self.stopped = True
-
-    def assign(self, tps: list[TopicPartition]) -> None:
-        self.assigned = set(tps)
-
-    async def seek_to_beginning(self, *tps: TopicPartition) -> None:
-        for tp in tps:
-            self.positions[tp] = 0
 
     async def position(self, tp: TopicPartition) -> int:
         if tp not in self.assigned:
