@@ -262,25 +262,41 @@ async def partitions(cluster: Cluster, prefix: str) -> list[dict[str, Any]]:
     return [{"topic": t["topic"], **p} for t in described for p in t["partitions"]]
 
 
-async def topic_layout(cluster: Cluster, prefix: str) -> set[tuple[int, str]]:
-    """(replicas, min.insync.replicas) of every partition of the scenario's topics."""
+async def topic_layout(
+    cluster: Cluster, prefix: str, timeout: float = 30.0
+) -> set[tuple[int, str]]:
+    """(replicas, min.insync.replicas) of every partition of the scenario's topics.
+
+    A broker that has not yet applied the topics' creation answers their configs with an
+    error and no entries: asked again until every topic has its value, within `timeout`.
+    """
     admin = AIOKafkaAdminClient(bootstrap_servers=cluster.direct, request_timeout_ms=5000)
     await admin.start()
+    deadline = time.monotonic() + timeout
     try:
         topics = [t for t in await admin.list_topics() if t.startswith(prefix + ".")]
         described = await admin.describe_topics(topics)
         resources = [ConfigResource(ConfigResourceType.TOPIC, t) for t in topics]
-        responses = await admin.describe_configs(resources)
+        while len(min_isr := min_insync_replicas(await admin.describe_configs(resources))) < len(
+            topics
+        ):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"min.insync.replicas of {topics} not known in {timeout}s")
+            await asyncio.sleep(0.25)
     finally:
         await admin.close()
-    min_isr = {
+    return {(len(p["replicas"]), min_isr[t["topic"]]) for t in described for p in t["partitions"]}
+
+
+def min_insync_replicas(responses: list[Any]) -> dict[str, str]:
+    """Topic name to its min.insync.replicas, for the topics a DescribeConfigs answered."""
+    return {
         resource[3]: entry[1]
         for response in responses
         for resource in response.resources
         for entry in resource[4]
         if entry[0] == "min.insync.replicas"
     }
-    return {(len(p["replicas"]), min_isr[t["topic"]]) for t in described for p in t["partitions"]}
 
 
 async def fully_replicated(cluster: Cluster, prefix: str, timeout: float = 120.0) -> float:
