@@ -139,7 +139,12 @@ def java_command(jars: Path, main_class: str, *args: str, heap: str = BROKER_HEA
     return [
         "java",
         heap,
+        # kafka-run-class.sh's KAFKA_JVM_PERFORMANCE_OPTS: short collector pauses, as
+        # brokers run in production (the JVM's default pause target is 200 ms).
         "-XX:+UseG1GC",
+        "-XX:MaxGCPauseMillis=20",
+        "-XX:InitiatingHeapOccupancyPercent=35",
+        "-XX:+ExplicitGCInvokesConcurrent",
         "-XX:-UsePerfData",
         "-Djava.awt.headless=true",
         f"-Dlog4j.configuration=file:{LOG4J_PROPERTIES}",
