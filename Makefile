@@ -29,9 +29,12 @@ bench: bootstrap
 	$(VENV)/bin/python -m pip install -q -e '.[bench]'
 	$(VENV)/bin/python -m bench
 
-# The fault-injection scenarios with Luma-scale outages; numbers appended to faults-report.jsonl.
+# The fault-injection scenarios with Luma-scale outages; their numbers go to
+# faults-report.jsonl, then into the README's fault table.
 faults: bootstrap
+	rm -f faults-report.jsonl
 	FAULT_OUTAGE_SECONDS=30 FAULT_REPORT=faults-report.jsonl $(VENV)/bin/python -m pytest -m faults tests/faults -s
+	FAULT_OUTAGE_SECONDS=30 $(VENV)/bin/python scripts/faults-table faults-report.jsonl README.md
 
 # Mutation testing of the core with mutmut (docs/testing.md): slow, not part of CI.
 mutate: bootstrap
