@@ -383,17 +383,36 @@ def redact_callback_token(value: dict[str, Any], callback_path: str) -> dict[str
     return {**value, "request": {**request, "callback_url": redacted}}
 
 
-_TOKEN_QUERY = re.compile(rb"([?&]token=)[^&#\"\\\s]+")
+def _raw_forms(text: str) -> bytes:
+    """A pattern for `text` as it may stand in the raw bytes of a JSON body: each character
+    itself, percent-encoded (as a URL must carry a path that needs it, and as anyone may
+    write any character) or JSON-escaped (`\\u0063`), hexadecimal digits in either case."""
+    return b"".join(_raw_char(char) for char in text)
+
+
+def _raw_char(char: str) -> bytes:
+    utf8 = char.encode()
+    percent = "".join(f"%{byte:02x}" for byte in utf8)
+    # JSON escapes UTF-16 code units: a character beyond U+FFFF is a surrogate pair.
+    units = char.encode("utf-16-be")
+    escaped = "".join(f"\\u{units[n : n + 2].hex()}" for n in range(0, len(units), 2))
+    either_case = re.escape(percent.encode()) + b"|" + re.escape(escaped.encode())
+    return b"(?:" + re.escape(utf8) + b"|(?i:" + either_case + b"))"
+
+
+# `&` JSON-escaped too: some encoders write it `\\u0026`.
+_TOKEN_QUERY = re.compile(rb"((?:[?&]|(?i:\\u0026))" + _raw_forms("token") + rb"=)[^&#\"\\\s]+")
 
 
 def redact_raw_token(body: bytes, callback_path: str) -> bytes:
     """Best-effort redaction of the write token in raw bytes (a dead letter's body).
 
     A dead letter keeps the body as received, but not the credential: the segment
-    after `callback_path` and a `token=` query value are replaced where they appear
-    literally (slashes escaped as JSON allows, `\\/`, included).
+    after `callback_path` and a `token=` query value are replaced wherever they appear,
+    written as the bridge would route them (see `_raw_forms`; slashes escaped as JSON
+    allows, `\\/`, included).
     """
-    segments = [re.escape(part.encode()) for part in callback_path.strip("/").split("/")]
+    segments = [_raw_forms(part) for part in callback_path.strip("/").split("/")]
     slash = rb"\\?/"
     marker = slash + slash.join(segments) + slash
     path_token = re.compile(rb"(" + marker + rb")[^/?#\"\\\s]+")

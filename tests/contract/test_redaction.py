@@ -262,3 +262,53 @@ def test_the_dead_letter_of_a_refused_record_keeps_its_reception_time() -> None:
         ("luma-received-at", b"2026-11-28T10:00:00.000Z"),
     ]
     assert refused_record_letter_headers([], "t.lifecycle", "E")[1] == ("luma-received-at", b"")
+
+
+@pytest.mark.parametrize(
+    "written",
+    [
+        "/luma/%63allback/",  # a character percent-encoded: the bridge routes it all the same
+        "/%6C%75ma/callback/",  # upper-case hexadecimal digits
+        "/luma/\\u0063allback/",  # JSON-escaped in the body
+        "\\/luma\\/%63allback\\/",  # and slashes escaped as JSON allows
+    ],
+)
+def test_a_dead_letter_loses_the_token_however_the_path_is_written(written: str) -> None:
+    body = ('{"state":7,"request":{"callback_url":"https://example.com' + written).encode()
+    body += TOKEN.encode() + b'"}}'
+    evidence = redact_raw_token(body, PATH)
+    assert TOKEN.encode() not in evidence
+    assert evidence == body.replace(TOKEN.encode(), REDACTED.encode())
+
+
+def test_a_dead_letter_loses_the_token_after_a_path_that_urls_must_encode() -> None:
+    for written in ("/hooks/l%C3%BCma%20cb/", "/hooks/l%c3%bcma%20cb/", "/hooks/l\\u00fcma cb/"):
+        body = ('{"state":7,"u":"https://example.com' + written + TOKEN + '"}').encode()
+        assert redact_raw_token(body, "/hooks/lüma cb") == body.replace(
+            TOKEN.encode(), REDACTED.encode()
+        )
+
+
+@pytest.mark.parametrize("query", ["?token=", "?%74oken=", "&t%6Fken=", "\\u0026token="])
+def test_a_dead_letter_loses_a_query_token_however_its_name_is_written(query: str) -> None:
+    body = ('{"state":7,"u":"https://example.com/cb?a=1' + query + TOKEN + '&b=2"}').encode()
+    assert redact_raw_token(body, PATH) == body.replace(TOKEN.encode(), REDACTED.encode())
+
+
+def test_a_dead_letter_without_the_path_or_a_token_query_keeps_every_byte() -> None:
+    body = (
+        '{"u":"https://example.com/luma/callbacks/' + TOKEN + "?tokens=" + TOKEN + '"}'
+    ).encode()
+    assert redact_raw_token(body, PATH) == body
+
+
+def test_a_dead_letter_loses_the_token_after_a_path_beyond_the_basic_plane() -> None:
+    path = "/hooks/\U0001f3acmu cb"  # JSON escapes the clapper board as a surrogate pair
+    url = f"https://example.com{path}/{TOKEN}"
+    for body in (
+        json.dumps({"u": url}).encode(),  # \ud83c\udfac
+        json.dumps({"u": url}, ensure_ascii=False).encode(),
+        json.dumps({"u": f"https://example.com/hooks/%F0%9F%8E%ACmu%20cb/{TOKEN}"}).encode(),
+    ):
+        assert redact_raw_token(body, path) == body.replace(TOKEN.encode(), REDACTED.encode())
+    assert b"\\ud83c\\udfac" in json.dumps({"u": url}).encode()
