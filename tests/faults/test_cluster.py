@@ -277,9 +277,10 @@ async def topic_layout(
         topics = [t for t in await admin.list_topics() if t.startswith(prefix + ".")]
         described = await admin.describe_topics(topics)
         resources = [ConfigResource(ConfigResourceType.TOPIC, t) for t in topics]
-        while len(min_isr := min_insync_replicas(await admin.describe_configs(resources))) < len(
-            topics
-        ):
+        while True:
+            min_isr = min_insync_replicas(await admin.describe_configs(resources))
+            if len(min_isr) == len(topics):
+                break
             if time.monotonic() > deadline:
                 raise AssertionError(f"min.insync.replicas of {topics} not known in {timeout}s")
             await asyncio.sleep(0.25)
