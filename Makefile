@@ -34,7 +34,7 @@ bench: bootstrap
 faults: bootstrap
 	rm -f faults-report.jsonl
 	FAULT_OUTAGE_SECONDS=30 FAULT_REPORT=faults-report.jsonl $(VENV)/bin/python -m pytest -m faults tests/faults -s
-	FAULT_OUTAGE_SECONDS=30 $(VENV)/bin/python scripts/faults-table faults-report.jsonl README.md
+	$(VENV)/bin/python scripts/faults-table faults-report.jsonl README.md
 
 # Mutation testing of the core with mutmut (docs/testing.md): slow, not part of CI.
 mutate: bootstrap

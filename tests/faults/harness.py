@@ -34,6 +34,8 @@ from bridge.devtools.embedded import EmbeddedBroker, free_port
 from tests.helpers import consume
 
 TOKEN = "fault-token-0123456789"
+#: How long each scenario's outage lasts (`make faults`: 30 s; the suite: 5 s).
+OUTAGE = float(os.environ.get("FAULT_OUTAGE_SECONDS", "5"))
 
 
 #: How far along its life a state is (as `GenerationConsumer` ranks them).
@@ -406,11 +408,17 @@ def report(
 
 
 def _write_report(result: Audit) -> None:
+    write_report_line(result.as_dict())
+
+
+def write_report_line(numbers: dict[str, Any]) -> None:
+    """Print a scenario's numbers and append them, with the outage length, to FAULT_REPORT."""
+    line = json.dumps({**numbers, "outage_s": OUTAGE})
     report_file = os.environ.get("FAULT_REPORT")
     if report_file:
         with open(report_file, "a") as out:
-            out.write(json.dumps(result.as_dict()) + "\n")
-    print(json.dumps(result.as_dict()))
+            out.write(line + "\n")
+    print(line)
 
 
 def new_prefix() -> str:

@@ -13,8 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
-import os
 import signal
 import tempfile
 import threading
@@ -37,14 +35,20 @@ from bridge.delivery.topics import create_topics
 from bridge.devtools.embedded import free_port
 from bridge.settings import load_settings
 from tests.conftest import kafka_version, unavailable
-from tests.faults.harness import BridgeProcess, audit, new_prefix, run_simulate
+from tests.faults.harness import (
+    OUTAGE,
+    BridgeProcess,
+    audit,
+    new_prefix,
+    run_simulate,
+    write_report_line,
+)
 from tests.helpers import consume, topics_visible
 from tests.kafka.launcher import KafkaCluster, KafkaLauncherError, missing_tools
 
 # Broker restarts on a busy 2-core machine take a while: more than the suite's 300 s.
 pytestmark = [pytest.mark.faults, pytest.mark.kafka_cluster, pytest.mark.timeout(900)]
 
-OUTAGE = float(os.environ.get("FAULT_OUTAGE_SECONDS", "5"))
 STATE_RANK = {"queued": 0, "dreaming": 1, "completed": 2, "failed": 2}
 BROKER_IDS = (1, 2, 3)
 
@@ -407,12 +411,7 @@ async def check(
         "recover_s": round(recovered, 1),
         "kafka": cluster.kafka.version,
     }
-    print(json.dumps(numbers))
-    report = os.environ.get("FAULT_REPORT")
-    if report:
-        line = json.dumps({**numbers, "scenario": f"{scenario} (full audit)"}) + "\n"
-        with Path(report).open("a") as out:  # noqa: ASYNC230 (one short line, once)
-            out.write(line)
+    write_report_line({**numbers, "scenario": f"{scenario} (full audit)"})
     assert result.missing == 0, numbers
     assert numbers["order_violations"] == 0, numbers
     assert result.acknowledged > 0, numbers

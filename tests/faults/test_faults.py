@@ -12,7 +12,6 @@ runs another checkout's bridge through the same scenarios (to show one fails the
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import signal
 import time
@@ -28,6 +27,7 @@ from bridge.devtools.embedded import EmbeddedBroker, EmbeddedBrokerError, free_p
 from bridge.settings import load_settings
 from tests.conftest import unavailable
 from tests.faults.harness import (
+    OUTAGE,
     Arrival,
     Audit,
     BridgeProcess,
@@ -42,7 +42,6 @@ from tests.faults.harness import (
 
 pytestmark = pytest.mark.faults
 
-OUTAGE = float(os.environ.get("FAULT_OUTAGE_SECONDS", "5"))
 REQUEST_TIMEOUT = 30.0  # KAFKA_REQUEST_TIMEOUT_MS's default, in seconds
 
 

@@ -31,6 +31,7 @@ def audit(scenario: str, **numbers: object) -> str:
         "regressions": 0,
         "regressions_by_bridge": 0,
         "statuses": {"200": 10},
+        "outage_s": 30.0,  # as the harness writes FAULT_OUTAGE_SECONDS
     }
     return json.dumps({"scenario": scenario, **counts, **numbers}) + "\n"
 
@@ -44,7 +45,7 @@ def run(tmp_path: Path, report: str) -> tuple[subprocess.CompletedProcess[str], 
         capture_output=True,
         text=True,
         check=False,
-        env={"FAULT_OUTAGE_SECONDS": "30", "PATH": ""},
+        env={"PATH": ""},
     )
     return done, readme.read_text()
 
