@@ -482,7 +482,8 @@ class Lanes:
                 if seq in self._acked or lane in blocked:
                     continue
                 blocked.add(lane)  # one record per lane, and the oldest first
-                if chosen and size > room_bytes:
+                if size > room_bytes and (chosen or self._sending):
+                    # No room left; a row larger than the whole window goes alone.
                     room_records = 0
                     break
                 chosen.append(seq)

@@ -328,6 +328,9 @@ class Reconciler:
 
     async def reconcile_once(self, stopping: asyncio.Event | None = None) -> None:
         """One pass: look up stuck generations, then discover unseen ones."""
+        if self._lifecycle_partitions < 1:
+            # Discovery places generations by the topic's partition count, read by start().
+            raise ReconcilerError("the reconciler is not started: call start() first")
         stopping = stopping or asyncio.Event()
         if self._restore_failed:
             await self._restore(sorted(self._restore_failed & self.tracker.partitions))

@@ -565,9 +565,38 @@ async def test_a_row_beyond_a_full_byte_window_waits_for_room(
     assert len(calls) == 1  # the window is full: no further read
     lanes._unblocked()
     await rounds(lanes)
-    # The second round may always send one row (a row larger than the window must go
-    # some time), not two: the window is counted with what is still in flight.
-    assert publisher.batches == [2, 1]
+    # The window is counted with what is still in flight: no room for a third row.
+    assert publisher.batches == [2]
+    assert lanes._sending_bytes <= lanes.WINDOW_BYTES
+    publisher.verdict = lambda r: None
+    publisher.release()
+    await rounds(lanes, 6)
+    assert parts.spool.records == 0
+    assert publisher.batches[1:] == [2, 2]
+
+
+async def test_a_row_larger_than_the_byte_window_goes_alone_once_nothing_is_in_flight(
+    parts: Parts,
+) -> None:
+    await spool_rows(parts.spool, rec("small", "queued"))
+    big_record = rec("big", "queued")
+    await spool_rows(parts.spool, Record(big_record.topic, big_record.key, b"x" * 4096, []))
+    [(_, _, small), (_, _, big)] = await parts.spool.index(0, 2)
+    publisher = Batches()
+    publisher.verdict = lambda r: "hold"
+    parts.publisher = publisher
+    lanes = parts.lanes(run=False)
+    lanes.WINDOW_BYTES = 2 * small
+    assert big > lanes.WINDOW_BYTES
+    await rounds(lanes)
+    lanes._unblocked()
+    await rounds(lanes)
+    assert publisher.batches == [1]  # the big row waits for the small one's answer
+    publisher.verdict = lambda r: None
+    publisher.release()
+    await rounds(lanes, 4)
+    assert publisher.batches == [1, 1]  # then it goes, alone: it must go some time
+    assert parts.spool.records == 0
 
 
 def index_in_chunks_of(spool: Spool, chunk: int, calls: list[int]) -> object:

@@ -573,6 +573,15 @@ async def test_discovery_writes_this_bridges_generations_kafka_never_saw() -> No
     assert rig.luma.pages == [(PAGE_SIZE, 0)]
 
 
+async def test_a_pass_before_start_says_so_instead_of_dividing_by_zero() -> None:
+    rig = Rig(public_url=PUBLIC_URL)
+    rig.reconciler._lifecycle_partitions = 0  # as constructed: start() reads the topic's count
+    rig.luma.put(generation("ours", "completed"))
+    with pytest.raises(ReconcilerError, match=r"call start\(\) first"):
+        await rig.reconciler.reconcile_once()
+    assert rig.luma.pages == []
+
+
 async def test_discovery_takes_the_window_edges_and_skips_non_generations() -> None:
     rig = Rig(public_url=PUBLIC_URL)
     rig.luma.list_body = orjson.dumps(
@@ -849,6 +858,9 @@ class FakeAdmin:
 def admin(monkeypatch: pytest.MonkeyPatch) -> FakeAdmin:
     fake = FakeAdmin({LIFECYCLE: 3})
     monkeypatch.setattr(reconciler_module, "_admin", lambda settings: fake)
+    # The fake shows a topic at once: a test that waits longer has found a bug (under
+    # mutation testing, each such mutant cost the whole 30 s).
+    monkeypatch.setattr(reconciler_module, "TOPIC_VISIBLE_SECONDS", 5.0)
 
     async def existing(settings: Settings) -> set[str]:
         return set(fake.cluster)
