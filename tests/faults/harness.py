@@ -412,13 +412,30 @@ def _write_report(result: Audit) -> None:
 
 
 def write_report_line(numbers: dict[str, Any]) -> None:
-    """Print a scenario's numbers and append them, with the outage length, to FAULT_REPORT."""
-    line = json.dumps({**numbers, "outage_s": OUTAGE})
+    """Print a scenario's numbers and append them, with the outage length and the code's
+    commit, to FAULT_REPORT."""
+    line = json.dumps({**numbers, "outage_s": OUTAGE, "commit": checkout()})
     report_file = os.environ.get("FAULT_REPORT")
     if report_file:
         with open(report_file, "a") as out:
             out.write(line + "\n")
     print(line)
+
+
+def checkout(where: Path = Path(__file__).parent) -> str:
+    """The commit the scenarios run, `-dirty` when the working tree differs from it (the
+    bridges run from the working tree), or "unknown" outside a git checkout."""
+    try:
+        found = subprocess.run(
+            # Every tag excluded: the bare commit, whatever was tagged.
+            ["git", "-C", str(where), "describe", "--always", "--dirty", "--exclude", "*"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+    except OSError:
+        return "unknown"
+    return found.stdout.strip() or "unknown"
 
 
 def new_prefix() -> str:

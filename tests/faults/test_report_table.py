@@ -7,6 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from tests.faults.harness import OUTAGE, checkout, write_report_line
+
 SCRIPT = Path(__file__).parents[2] / "scripts" / "faults-table"
 
 README = """# Title
@@ -89,3 +93,55 @@ def test_an_empty_report_leaves_the_readme_as_it_was(tmp_path: Path) -> None:
     assert done.returncode == 1
     assert "run `make faults` first" in done.stderr
     assert text == README
+
+
+def test_the_table_names_the_commits_the_lines_record(tmp_path: Path) -> None:
+    report = (
+        audit("broker frozen mid-load", commit="b7fff22")
+        + audit("SIGTERM mid-load", commit="b7fff22-dirty")
+        + audit("spool full", commit="b7fff22")
+    )
+    done, text = run(tmp_path, report)
+    assert done.returncode == 0, done.stderr
+    assert "commit b7fff22 and b7fff22-dirty, 30 s outages" in text
+
+
+def test_a_line_without_its_commit_adds_the_readmes_checkout(tmp_path: Path) -> None:
+    report = audit("broker frozen mid-load", commit="b7fff22") + audit("spool full")
+    done, text = run(tmp_path, report)
+    assert done.returncode == 0, done.stderr
+    assert "commit b7fff22 and unknown, 30 s outages" in text  # no git on PATH
+
+
+def test_the_harness_records_the_commit_and_outage_with_each_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    report = tmp_path / "report.jsonl"
+    monkeypatch.setenv("FAULT_REPORT", str(report))
+    write_report_line({"scenario": "a scenario", "sent": 1})
+    [line] = report.read_text().splitlines()
+    assert json.loads(line) == {
+        "scenario": "a scenario",
+        "sent": 1,
+        "outage_s": OUTAGE,
+        "commit": checkout(),
+    }
+
+
+def test_the_commit_is_the_checkouts_and_says_when_the_tree_differs(tmp_path: Path) -> None:
+    def git(*args: str) -> str:
+        done = subprocess.run(
+            ["git", "-C", str(tmp_path), *args], capture_output=True, text=True, check=True
+        )
+        return done.stdout.strip()
+
+    assert checkout(tmp_path) == "unknown"  # not a git checkout
+    git("init", "-q")
+    (tmp_path / "tracked.txt").write_text("one\n")
+    git("add", "tracked.txt")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "one")
+    git("tag", "v1")
+    head = git("rev-parse", "--short", "HEAD")
+    assert checkout(tmp_path) == head  # the commit, not the tag
+    (tmp_path / "tracked.txt").write_text("two\n")
+    assert checkout(tmp_path) == f"{head}-dirty"
