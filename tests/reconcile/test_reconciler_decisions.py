@@ -114,13 +114,18 @@ class FakeConsumer:
     async def getmany(
         self, *tps: TopicPartition, timeout_ms: int = 0, max_records: int | None = None
     ) -> dict[TopicPartition, list[SimpleNamespace]]:
+        batch = self.take(tps)
+        await asyncio.sleep(0 if batch else 0.005)  # an empty poll waits a little, as Kafka's
+        return batch
+
+    def take(self, tps: tuple[TopicPartition, ...]) -> dict[TopicPartition, list[SimpleNamespace]]:
+        """The records past each partition's position (all assigned ones without `tps`)."""
         batch = {}
         for tp in sorted(tps or self.assigned):
             records = self.log.records[(tp.topic, tp.partition)][self.positions.get(tp, 0) :]
             if records:
                 batch[tp] = list(records)
                 self.positions[tp] = records[-1].offset + 1
-        await asyncio.sleep(0 if batch else 0.005)  # an empty poll waits a little, as Kafka's
         return batch
 
     def seek(self, tp: TopicPartition, offset: int) -> None:

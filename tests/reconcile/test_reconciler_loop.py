@@ -78,12 +78,7 @@ class PacedConsumer(FakeConsumer):
         if self.failing_reads:
             self.failing_reads -= 1
             raise KafkaConnectionError()
-        batch = {}
-        for tp in sorted(tps or self.assigned):
-            records = self.log.records[(tp.topic, tp.partition)][self.positions.get(tp, 0) :]
-            if records:
-                batch[tp] = list(records)
-                self.positions[tp] = records[-1].offset + 1
+        batch = self.take(tps)
         if not batch:
             self.clock.advance(timeout_ms / 1000)
         if self.stopping is not None and (
