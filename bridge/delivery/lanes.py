@@ -193,7 +193,10 @@ class Lanes:
             for lane in lanes:
                 self._release(lane)
             raise _unavailable(exc) from exc
-        # No wakeup: a row behind a busy lane cannot be sent before that lane moves.
+        # A row behind a busy lane waits for that lane to move, which wakes the drainer; but
+        # if it moved while the row was written, that round did not see the row yet.
+        if not self._busy_lanes().issuperset(lanes):
+            self._unblocked()
         return Written((), spooled=True)
 
     async def _send_direct(

@@ -967,3 +967,28 @@ async def test_an_acknowledgement_during_the_spool_write_frees_the_lane(
     parts.publisher.verdict = lambda r: None
     assert not (await lanes.write([rec("g", "dreaming")], 1.0)).spooled
     assert len(parts.publisher.sent) == 2
+
+
+async def test_a_row_spooled_while_its_lane_frees_is_sent_without_another_event(
+    parts: Parts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lane's earlier send is acknowledged while the row behind it is being written to
+    the spool: the drainer, woken before the row was there, must still send it."""
+    lanes = parts.lanes()
+    parts.publisher.verdict = lambda r: "hold"
+    first = asyncio.create_task(lanes.write([rec("g", "queued")], 5.0))
+    await wait_until(lambda: bool(parts.publisher.held), what="the first send pending")
+    parts.publisher.verdict = lambda r: None
+    append = parts.spool.append
+
+    async def acknowledged_meanwhile(rows: Sequence[tuple[int, Record]]) -> None:
+        parts.publisher.release()  # Kafka answers the first send now
+        assert not (await first).spooled  # its lane is released: the drainer is woken
+        for _ in range(5):
+            await asyncio.sleep(0)  # the drainer's round, with nothing spooled yet
+        await append(rows)
+
+    monkeypatch.setattr(parts.spool, "append", acknowledged_meanwhile)
+    assert (await lanes.write([rec("g", "dreaming")], 5.0)).spooled
+    await wait_until(lambda: parts.spool.records == 0, timeout=5, what="the spooled row sent")
+    assert states(parts.publisher.landed, "g") == ["queued", "dreaming"]
