@@ -109,6 +109,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(KRaft, from Maven Central like the test suite's; Java 17 and Maven), with the "
         "idempotent producer on for the bridge and the floor, as on a real cluster",
     )
+    parser.add_argument(
+        "--baseline",
+        metavar="REV",
+        help="also run the bridge of git revision REV (a commit, branch or tag) as target "
+        "`bridge:baseline`, interleaved with the others: a code change measured side by "
+        "side, e.g. --baseline HEAD~1",
+    )
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to cores")
     parser.add_argument("--no-install", action="store_true", help="never pip install")
     args = parser.parse_args(argv)
@@ -125,6 +132,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--variant wants NAME=FLAGS, not {variant!r}")
         args.variants[name] = shlex.split(flags)
         args.targets.append(f"bridge:{name}")
+    if args.baseline:
+        args.targets.append("bridge:baseline")
     if unknown:
         parser.error(f"unknown targets: {', '.join(sorted(unknown))}")
     return args
@@ -142,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     import os
 
     from bench import harness, report, stats
+    from bench.layout import Layout
     from bench.payloads import write_templates
 
     out: Path = args.out
@@ -150,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir.mkdir(parents=True)
     templates = write_templates(workdir / "templates.txt")
     cpus = sorted(os.sched_getaffinity(0))
-    layout = harness.Layout.for_cpus([] if args.no_pin else cpus)
+    layout = Layout.for_cpus([] if args.no_pin else cpus)
     harness.pin_self(layout.loadgen)
     started = time.monotonic()
     results: dict[str, Any] = {
@@ -166,6 +176,15 @@ def main(argv: list[str] | None = None) -> int:
         },
         "runs": [],
     }
+    baseline = None
+    if args.baseline:
+        baseline = workdir / "baseline"
+        try:
+            commit = harness.check_out_baseline(args.baseline, baseline)
+        except harness.BaselineError as exc:
+            sys.exit(f"bench: {exc}")
+        log(f"baseline: {args.baseline} ({commit[:12]}) checked out into {baseline}")
+        results["settings"]["baseline"] = {"revision": args.baseline, "commit": commit}
     http_targets = [t for t in args.targets if t != "raw_producer"]
     log(f"starting broker and {', '.join(http_targets)} (layout {layout.describe()})")
     bridge_args = shlex.split(args.bridge_args)
@@ -173,7 +192,13 @@ def main(argv: list[str] | None = None) -> int:
     results["settings"]["variants"] = args.variants
     results["settings"]["broker"] = args.broker
     with harness.running_stack(
-        layout, workdir, http_targets, bridge_args, args.variants, broker=args.broker
+        layout,
+        workdir,
+        http_targets,
+        bridge_args,
+        args.variants,
+        broker=args.broker,
+        baseline=baseline,
     ) as stack:
         if isinstance(stack.broker_service, harness.ApacheKafkaBroker):
             results["machine"]["broker"] = stack.broker_service.version

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import io
 import itertools
 import json
 import os
@@ -20,6 +21,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -33,6 +35,8 @@ from bench.layout import Layout
 from bridge.devtools.embedded import find_broker_binary, free_port, wait_for_port
 
 ROOT = Path(__file__).resolve().parent.parent
+#: The target that runs the bridge of `--baseline REV`.
+BASELINE = "bridge:baseline"
 WRK_SCRIPT = ROOT / "bench" / "wrk" / "callbacks.lua"
 TOKEN = "bench-token-0123456789abcdef"  # noqa: S105 - a throwaway token for a loopback server
 CALLBACK_PATH = "/luma/callback"
@@ -234,6 +238,8 @@ class Stack:
     bridge_args: Sequence[str] = ()
     #: Extra bridge targets, `bridge:NAME`, each with its own extra `serve` flags.
     variants: dict[str, Sequence[str]] = field(default_factory=dict)
+    #: A checkout of another revision's `bridge` package, run as `bridge:baseline`.
+    baseline: Path | None = None
     services: dict[str, Service] = field(default_factory=dict)
     broker_service: Service | ApacheKafkaBroker | None = None
 
@@ -325,6 +331,14 @@ class Stack:
             commands[f"bridge:{name}"] = functools.partial(
                 self._bridge_command, extra=[*self.bridge_args, *extra]
             )
+        if self.baseline is not None:
+            # Servers run in the scratch directory, so this path is the first with `bridge`.
+            pythonpath = f"PYTHONPATH={self.baseline}"
+            commands[BASELINE] = lambda port: [
+                "env",
+                pythonpath,
+                *self._bridge_command(port, self.bridge_args),
+            ]
         env_root = str(ROOT)
         os.environ["PYTHONPATH"] = env_root + os.pathsep + os.environ.get("PYTHONPATH", "")
         for target in targets:
@@ -363,6 +377,37 @@ class Stack:
             self.broker_service = None
 
 
+class BaselineError(Exception):
+    """`--baseline REV` cannot be checked out; the message says why."""
+
+
+def check_out_baseline(revision: str, into: Path, repository: Path = ROOT) -> str:
+    """Extract `revision`'s `bridge` package into `into` (git archive: no worktree to
+    clean up); returns the commit it names."""
+    git = ["git", "-C", str(repository)]
+    named = subprocess.run(  # noqa: S603 - git with our own arguments
+        [*git, "rev-parse", "--verify", "--quiet", f"{revision}^{{commit}}"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    commit = named.stdout.strip()
+    if named.returncode != 0 or not commit:
+        raise BaselineError(
+            f"--baseline {revision}: not a commit of this repository; give a commit, "
+            "branch or tag (git log --oneline shows them)"
+        )
+    archive = subprocess.run(  # noqa: S603 - git with our own arguments
+        [*git, "archive", "--format=tar", commit, "bridge"], capture_output=True, check=False
+    )
+    if archive.returncode != 0:
+        raise BaselineError(f"--baseline {revision}: git archive failed: {archive.stderr!r}")
+    into.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+        tar.extractall(into, filter="data")
+    return commit
+
+
 @contextlib.contextmanager
 def running_stack(
     layout: Layout,
@@ -371,9 +416,15 @@ def running_stack(
     bridge_args: Sequence[str] = (),
     variants: dict[str, Sequence[str]] | None = None,
     broker: str = "tansu",
+    baseline: Path | None = None,
 ) -> Iterator[Stack]:
     stack = Stack(
-        layout, workdir, broker=broker, bridge_args=bridge_args, variants=dict(variants or {})
+        layout,
+        workdir,
+        broker=broker,
+        bridge_args=bridge_args,
+        variants=dict(variants or {}),
+        baseline=baseline,
     )
     try:
         stack.start(targets)
@@ -418,7 +469,7 @@ def measure_raw_producer(
 ) -> dict[str, Any]:
     """One run of the raw producer at `connections` callbacks in flight (or open loop at
     `rate` callbacks per second), on the server's core."""
-    result = run_json_tool(
+    result: dict[str, Any] = run_json_tool(
         [
             *(sys.executable, "-m", "bench.rawproducer", "--bootstrap", stack.bootstrap),
             *("--templates", str(templates), "--concurrency", str(connections)),
@@ -444,7 +495,7 @@ def measure_open_loop(
     broker_before = broker.cpu_seconds()
     cpu_before, wall_before = service.cpu_seconds(), time.monotonic()
     with RssSampler(service.process.pid) as sampler:
-        result = run_json_tool(
+        result: dict[str, Any] = run_json_tool(
             [
                 *(sys.executable, "-m", "bench.openloop", "--url", stack.url(target)),
                 *("--templates", str(templates), "--rate", str(rate)),

@@ -20,6 +20,7 @@ LABELS = {
     "raw_producer": "raw aiokafka producer (Kafka limit)",
     "peer": "FastAPI + send_and_wait peer",
     "bridge": "luma-kafka-bridge (defaults)",
+    "bridge:baseline": "the bridge at `--baseline` (same settings)",
 }
 
 
@@ -162,7 +163,7 @@ def markdown(results: Mapping[str, Any]) -> str:
         "|---|---:|---:|---:|---:|",
     ]
     for connections, row in results.get("ratios", {}).items():
-        for name in ("floor", "floor_gc", "naive", "minimal", "peer"):
+        for name in ("floor", "floor_gc", "naive", "minimal", "peer", "bridge:baseline"):
             if math.isnan(row.get(f"rps_vs_{name}", math.nan)):
                 continue
             lines.append(

@@ -122,7 +122,7 @@ def summarize(runs: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, dict[str
 
 
 #: What the bridge is compared with, each its own target in the same interleaved run.
-YARDSTICKS = ("minimal", "floor", "floor_gc", "naive", "peer", "raw_producer")
+YARDSTICKS = ("minimal", "floor", "floor_gc", "naive", "peer", "raw_producer", "bridge:baseline")
 
 
 def ratios(

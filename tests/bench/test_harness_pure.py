@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from bench import report, stats
+from bench import harness, report, stats
 from bench.layout import Layout
 from bench.payloads import PLACEHOLDER, generation_id, load_templates, templates, write_templates
 
@@ -293,3 +294,55 @@ def test_the_handler_cost_tool_drives_the_real_handler_to_200s() -> None:
     result = run_async(measure(80, handle=True))
     assert result["cpu_us_per_callback"] > 0
     assert run_async(measure(8, handle=False)) == {}
+
+
+def test_the_bridge_is_compared_with_its_baseline_revision() -> None:
+    results = _results()
+    runs = [
+        _run("floor", 64, 6000.0, 0.10, 12.0),
+        _run("bridge", 64, 4000.0, 0.24, 30.0),
+        _run("bridge:baseline", 64, 3600.0, 0.30, 36.0),
+    ]
+    summary = stats.summarize(runs)
+    results["summary"] = summary
+    results["ratios"] = stats.ratios(summary)
+    assert results["ratios"]["64"]["cpu_vs_bridge:baseline"] == pytest.approx(0.8)
+    text = report.markdown(results)
+    assert "| the bridge at `--baseline` (same settings) | 64 | 1.11 | 0.80 | 0.83 |" in text
+
+
+def test_the_baseline_is_the_bridge_package_of_the_revision(tmp_path: Path) -> None:
+    repository = tmp_path / "repository"
+    (repository / "bridge").mkdir(parents=True)
+
+    def git(*args: str) -> str:
+        done = subprocess.run(
+            ["git", "-C", str(repository), *args], capture_output=True, text=True, check=True
+        )
+        return done.stdout.strip()
+
+    git("init", "-q")
+    (repository / "bridge" / "__init__.py").write_text("VERSION = 'old'\n")
+    (repository / "README.md").write_text("not needed\n")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "old")
+    old = git("rev-parse", "HEAD")
+    (repository / "bridge" / "__init__.py").write_text("VERSION = 'new'\n")
+    into = tmp_path / "baseline"
+    assert harness.check_out_baseline("HEAD", into, repository) == old
+    assert (into / "bridge" / "__init__.py").read_text() == "VERSION = 'old'\n"
+    assert not (into / "README.md").exists()
+    with pytest.raises(harness.BaselineError) as caught:
+        harness.check_out_baseline("no-such-branch", tmp_path / "other", repository)
+    assert str(caught.value) == (
+        "--baseline no-such-branch: not a commit of this repository; give a commit, "
+        "branch or tag (git log --oneline shows them)"
+    )
+
+
+def test_a_baseline_adds_its_target() -> None:
+    from bench.__main__ import parse_args
+
+    args = parse_args(["--targets", "floor,bridge", "--baseline", "HEAD~1"])
+    assert args.targets == ["floor", "bridge", "bridge:baseline"]
+    assert args.baseline == "HEAD~1"
