@@ -21,6 +21,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from bench.stats import BASELINE
+
 NEEDED = {
     "psutil": "psutil",
     "fastapi": "fastapi",
@@ -133,7 +135,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.variants[name] = shlex.split(flags)
         args.targets.append(f"bridge:{name}")
     if args.baseline:
-        args.targets.append("bridge:baseline")
+        args.targets.append(BASELINE)
     if unknown:
         parser.error(f"unknown targets: {', '.join(sorted(unknown))}")
     return args

@@ -32,11 +32,10 @@ from typing import Any
 import psutil
 
 from bench.layout import Layout
+from bench.stats import BASELINE
 from bridge.devtools.embedded import find_broker_binary, free_port, wait_for_port
 
 ROOT = Path(__file__).resolve().parent.parent
-#: The target that runs the bridge of `--baseline REV`.
-BASELINE = "bridge:baseline"
 WRK_SCRIPT = ROOT / "bench" / "wrk" / "callbacks.lua"
 TOKEN = "bench-token-0123456789abcdef"  # noqa: S105 - a throwaway token for a loopback server
 CALLBACK_PATH = "/luma/callback"

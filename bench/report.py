@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from bench.stats import flatness
+from bench.stats import BASELINE, flatness
 
 TARGET_CONNECTIONS = "64"
 LABELS = {
@@ -20,7 +20,7 @@ LABELS = {
     "raw_producer": "raw aiokafka producer (Kafka limit)",
     "peer": "FastAPI + send_and_wait peer",
     "bridge": "luma-kafka-bridge (defaults)",
-    "bridge:baseline": "the bridge at `--baseline` (same settings)",
+    BASELINE: "the bridge at `--baseline` (same settings)",
 }
 
 
@@ -163,7 +163,7 @@ def markdown(results: Mapping[str, Any]) -> str:
         "|---|---:|---:|---:|---:|",
     ]
     for connections, row in results.get("ratios", {}).items():
-        for name in ("floor", "floor_gc", "naive", "minimal", "peer", "bridge:baseline"):
+        for name in ("floor", "floor_gc", "naive", "minimal", "peer", BASELINE):
             if math.isnan(row.get(f"rps_vs_{name}", math.nan)):
                 continue
             lines.append(

@@ -121,8 +121,10 @@ def summarize(runs: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, dict[str
     return out
 
 
+#: The target that runs the bridge of `--baseline REV`.
+BASELINE = "bridge:baseline"
 #: What the bridge is compared with, each its own target in the same interleaved run.
-YARDSTICKS = ("minimal", "floor", "floor_gc", "naive", "peer", "raw_producer", "bridge:baseline")
+YARDSTICKS = ("minimal", "floor", "floor_gc", "naive", "peer", "raw_producer", BASELINE)
 
 
 def ratios(

@@ -423,19 +423,24 @@ def write_report_line(numbers: dict[str, Any]) -> None:
 
 
 def checkout(where: Path = Path(__file__).parent) -> str:
-    """The commit the scenarios run, `-dirty` when the working tree differs from it (the
-    bridges run from the working tree), or "unknown" outside a git checkout."""
+    """The commit the scenarios run, `-dirty` when the bridge or the tests differ from it in
+    the working tree (the bridges run from there), or "unknown" outside a git checkout."""
+    head = _git(where, "rev-parse", "--short", "HEAD")
+    if not head:
+        return "unknown"
+    changed = _git(where, "status", "--porcelain", "--untracked-files=no", ":/bridge", ":/tests")
+    return f"{head}-dirty" if changed else head
+
+
+def _git(where: Path, *args: str) -> str:
+    """What git printed, or "" when it failed or is missing."""
     try:
         found = subprocess.run(
-            # Every tag excluded: the bare commit, whatever was tagged.
-            ["git", "-C", str(where), "describe", "--always", "--dirty", "--exclude", "*"],
-            capture_output=True,
-            text=True,
-            check=False,
+            ["git", "-C", str(where), *args], capture_output=True, text=True, check=False
         )
     except OSError:
-        return "unknown"
-    return found.stdout.strip() or "unknown"
+        return ""
+    return found.stdout.strip() if found.returncode == 0 else ""
 
 
 def new_prefix() -> str:
