@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from bench.baseline import BaselineError, check_out_baseline
 from bench.stats import BASELINE
 
 NEEDED = {
@@ -182,8 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.baseline:
         baseline = workdir / "baseline"
         try:
-            commit = harness.check_out_baseline(args.baseline, baseline)
-        except harness.BaselineError as exc:
+            commit = check_out_baseline(args.baseline, baseline)
+        except BaselineError as exc:
             sys.exit(f"bench: {exc}")
         log(f"baseline: {args.baseline} ({commit[:12]}) checked out into {baseline}")
         results["settings"]["baseline"] = {"revision": args.baseline, "commit": commit}

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import io
 import itertools
 import json
 import os
@@ -21,7 +20,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tarfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -374,37 +372,6 @@ class Stack:
             with contextlib.suppress(Exception):
                 self.broker_service.stop()
             self.broker_service = None
-
-
-class BaselineError(Exception):
-    """`--baseline REV` cannot be checked out; the message says why."""
-
-
-def check_out_baseline(revision: str, into: Path, repository: Path = ROOT) -> str:
-    """Extract `revision`'s `bridge` package into `into` (git archive: no worktree to
-    clean up); returns the commit it names."""
-    git = ["git", "-C", str(repository)]
-    named = subprocess.run(  # noqa: S603 - git with our own arguments
-        [*git, "rev-parse", "--verify", "--quiet", f"{revision}^{{commit}}"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    commit = named.stdout.strip()
-    if named.returncode != 0 or not commit:
-        raise BaselineError(
-            f"--baseline {revision}: not a commit of this repository; give a commit, "
-            "branch or tag (git log --oneline shows them)"
-        )
-    archive = subprocess.run(  # noqa: S603 - git with our own arguments
-        [*git, "archive", "--format=tar", commit, "bridge"], capture_output=True, check=False
-    )
-    if archive.returncode != 0:
-        raise BaselineError(f"--baseline {revision}: git archive failed: {archive.stderr!r}")
-    into.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
-        tar.extractall(into, filter="data")
-    return commit
 
 
 @contextlib.contextmanager

@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 
-from bench import harness, report, stats
+from bench import report, stats
+from bench.baseline import BaselineError, check_out_baseline
 from bench.layout import Layout
 from bench.payloads import PLACEHOLDER, generation_id, load_templates, templates, write_templates
 
@@ -329,11 +330,11 @@ def test_the_baseline_is_the_bridge_package_of_the_revision(tmp_path: Path) -> N
     old = git("rev-parse", "HEAD")
     (repository / "bridge" / "__init__.py").write_text("VERSION = 'new'\n")
     into = tmp_path / "baseline"
-    assert harness.check_out_baseline("HEAD", into, repository) == old
+    assert check_out_baseline("HEAD", into, repository) == old
     assert (into / "bridge" / "__init__.py").read_text() == "VERSION = 'old'\n"
     assert not (into / "README.md").exists()
-    with pytest.raises(harness.BaselineError) as caught:
-        harness.check_out_baseline("no-such-branch", tmp_path / "other", repository)
+    with pytest.raises(BaselineError) as caught:
+        check_out_baseline("no-such-branch", tmp_path / "other", repository)
     assert str(caught.value) == (
         "--baseline no-such-branch: not a commit of this repository; give a commit, "
         "branch or tag (git log --oneline shows them)"
