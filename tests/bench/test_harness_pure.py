@@ -270,16 +270,21 @@ def test_sanitize_makes_standard_json() -> None:
     }
 
 
-def test_bridge_variants_get_their_own_rows_and_ratios() -> None:
+def _summarized(*runs: dict[str, Any]) -> dict[str, Any]:
+    """Results with these runs' medians and the bridge's ratios, as `bench` makes them."""
     results = _results()
-    runs = [
+    results["summary"] = stats.summarize(runs)
+    results["ratios"] = stats.ratios(results["summary"])
+    return results
+
+
+def test_bridge_variants_get_their_own_rows_and_ratios() -> None:
+    results = _summarized(
         _run("floor", 64, 6000.0, 0.10, 12.0),
         _run("bridge", 64, 4000.0, 0.25, 30.0),
         _run("bridge:linger5", 64, 4500.0, 0.20, 20.0),
-    ]
-    summary = stats.summarize(runs)
-    results["summary"] = summary
-    results["ratios"] = stats.ratios(summary)
+    )
+    summary = results["summary"]
     results["variant_ratios"] = {"bridge:linger5": stats.ratios(summary, "bridge:linger5")}
     assert results["variant_ratios"]["bridge:linger5"]["64"]["cpu_vs_floor"] == pytest.approx(2.0)
     text = report.markdown(results)
@@ -298,15 +303,11 @@ def test_the_handler_cost_tool_drives_the_real_handler_to_200s() -> None:
 
 
 def test_the_bridge_is_compared_with_its_baseline_revision() -> None:
-    results = _results()
-    runs = [
+    results = _summarized(
         _run("floor", 64, 6000.0, 0.10, 12.0),
         _run("bridge", 64, 4000.0, 0.24, 30.0),
         _run("bridge:baseline", 64, 3600.0, 0.30, 36.0),
-    ]
-    summary = stats.summarize(runs)
-    results["summary"] = summary
-    results["ratios"] = stats.ratios(summary)
+    )
     assert results["ratios"]["64"]["cpu_vs_bridge:baseline"] == pytest.approx(0.8)
     text = report.markdown(results)
     assert "| the bridge at `--baseline` (same settings) | 64 | 1.11 | 0.80 | 0.83 |" in text
