@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.baseline:
         baseline = workdir / "baseline"
         try:
-            commit = check_out_baseline(args.baseline, baseline)
+            commit = check_out_baseline(args.baseline, baseline, harness.ROOT)
         except BaselineError as exc:
             sys.exit(f"bench: {exc}")
         log(f"baseline: {args.baseline} ({commit[:12]}) checked out into {baseline}")

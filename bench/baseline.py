@@ -10,16 +10,14 @@ import subprocess
 import tarfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-
 
 class BaselineError(Exception):
     """`--baseline REV` cannot be checked out; the message says why."""
 
 
-def check_out_baseline(revision: str, into: Path, repository: Path = ROOT) -> str:
-    """Extract `revision`'s `bridge` package into `into` (git archive: no worktree to
-    clean up); returns the commit it names."""
+def check_out_baseline(revision: str, into: Path, repository: Path) -> str:
+    """Extract `revision`'s `bridge` package of `repository` into `into` (git archive: no
+    worktree to clean up); returns the commit it names."""
     git = ["git", "-C", str(repository)]
     named = subprocess.run(  # noqa: S603 - git with our own arguments
         [*git, "rev-parse", "--verify", "--quiet", f"{revision}^{{commit}}"],

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
 import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import aiokafka.errors
@@ -54,6 +56,17 @@ async def wait_until(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(0.02)
+
+
+def git(where: Path, *args: str) -> str:
+    """Run git in `where` (a throw-away repository of a test), as a test author; its output."""
+    done = subprocess.run(
+        ["git", "-C", str(where), "-c", "user.name=test", "-c", "user.email=test@test", *args],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return done.stdout.strip()
 
 
 def child_environment(**values: str) -> dict[str, str]:

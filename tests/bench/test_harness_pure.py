@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ from bench import report, stats
 from bench.baseline import BaselineError, check_out_baseline
 from bench.layout import Layout
 from bench.payloads import PLACEHOLDER, generation_id, load_templates, templates, write_templates
+from tests.helpers import git
 
 WRK_OUTPUT = """Running 8s test @ http://127.0.0.1:8080/luma/callback/t
   1 threads and 64 connections
@@ -316,19 +316,12 @@ def test_the_bridge_is_compared_with_its_baseline_revision() -> None:
 def test_the_baseline_is_the_bridge_package_of_the_revision(tmp_path: Path) -> None:
     repository = tmp_path / "repository"
     (repository / "bridge").mkdir(parents=True)
-
-    def git(*args: str) -> str:
-        done = subprocess.run(
-            ["git", "-C", str(repository), *args], capture_output=True, text=True, check=True
-        )
-        return done.stdout.strip()
-
-    git("init", "-q")
+    git(repository, "init", "-q")
     (repository / "bridge" / "__init__.py").write_text("VERSION = 'old'\n")
     (repository / "README.md").write_text("not needed\n")
-    git("add", ".")
-    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "old")
-    old = git("rev-parse", "HEAD")
+    git(repository, "add", ".")
+    git(repository, "commit", "-q", "-m", "old")
+    old = git(repository, "rev-parse", "HEAD")
     (repository / "bridge" / "__init__.py").write_text("VERSION = 'new'\n")
     into = tmp_path / "baseline"
     assert check_out_baseline("HEAD", into, repository) == old

@@ -345,7 +345,7 @@ def audit(scenario: str, summary: dict[str, Any], acked: list[str], found: list[
         duplicates=len(found) - len(unique),
         statuses=summary["statuses"],
     )
-    _write_report(result)
+    write_report_line(result.as_dict())
     return result
 
 
@@ -403,12 +403,8 @@ def report(
         ordered_pairs_checked=found.ordered_pairs_checked,
         statuses=summary["statuses"],
     )
-    _write_report(result)
-    return result
-
-
-def _write_report(result: Audit) -> None:
     write_report_line(result.as_dict())
+    return result
 
 
 def write_report_line(numbers: dict[str, Any]) -> None:

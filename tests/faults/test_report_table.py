@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.faults.harness import OUTAGE, checkout, write_report_line
+from tests.helpers import git
 
 SCRIPT = Path(__file__).parents[2] / "scripts" / "faults-table"
 
@@ -129,21 +130,15 @@ def test_the_harness_records_the_commit_and_outage_with_each_line(
 
 
 def test_the_commit_is_the_checkouts_and_says_when_the_code_differs(tmp_path: Path) -> None:
-    def git(*args: str) -> str:
-        done = subprocess.run(
-            ["git", "-C", str(tmp_path), *args], capture_output=True, text=True, check=True
-        )
-        return done.stdout.strip()
-
     assert checkout(tmp_path) == "unknown"  # not a git checkout
-    git("init", "-q")
+    git(tmp_path, "init", "-q")
     for name in ("bridge/code.py", "tests/test_code.py", "README.md"):
         (tmp_path / name).parent.mkdir(exist_ok=True)
         (tmp_path / name).write_text("one\n")
-    git("add", ".")
-    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "one")
-    git("tag", "v1")
-    head = git("rev-parse", "--short", "HEAD")
+    git(tmp_path, "add", ".")
+    git(tmp_path, "commit", "-q", "-m", "one")
+    git(tmp_path, "tag", "v1")
+    head = git(tmp_path, "rev-parse", "--short", "HEAD")
     assert checkout(tmp_path) == head  # the commit, not the tag
     assert checkout(tmp_path / "tests") == head  # from anywhere in the checkout
     (tmp_path / "README.md").write_text("two\n")
@@ -151,6 +146,6 @@ def test_the_commit_is_the_checkouts_and_says_when_the_code_differs(tmp_path: Pa
     assert checkout(tmp_path) == head  # neither runs in a scenario
     (tmp_path / "tests" / "test_code.py").write_text("two\n")
     assert checkout(tmp_path) == f"{head}-dirty"
-    git("checkout", "--", "tests")
+    git(tmp_path, "checkout", "--", "tests")
     (tmp_path / "bridge" / "code.py").write_text("two\n")
     assert checkout(tmp_path) == f"{head}-dirty"
