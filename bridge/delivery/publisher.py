@@ -258,15 +258,27 @@ class KafkaPublisher:
         self._handing: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
-        """Connect to the cluster; raises `KafkaUnavailable` when it cannot be reached."""
+        """Connect to the cluster; raises `KafkaUnavailable` when it cannot be reached, or
+        when the producer is not ready within the request timeout."""
         # Made here, not in __init__: aiokafka warns about producers never started.
         producer = AIOKafkaProducer(**self._options)
         try:
-            await producer.start()
+            # An idempotent producer's start() asks for a producer id until it gets one,
+            # silently: after a whole-cluster restart that once took for ever. Bounded, the
+            # caller tries again with a new producer, which may ask another broker.
+            async with asyncio.timeout(self._options["request_timeout_ms"] / 1000):
+                await producer.start()
         except KafkaError as exc:
             # start() leaves its connections half-open on failure.
             await producer.stop()
             raise KafkaUnavailable(type(exc).__name__) from exc
+        except TimeoutError:
+            log.warning(
+                "the Kafka producer did not start within the request timeout (no metadata, "
+                "or no producer id for idempotence); retrying with a new one"
+            )
+            await _abandon(producer)
+            raise KafkaUnavailable("start_timeout") from None
         self._producer = producer
         if not self._started:
             logging.getLogger(RetryCounter.LOGGER).addFilter(self._retry_counter)

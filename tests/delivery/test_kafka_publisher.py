@@ -57,7 +57,8 @@ class StandInProducer:
     error: each future fails with `error`; refuse: send() itself raises (buffer full);
     stuck: send() itself never returns; waits: send() waits a loop turn, then ack;
     cancelled: the futures are cancelled;
-    unreachable: start() fails; hang: stop() never returns (a flush that cannot finish).
+    unreachable: start() fails; hang: stop() never returns (a flush that cannot finish);
+    no_id: start() never returns (an idempotent producer that gets no producer id).
     """
 
     mode = "ack"
@@ -79,6 +80,8 @@ class StandInProducer:
     async def start(self) -> None:
         if self.mode == "unreachable":
             raise errors.KafkaConnectionError()
+        if self.mode == "no_id":  # aiokafka asks for one again and again, without a log line
+            await asyncio.Event().wait()
         self.started = True
 
     async def stop(self) -> None:
@@ -375,6 +378,35 @@ async def test_a_cluster_that_cannot_be_reached_at_start_is_unavailable_and_stop
     assert not publisher.connected
     await publisher.stop()
     assert stand_in.made[-1].stops == 1  # by start(), which cleans up its half-open connections
+
+
+async def test_a_start_that_never_finishes_gives_up_after_the_request_timeout(
+    stand_in: type[StandInProducer], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A renewal after a whole-cluster restart once waited for ever for a producer id:
+    the drainer stood still and the spool never drained (fault scenario, CI)."""
+    stand_in.mode = "no_id"
+    publisher = KafkaPublisher(
+        settings(kafka_request_timeout_ms=1000), metrics=Metrics(CollectorRegistry())
+    )
+    began = time.monotonic()
+    with (
+        caplog.at_level(logging.WARNING, logger="bridge.delivery.publisher"),
+        pytest.raises(KafkaUnavailable) as raised,
+    ):
+        await asyncio.wait_for(publisher.start(), 5)
+    assert 1.0 <= time.monotonic() - began < 3.0
+    assert raised.value.reason == "start_timeout"
+    assert stand_in.made[-1].client_closed  # its connections are not left open
+    assert not publisher.connected
+    assert [r.getMessage() for r in caplog.records if r.name == PUBLISHER_LOG] == [
+        "the Kafka producer did not start within the request timeout (no metadata, or no "
+        "producer id for idempotence); retrying with a new one"
+    ]
+    stand_in.mode = "ack"
+    await publisher.renew()  # the next one is a new producer, which starts
+    assert await publisher.check_connection(0.1)
+    await publisher.stop(timeout=1.0)
 
 
 @pytest.mark.parametrize(("mode", "answers"), [("ack", True), ("never", False), ("error", False)])
