@@ -217,9 +217,12 @@ class BridgeProcess:
         other_build = os.environ.get("FAULT_BRIDGE_SOURCE")
         if other_build:
             # Audit another checkout's bridge with the same scenarios (e.g. main's, to show
-            # that a scenario fails there).
+            # that a scenario fails there). Run from there too: `-m` looks in the working
+            # directory before PYTHONPATH, and ours holds this checkout's bridge.
             env["PYTHONPATH"] = other_build
-        self.process = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        self.process = subprocess.Popen(
+            argv, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=other_build or None
+        )
         return self
 
     async def wait_ready(self, timeout: float = 20.0) -> None:

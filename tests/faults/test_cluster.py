@@ -44,7 +44,7 @@ from tests.faults.harness import (
     write_report_line,
 )
 from tests.helpers import consume, topics_visible
-from tests.kafka.launcher import KafkaCluster, KafkaLauncherError, missing_tools
+from tests.kafka.launcher import KafkaCluster, KafkaLauncherError, KafkaNode, missing_tools
 
 # Broker restarts on a busy 2-core machine take a while: more than the suite's 300 s.
 pytestmark = [pytest.mark.faults, pytest.mark.kafka_cluster, pytest.mark.timeout(900)]
@@ -193,17 +193,7 @@ async def bridge(
     """The bridge on the cluster with production settings: idempotence on, RF 3, min ISR 2
     (a scenario may add settings of its own through `indirect` parametrization)."""
     await asyncio.to_thread(cluster.kafka.wait_for_brokers, BROKER_IDS)
-    prefix = new_prefix()
-    settings = load_settings(
-        kafka_bootstrap_servers=cluster.direct,
-        topic_prefix=prefix,
-        topic_partitions=3,
-        topic_replication_factor=3,
-        topic_configs={"min.insync.replicas": "2"},
-    )
-    await create_topics(settings)
-    await topics_visible(settings)
-    assert await topic_layout(cluster, prefix) == {(3, "2")}  # RF 3, min ISR 2, read back
+    prefix = await scenario_topics(cluster)
     process = BridgeProcess(
         cluster.bootstrap,
         spool_dir=tmp_path,
@@ -218,6 +208,35 @@ async def bridge(
     finally:
         process.stop()
     await fully_replicated(cluster, prefix)  # the next scenario starts from a whole cluster
+
+
+async def scenario_topics(cluster: Cluster, timeout: float = 60.0) -> str:
+    """A scenario's own topics, RF 3 and min ISR 2 (read back); their prefix.
+
+    Brokers just restarted may refuse a request for a moment (`NodeNotReadyError`):
+    asked again, the same topics, until `timeout`.
+    """
+    prefix = new_prefix()
+    settings = load_settings(
+        kafka_bootstrap_servers=cluster.direct,
+        topic_prefix=prefix,
+        topic_partitions=3,
+        topic_replication_factor=3,
+        topic_configs={"min.insync.replicas": "2"},
+    )
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            await create_topics(settings)
+            await topics_visible(settings)
+            layout = await topic_layout(cluster, prefix)
+            break
+        except KafkaError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.5)
+    assert layout == {(3, "2")}
+    return prefix
 
 
 class Load:
@@ -347,7 +366,9 @@ async def load_established(bridge: BridgeProcess, at_least: int = 150) -> None:
 async def spool_drained(bridge: BridgeProcess, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while await bridge.metric("luma_bridge_spool_records") > 0:
-        assert time.monotonic() < deadline, f"spool not drained in {timeout}s"
+        assert time.monotonic() < deadline, (
+            f"spool not drained in {timeout}s; the bridge's log ends: {bridge.log_text()}"
+        )
         await asyncio.sleep(0.1)
 
 
@@ -514,9 +535,9 @@ async def test_one_broker_cut_off_from_the_bridge(cluster: Cluster, bridge: Brid
 
 
 @contextlib.contextmanager
-def cluster_frozen(cluster: Cluster) -> Iterator[None]:
-    """Every node of the cluster stopped dead (SIGSTOP), controller included, then resumed."""
-    processes = [node.process for node in cluster.kafka.nodes if node.process is not None]
+def frozen(nodes: list[KafkaNode]) -> Iterator[None]:
+    """These nodes stopped dead (SIGSTOP), then resumed."""
+    processes = [node.process for node in nodes if node.process is not None]
     for process in processes:
         process.send_signal(signal.SIGSTOP)
     try:
@@ -535,7 +556,7 @@ async def test_whole_cluster_frozen_past_the_request_timeout_makes_no_duplicates
     and retried with their sequence numbers, so the brokers drop the copies: exactly 0."""
     load = Load(bridge.url)
     await load_established(bridge)
-    with cluster_frozen(cluster):
+    with frozen(cluster.kafka.nodes):  # the controller too
         await bridge.wait_for_metric("luma_bridge_spool_records", 20, timeout=60)
         await asyncio.sleep(max(OUTAGE, 5.0))
     repaired = recovery(cluster, bridge)
@@ -547,6 +568,48 @@ async def test_whole_cluster_frozen_past_the_request_timeout_makes_no_duplicates
         recovery=repaired,
     )
     assert numbers["duplicates"] == 0, numbers
+
+
+async def test_a_bridge_started_while_the_controller_is_away_spools_then_delivers(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """Brokers just started hold no producer ids: each asks the controller for a block.
+    While the controller is away, an idempotent producer's start() waits for an id, for
+    as long as it takes and without a word (aiokafka). The bridge gives that start up
+    after the request timeout: it answers callbacks from its spool, and delivers them
+    once the controller is back. (A renewal after a whole-cluster restart once waited
+    there for good: the spool never drained.)"""
+    for node in cluster.kafka.brokers:  # fresh brokers: no producer id block in hand
+        await asyncio.to_thread(node.stop)
+        node.start()
+    await asyncio.to_thread(cluster.kafka.wait_for_brokers, BROKER_IDS)
+    prefix = await scenario_topics(cluster)
+    bridge = BridgeProcess(
+        cluster.bootstrap,
+        spool_dir=tmp_path,
+        prefix=prefix,
+        kafka_enable_idempotence="true",
+        kafka_request_timeout_ms=2000,
+    )
+    try:
+        with frozen([node for node in cluster.kafka.nodes if not node.is_broker]):
+            bridge.start()
+            await bridge.wait_ready(timeout=60)
+            load = Load(bridge.url)
+            await bridge.wait_for_metric("luma_bridge_spool_records", 100, timeout=60)
+            await asyncio.sleep(OUTAGE)
+        repaired = recovery(cluster, bridge)
+        numbers = await check(
+            "Kafka: bridge started while the controller is away",
+            cluster,
+            bridge,
+            load,
+            recovery=repaired,
+        )
+    finally:
+        bridge.stop()
+    assert set(numbers["statuses"]) == {"200"}, numbers
+    await fully_replicated(cluster, prefix)
 
 
 def test_the_order_audit_counts_a_generation_that_goes_backwards() -> None:
