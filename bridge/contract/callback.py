@@ -36,9 +36,6 @@ VERIFIED_VALUES = ("true", "false", "unknown")
 #: generation: nothing to replay, so `deadletter replay` leaves it alone.
 KAFKA_REFUSED_ERROR = "Kafka refused the record for good"
 RECONCILE_NOT_FOUND_ERROR = "reconciler: Luma's API answered 404 for this generation"
-DEFAULT_CALLBACK_PATH = "/luma/callback"
-#: What a redacted write token is replaced with in `request.callback_url`.
-REDACTED = "REDACTED"
 KNOWN_MODELS = ("ray-2", "ray-flash-2", "ray-1-6", "photon-1", "photon-flash-1")
 CONTENT_TYPE = b"application/json"
 #: Where topic names start unless the operator chooses another prefix.
