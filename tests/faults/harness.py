@@ -286,6 +286,20 @@ def frozen(broker: EmbeddedBroker) -> Iterator[None]:
         os.kill(broker.pid, signal.SIGCONT)
 
 
+async def output_of(argv: list[str]) -> tuple[bytes, bytes]:
+    """A load generator's stdout and stderr once it ends; killed if the scenario ends first
+    (a failed one), so it does not outlive the test hammering a bridge that is gone."""
+    process = await asyncio.create_subprocess_exec(
+        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        return await process.communicate()
+    except asyncio.CancelledError:
+        process.kill()
+        await process.wait()
+        raise
+
+
 async def run_simulate(
     url: str, count: int, *, concurrency: int = 8, rate: float | None = None, seed: int = 7
 ) -> tuple[dict[str, Any], list[str]]:
@@ -311,10 +325,7 @@ async def run_simulate(
     ]
     if rate:
         argv += ["--rate", str(rate)]
-    process = await asyncio.create_subprocess_exec(
-        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-    )
-    out, err = await process.communicate()
+    out, err = await output_of(argv)
     if not out.strip():
         raise AssertionError(f"simulate printed nothing: {err.decode()[-2000:]}")
     summary = json.loads(out.decode().strip().splitlines()[-1])
@@ -360,10 +371,7 @@ async def run_load(
     argv = [sys.executable, "-m", "tests.faults.luma_load", "--url", url]
     argv += ["--generations", str(generations), "--rate", str(rate), "--gap", str(gap)]
     argv += ["--seed", str(seed), "--arrivals", str(arrivals_file)]
-    process = await asyncio.create_subprocess_exec(
-        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-    )
-    out, err = await process.communicate()
+    out, err = await output_of(argv)
     if not out.strip():
         raise AssertionError(f"luma_load printed nothing: {err.decode()[-2000:]}")
     summary = json.loads(out.decode().strip().splitlines()[-1])

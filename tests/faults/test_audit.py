@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from tests.faults.harness import Arrival, Landed, audit_lifecycle
+import asyncio
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.faults.harness import Arrival, Landed, audit_lifecycle, output_of
 
 
 def arrival(event: str, state: str, sent: float) -> Arrival:
@@ -65,3 +73,20 @@ def test_missing_is_counted_and_close_arrivals_are_not_judged() -> None:
     result = audit_lifecycle(topic("d"), close)
     assert result.missing == 1
     assert result.ordered_pairs_checked == 0
+
+
+async def test_a_load_generator_does_not_outlive_a_scenario_that_ends_first(
+    tmp_path: Path,
+) -> None:
+    pid_file = tmp_path / "pid"
+    child = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
+    running = asyncio.create_task(output_of([sys.executable, "-c", child]))
+    deadline = time.monotonic() + 10
+    while not pid_file.exists() or not pid_file.read_text():
+        assert time.monotonic() < deadline, "the child did not start"
+        await asyncio.sleep(0.02)
+    running.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await running
+    with pytest.raises(ProcessLookupError):  # killed and reaped
+        os.kill(int(pid_file.read_text()), 0)
