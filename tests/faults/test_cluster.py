@@ -192,22 +192,28 @@ async def bridge(
 ) -> AsyncIterator[BridgeProcess]:
     """The bridge on the cluster with production settings: idempotence on, RF 3, min ISR 2
     (a scenario may add settings of its own through `indirect` parametrization)."""
-    await asyncio.to_thread(cluster.kafka.wait_for_brokers, BROKER_IDS)
-    prefix = await scenario_topics(cluster)
-    process = BridgeProcess(
-        cluster.bootstrap,
-        spool_dir=tmp_path,
-        prefix=prefix,
-        kafka_enable_idempotence="true",
-        **getattr(request, "param", {}),
-    )
+    process = await production_bridge(cluster, tmp_path, **getattr(request, "param", {}))
     process.start()
     try:
         await process.wait_ready(timeout=60)
         yield process
     finally:
         process.stop()
-    await fully_replicated(cluster, prefix)  # the next scenario starts from a whole cluster
+    await fully_replicated(cluster, process.prefix)  # the next scenario starts from a whole cluster
+
+
+async def production_bridge(cluster: Cluster, spool_dir: Path, **settings: Any) -> BridgeProcess:
+    """A bridge for the whole cluster with production settings (idempotence on) and topics
+    of its own (RF 3, min ISR 2), not started yet."""
+    await asyncio.to_thread(cluster.kafka.wait_for_brokers, BROKER_IDS)
+    prefix = await scenario_topics(cluster)
+    return BridgeProcess(
+        cluster.bootstrap,
+        spool_dir=spool_dir,
+        prefix=prefix,
+        kafka_enable_idempotence="true",
+        **settings,
+    )
 
 
 async def scenario_topics(cluster: Cluster, timeout: float = 60.0) -> str:
@@ -582,15 +588,7 @@ async def test_a_bridge_started_while_the_controller_is_away_spools_then_deliver
     for node in cluster.kafka.brokers:  # fresh brokers: no producer id block in hand
         await asyncio.to_thread(node.stop)
         node.start()
-    await asyncio.to_thread(cluster.kafka.wait_for_brokers, BROKER_IDS)
-    prefix = await scenario_topics(cluster)
-    bridge = BridgeProcess(
-        cluster.bootstrap,
-        spool_dir=tmp_path,
-        prefix=prefix,
-        kafka_enable_idempotence="true",
-        kafka_request_timeout_ms=2000,
-    )
+    bridge = await production_bridge(cluster, tmp_path, kafka_request_timeout_ms=2000)
     try:
         with frozen([node for node in cluster.kafka.nodes if not node.is_broker]):
             bridge.start()
@@ -609,7 +607,7 @@ async def test_a_bridge_started_while_the_controller_is_away_spools_then_deliver
     finally:
         bridge.stop()
     assert set(numbers["statuses"]) == {"200"}, numbers
-    await fully_replicated(cluster, prefix)
+    await fully_replicated(cluster, bridge.prefix)
 
 
 def test_the_order_audit_counts_a_generation_that_goes_backwards() -> None:
