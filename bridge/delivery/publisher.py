@@ -277,7 +277,9 @@ class KafkaPublisher:
                 "the Kafka producer did not start within the request timeout (no metadata, "
                 "or no producer id for idempotence); retrying with a new one"
             )
-            await _abandon(producer)
+            # Its sender never started, so nothing is flushed: stop() closes the connections
+            # and marks it closed (else aiokafka logs "Unclosed AIOKafkaProducer" at ERROR).
+            await producer.stop()
             raise KafkaUnavailable("start_timeout") from None
         self._producer = producer
         if not self._started:

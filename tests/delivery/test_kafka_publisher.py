@@ -397,7 +397,7 @@ async def test_a_start_that_never_finishes_gives_up_after_the_request_timeout(
         await asyncio.wait_for(publisher.start(), 5)
     assert 1.0 <= time.monotonic() - began < 3.0
     assert raised.value.reason == "start_timeout"
-    assert stand_in.made[-1].client_closed  # its connections are not left open
+    assert stand_in.made[-1].stops == 1  # its connections are not left open
     assert not publisher.connected
     assert [r.getMessage() for r in caplog.records if r.name == PUBLISHER_LOG] == [
         "the Kafka producer did not start within the request timeout (no metadata, or no "
