@@ -25,12 +25,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 from aiokafka import ConsumerRecord
 
-from bridge.devtools.embedded import EmbeddedBroker, free_port
+from bridge.devtools.embedded import free_port
 from tests.helpers import consume
 
 TOKEN = "fault-token-0123456789"
@@ -276,14 +276,23 @@ class BridgeProcess:
         return Path(self.log.name).read_text()[-4000:]
 
 
+class HasPid(Protocol):
+    """A process to freeze: an `EmbeddedBroker`, a `Popen` (a Kafka node)."""
+
+    @property
+    def pid(self) -> int: ...
+
+
 @contextmanager
-def frozen(broker: EmbeddedBroker) -> Iterator[None]:
-    """The broker process stopped dead (SIGSTOP) for the duration, then resumed."""
-    os.kill(broker.pid, signal.SIGSTOP)
+def frozen(*processes: HasPid) -> Iterator[None]:
+    """These processes stopped dead (SIGSTOP) for the duration, then resumed."""
+    for process in processes:
+        os.kill(process.pid, signal.SIGSTOP)
     try:
         yield
     finally:
-        os.kill(broker.pid, signal.SIGCONT)
+        for process in processes:
+            os.kill(process.pid, signal.SIGCONT)
 
 
 async def output_of(argv: list[str]) -> tuple[bytes, bytes]:

@@ -13,11 +13,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import signal
+import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +39,7 @@ from tests.faults.harness import (
     OUTAGE,
     BridgeProcess,
     audit,
+    frozen,
     new_prefix,
     run_simulate,
     write_report_line,
@@ -540,17 +541,9 @@ async def test_one_broker_cut_off_from_the_bridge(cluster: Cluster, bridge: Brid
     await check("Kafka: one broker cut off by a proxy", cluster, bridge, load, recovery=repaired)
 
 
-@contextlib.contextmanager
-def frozen(nodes: list[KafkaNode]) -> Iterator[None]:
-    """These nodes stopped dead (SIGSTOP), then resumed."""
-    processes = [node.process for node in nodes if node.process is not None]
-    for process in processes:
-        process.send_signal(signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        for process in processes:
-            process.send_signal(signal.SIGCONT)
+def processes(nodes: Iterable[KafkaNode]) -> list[subprocess.Popen[bytes]]:
+    """The processes of these nodes that run (to freeze them)."""
+    return [node.process for node in nodes if node.process is not None]
 
 
 @pytest.mark.parametrize("bridge", [{"kafka_request_timeout_ms": 2000}], indirect=True)
@@ -562,7 +555,7 @@ async def test_whole_cluster_frozen_past_the_request_timeout_makes_no_duplicates
     and retried with their sequence numbers, so the brokers drop the copies: exactly 0."""
     load = Load(bridge.url)
     await load_established(bridge)
-    with frozen(cluster.kafka.nodes):  # the controller too
+    with frozen(*processes(cluster.kafka.nodes)):  # the controller too
         await bridge.wait_for_metric("luma_bridge_spool_records", 20, timeout=60)
         await asyncio.sleep(max(OUTAGE, 5.0))
     repaired = recovery(cluster, bridge)
@@ -590,7 +583,7 @@ async def test_a_bridge_started_while_the_controller_is_away_spools_then_deliver
         node.start()
     bridge = await production_bridge(cluster, tmp_path, kafka_request_timeout_ms=2000)
     try:
-        with frozen([node for node in cluster.kafka.nodes if not node.is_broker]):
+        with frozen(*processes(node for node in cluster.kafka.nodes if not node.is_broker)):
             bridge.start()
             await bridge.wait_ready(timeout=60)
             load = Load(bridge.url)
