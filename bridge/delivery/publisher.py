@@ -22,6 +22,7 @@ from aiokafka.errors import KafkaError
 from aiokafka.partitioner import DefaultPartitioner, murmur2
 from prometheus_client import Histogram
 
+from bridge.ops.logs import RepeatedLines
 from bridge.ops.metrics import Metrics
 from bridge.settings import Settings, consumer_options, security_options
 
@@ -32,12 +33,14 @@ _RECORD_OVERHEAD_BYTES = 64 * 1024
 
 
 class RetryCounter(logging.Filter):
-    """Counts the producer's retries from aiokafka's own retry warnings.
+    """Counts the producer's retries from aiokafka's own retry warnings, then lets the
+    sender's lines through as `RepeatedLines` does (once per window for each kind).
 
     aiokafka retries retriable produce errors internally and exposes no counter or
     hook for them; its sender logs one warning per retried request or batch. The
     messages are matched by their fixed openings, tested against the installed
     aiokafka so an upgrade that rewords them fails a test rather than the metric.
+    Every retry is counted, including those whose line is held back.
     """
 
     LOGGER = "aiokafka.producer.sender"
@@ -46,11 +49,12 @@ class RetryCounter(logging.Filter):
     def __init__(self, metrics: Metrics) -> None:
         super().__init__()
         self._retries = metrics.produce_retries
+        self._repeats = RepeatedLines()
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno == logging.WARNING and str(record.msg).startswith(self.OPENINGS):
             self._retries.inc()
-        return True
+        return self._repeats.filter(record)
 
 
 class Record(NamedTuple):

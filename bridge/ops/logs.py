@@ -34,6 +34,12 @@ DEFAULT_QUEUE_LINES = 10_000
 CLOSE_TIMEOUT_SECONDS = 5.0
 #: How often the writer thread writes what was logged: lines reach stderr this much later.
 WRITE_INTERVAL_SECONDS = 0.05
+#: A library line said again within this many seconds is held back (see `RepeatedLines`).
+REPEAT_WINDOW_SECONDS = 10.0
+#: aiokafka's client logs each failed connection and metadata update at ERROR, and while
+#: its only known broker refuses, with records waiting, it retries without pause: tens of
+#: thousands of identical lines a minute were seen in an outage.
+AIOKAFKA_CLIENT_LOGGER = "aiokafka"
 
 
 class Line(NamedTuple):
@@ -95,6 +101,50 @@ class TextFormatter(logging.Formatter):
         if fields:
             line += " " + " ".join(f"{key}={value}" for key, value in fields.items())
         return line
+
+
+class RepeatedLines(logging.Filter):
+    """Lets a logger's line through once per `window` seconds for each level and message
+    template; the next one let through says how many like it were held back.
+
+    For libraries that log the same complaint in a tight retry loop (aiokafka's client):
+    the first line of an outage still shows at once, and one every `window` seconds
+    while it lasts. The template is the unformatted message, so lines that differ only
+    in their arguments (which node, which error) count as the same.
+    """
+
+    def __init__(
+        self,
+        window: float = REPEAT_WINDOW_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__()
+        self._window = window
+        self._clock = clock
+        # (level, template) -> [end of the current window, lines held back in it]
+        self._runs: dict[tuple[int, str], list[Any]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = (record.levelno, str(record.msg))
+        now = self._clock()
+        run = self._runs.get(key)
+        if run is not None and now < run[0]:
+            run[1] += 1
+            return False
+        self._runs[key] = [now + self._window, 0]
+        if run is not None and run[1]:
+            record.msg = (
+                f"{record.msg} ({run[1]} more like this in the {self._window:g} s before, "
+                "not shown)"
+            )
+        return True
+
+
+def collapse_repeated_lines(logger: logging.Logger) -> None:
+    """Give `logger` one `RepeatedLines` filter (configuring twice does not add a second)."""
+    for previous in [f for f in logger.filters if isinstance(f, RepeatedLines)]:
+        logger.removeFilter(previous)
+    logger.addFilter(RepeatedLines())
 
 
 class BackgroundLogHandler(logging.Handler):
@@ -311,5 +361,7 @@ def configure_logging(
     root.handlers[:] = [handler]
     root.setLevel(level)
     # aiokafka logs every failed reconnect at ERROR; ours say what it means.
-    logging.getLogger("aiokafka").setLevel(max(logging.getLevelName(level), logging.WARNING))
+    client_log = logging.getLogger(AIOKAFKA_CLIENT_LOGGER)
+    client_log.setLevel(max(logging.getLevelName(level), logging.WARNING))
+    collapse_repeated_lines(client_log)
     return handler

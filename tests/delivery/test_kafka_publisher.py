@@ -435,7 +435,7 @@ async def test_retries_are_counted_only_while_the_publisher_runs(
     assert sample(metrics, "luma_bridge_kafka_produce_retries_total") == 2
 
 
-def test_the_retry_counter_counts_only_warnings_and_never_swallows_a_record() -> None:
+def test_the_retry_counter_counts_only_warnings_and_lets_each_kind_of_line_through() -> None:
     metrics = Metrics(CollectorRegistry())
     counter = RetryCounter(metrics)
     for level, message in (
@@ -448,6 +448,21 @@ def test_the_retry_counter_counts_only_warnings_and_never_swallows_a_record() ->
         record = logging.LogRecord(RetryCounter.LOGGER, level, "", 0, message, (), None)
         assert counter.filter(record) is True
     assert sample(metrics, "luma_bridge_kafka_produce_retries_total") == 2
+
+
+def test_retries_whose_lines_are_held_back_as_repeats_are_counted_all_the_same() -> None:
+    metrics = Metrics(CollectorRegistry())
+    counter = RetryCounter(metrics)
+    passed = [
+        counter.filter(
+            logging.LogRecord(
+                RetryCounter.LOGGER, logging.WARNING, "", 0, "Cannot send %r", ("x",), None
+            )
+        )
+        for _ in range(50)
+    ]
+    assert passed == [True] + [False] * 49  # the sender's retry loop: one line per window
+    assert sample(metrics, "luma_bridge_kafka_produce_retries_total") == 50
 
 
 def test_records_without_a_key_go_to_any_partition_even_when_none_is_known_available() -> None:

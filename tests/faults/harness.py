@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -24,6 +25,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -274,6 +276,39 @@ class BridgeProcess:
 
     def log_text(self) -> str:
         return Path(self.log.name).read_text()[-4000:]
+
+
+#: The loggers of aiokafka's client and producer sender, whose repeats the bridge holds back.
+AIOKAFKA_LOGGERS = ("aiokafka", "aiokafka.producer.sender")
+
+
+def aiokafka_lines(log: Path) -> list[dict[str, str]]:
+    """The aiokafka lines of a bridge's JSON log."""
+    lines = [json.loads(text) for text in log.read_text().splitlines() if text.startswith("{")]
+    return [line for line in lines if line.get("logger") in AIOKAFKA_LOGGERS]
+
+
+def line_kind(message: str) -> str:
+    """A line's fixed opening, without its numbers and without the count of lines held
+    back (`RepeatedLines`): the same for every node and error."""
+    opening = re.sub(r" \(\d+ more like this.*", "", message).split(":")[0]
+    return re.sub(r"\d+", "N", opening)
+
+
+def repeated_within_window(lines: list[dict[str, str]], window: float) -> dict[str, int]:
+    """The kinds of line logged more than once per `window` seconds (the first one
+    included), with how many there were."""
+    times: dict[str, list[datetime]] = {}
+    for line in lines:
+        times.setdefault(line_kind(line["message"]), []).append(
+            datetime.fromisoformat(line["time"])
+        )
+    too_many = {}
+    for kind, seen in times.items():
+        span = (max(seen) - min(seen)).total_seconds()
+        if len(seen) > span // window + 1:
+            too_many[kind] = len(seen)
+    return too_many
 
 
 class HasPid(Protocol):

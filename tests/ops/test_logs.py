@@ -13,9 +13,11 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from bridge.ops.logs import (
+    AIOKAFKA_CLIENT_LOGGER,
     FIELDS,
     BackgroundLogHandler,
     JsonFormatter,
+    RepeatedLines,
     configure_logging,
     count_dropped_lines,
     log_line,
@@ -268,3 +270,61 @@ def test_log_line_is_dropped_and_counted_when_the_queue_is_full(stalled: Stalled
         stalled.release.set()
         handler.close()
     assert [line["message"] for line in lines(stalled)] == ["first", "queued"]
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def client_record(message: str, *args: object, level: int = logging.ERROR) -> logging.LogRecord:
+    return logging.LogRecord("aiokafka", level, __file__, 1, message, args, None)
+
+
+def test_a_repeated_line_is_let_through_once_per_window_and_says_how_many_were_held() -> None:
+    clock = Clock()
+    repeats = RepeatedLines(window=10.0, clock=clock)
+    unable = "Unable connect to node with id %s: %s"
+    assert repeats.filter(client_record(unable, 3, "refused"))
+    held = [repeats.filter(client_record(unable, node, "refused")) for node in (3, 2, 3)]
+    assert held == [False, False, False]  # other arguments, same kind
+    clock.now += 9.9
+    assert not repeats.filter(client_record(unable, 3, "refused"))
+    clock.now += 0.1
+    after = client_record(unable, 1, "refused")
+    assert repeats.filter(after)
+    assert after.getMessage() == (
+        "Unable connect to node with id 1: refused (4 more like this in the 10 s before, not shown)"
+    )
+    clock.now += 10.0
+    quiet = client_record(unable, 1, "refused")
+    assert repeats.filter(quiet)
+    assert quiet.getMessage() == "Unable connect to node with id 1: refused"  # none held back
+
+
+def test_lines_of_another_template_or_level_are_not_held_back() -> None:
+    repeats = RepeatedLines(window=10.0, clock=Clock())
+    assert repeats.filter(client_record("Unable to update metadata from %s", [3]))
+    assert repeats.filter(client_record("Unable connect to node with id %s: %s", 3, "x"))
+    assert repeats.filter(
+        client_record("Unable to update metadata from %s", [3], level=logging.WARNING)
+    )
+    assert not repeats.filter(client_record("Unable to update metadata from %s", [2]))
+
+
+def test_configuring_holds_back_aiokafka_client_repeats_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("sys.stderr", io.StringIO())
+    root, client = logging.getLogger(), logging.getLogger(AIOKAFKA_CLIENT_LOGGER)
+    saved = root.handlers[:], root.level, client.filters[:], client.level
+    try:
+        configure_logging("INFO", "json").close()
+        handler = configure_logging("INFO", "json")
+        assert [type(f) for f in client.filters] == [RepeatedLines]  # not one per call
+        handler.close()
+    finally:
+        root.handlers[:], root.level, client.filters[:], client.level = saved
