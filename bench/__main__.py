@@ -233,9 +233,9 @@ def main(argv: list[str] | None = None) -> int:
                     )
         summary = stats.summarize(results["runs"])
         results["summary"] = summary
-        results["ratios"] = stats.ratios(summary)
+        results["ratios"] = stats.ratios(summary, runs=results["runs"])
         results["variant_ratios"] = {
-            target: stats.ratios(summary, subject=target)
+            target: stats.ratios(summary, subject=target, runs=results["runs"])
             for target in http_targets
             if target.startswith("bridge:")
         }

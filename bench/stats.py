@@ -128,11 +128,15 @@ YARDSTICKS = ("minimal", "floor", "floor_gc", "naive", "peer", "raw_producer", B
 
 
 def ratios(
-    summary: Mapping[str, Mapping[str, Mapping[str, float]]], subject: str = "bridge"
+    summary: Mapping[str, Mapping[str, Mapping[str, float]]],
+    subject: str = "bridge",
+    runs: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, dict[str, float]]:
     """`subject` (the bridge, or a variant of it) against its yardsticks, per connection
     count (from medians): `rps_vs_X`, `cpu_vs_X` and `p99_vs_X` for every X in
-    `YARDSTICKS` (NaN when X was not measured)."""
+    `YARDSTICKS` (NaN when X was not measured). With `runs`, also `cpu_vs_X_low` and
+    `cpu_vs_X_high`: the lowest and highest of the per-repeat ratios (see
+    `per_repeat_ratios`)."""
     out: dict[str, dict[str, float]] = {}
     for connections, row in summary.get(subject, {}).items():
         cell: dict[str, float] = {}
@@ -143,8 +147,31 @@ def ratios(
             cell[f"p99_vs_{name}"] = ratio(
                 row["latency_ms.p99"], other.get("latency_ms.p99", math.nan)
             )
+            paired = per_repeat_ratios(runs, subject, name, int(connections))
+            cell[f"cpu_vs_{name}_low"] = min(paired, default=math.nan)
+            cell[f"cpu_vs_{name}_high"] = max(paired, default=math.nan)
         out[connections] = cell
     return out
+
+
+def per_repeat_ratios(
+    runs: Sequence[Mapping[str, Any]], subject: str, yardstick: str, connections: int
+) -> list[float]:
+    """CPU per callback of `subject` over `yardstick`'s, one ratio per repeat that ran both.
+
+    A repeat runs every target once, one after the other, so its two runs share the
+    machine's state of that minute: how far these ratios are apart is how far one run's
+    ratio can be trusted, which the medians alone do not show.
+    """
+    by_repeat: dict[int, dict[str, float]] = {}
+    for run in runs:
+        if int(run["connections"]) == connections and run["target"] in (subject, yardstick):
+            by_repeat.setdefault(int(run["repeat"]), {})[run["target"]] = run["cpu_s_per_1k"]
+    return [
+        pair[subject] / pair[yardstick]
+        for _, pair in sorted(by_repeat.items())
+        if subject in pair and yardstick in pair and pair[yardstick] > 0
+    ]
 
 
 def flatness(samples: Sequence[float]) -> float:

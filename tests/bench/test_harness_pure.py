@@ -112,6 +112,29 @@ def test_summarize_takes_medians_per_target_and_connections() -> None:
     assert math.isnan(ratios["rps_vs_raw_producer"])
 
 
+def test_per_repeat_ratios_pair_the_runs_of_one_repeat() -> None:
+    runs = [
+        {**_run("bridge", 64, 1000.0, cpu, 20.0), "repeat": repeat}
+        for repeat, cpu in enumerate((0.30, 0.20, 0.26))
+    ] + [
+        {**_run("floor", 64, 2000.0, cpu, 10.0), "repeat": repeat}
+        for repeat, cpu in enumerate((0.15, 0.16, 0.13))
+    ]
+    runs.append({**_run("floor", 1, 900.0, 0.5, 2.0), "repeat": 0})  # another connection count
+    runs.append({**_run("bridge", 64, 1000.0, 0.9, 20.0), "repeat": 3})  # no floor to pair with
+    assert stats.per_repeat_ratios(runs, "bridge", "floor", 64) == pytest.approx([2.0, 1.25, 2.0])
+    summary = stats.summarize(runs)
+    ratios = stats.ratios(summary, runs=runs)["64"]
+    assert ratios["cpu_vs_floor"] == pytest.approx(0.28 / 0.15)  # of medians, as before
+    assert (ratios["cpu_vs_floor_low"], ratios["cpu_vs_floor_high"]) == pytest.approx((1.25, 2.0))
+    assert math.isnan(ratios["cpu_vs_minimal_low"])  # not measured
+    results = {**_results(), "summary": summary, "ratios": stats.ratios(summary, runs=runs)}
+    results["targets_check"] = report.check_targets(results)
+    text = report.markdown(results)
+    assert "| floor: aiohttp + the two records | 64 | 0.50 | 1.87 (1.25 to 2.00) | 2.00 |" in text
+    assert "| CPU per callback vs floor (64 conn), per repeat 1.25 to 2.00 | 1.87 |" in text
+
+
 def test_flatness_looks_at_the_second_half_only() -> None:
     assert stats.flatness([10.0, 50.0, 100.0, 105.0, 110.0, 100.0]) == pytest.approx(0.1)
     assert math.isnan(stats.flatness([]))

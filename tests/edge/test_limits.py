@@ -144,6 +144,25 @@ async def test_an_idle_kept_alive_connection_is_closed_at_the_deadline() -> None
         writer.close()
 
 
+async def test_each_answer_restarts_the_deadline_of_a_kept_alive_connection() -> None:
+    """The connection's one timer fires while it is idle between requests, before its
+    deadline (moved on by the last answer): it waits on instead of closing."""
+    async with running_edge(header_timeout=0.5) as edge:
+        reader, writer = await asyncio.open_connection("127.0.0.1", edge.port)
+        for number in range(5):  # 1.2 s of requests 0.3 s apart: longer than the deadline
+            if number:
+                await asyncio.sleep(0.3)
+            writer.write(request_bytes())
+            assert (await read_answer(reader)).status == 200
+        answered = time.monotonic()
+        async with asyncio.timeout(3):
+            assert await reader.read() == b""  # closed by the server once idle
+        closed_after = time.monotonic() - answered
+        writer.close()
+        assert 0.4 < closed_after < 2
+        assert edge.site.guard.timed_out == 1
+
+
 async def test_past_the_connection_bound_the_longest_idle_connection_makes_room() -> None:
     async with running_edge(max_connections=5) as edge:
         idle = [await asyncio.open_connection("127.0.0.1", edge.port) for _ in range(5)]
