@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
@@ -36,6 +37,8 @@ CLOSE_TIMEOUT_SECONDS = 5.0
 WRITE_INTERVAL_SECONDS = 0.05
 #: A library line said again within this many seconds is held back (see `RepeatedLines`).
 REPEAT_WINDOW_SECONDS = 10.0
+#: Kinds of line `RepeatedLines` keeps track of at once.
+MAX_KINDS = 1024
 #: aiokafka's client logs each failed connection and metadata update at ERROR, and while
 #: its only known broker refuses, with records waiting, it retries without pause: tens of
 #: thousands of identical lines a minute were seen in an outage.
@@ -103,6 +106,14 @@ class TextFormatter(logging.Formatter):
         return line
 
 
+@dataclass(slots=True)
+class _Run:
+    """One kind of line: when its window ends, and how many were held back in it."""
+
+    until: float
+    held: int = 0
+
+
 class RepeatedLines(logging.Filter):
     """Lets a logger's line through once per `window` seconds for each level and message
     template; the next one let through says how many like it were held back.
@@ -121,22 +132,20 @@ class RepeatedLines(logging.Filter):
         super().__init__()
         self._window = window
         self._clock = clock
-        # (level, template) -> [end of the current window, lines held back in it]
-        self._runs: dict[tuple[int, str], list[Any]] = {}
+        self._runs: dict[tuple[int, str], _Run] = {}  # by level and template
 
     def filter(self, record: logging.LogRecord) -> bool:
         key = (record.levelno, str(record.msg))
         now = self._clock()
         run = self._runs.get(key)
-        if run is not None and now < run[0]:
-            run[1] += 1
+        if run is not None and now < run.until:
+            run.held += 1
             return False
-        self._runs[key] = [now + self._window, 0]
-        if run is not None and run[1]:
-            record.msg = (
-                f"{record.msg} ({run[1]} more like this in the {self._window:g} s before, "
-                "not shown)"
-            )
+        if run is None and len(self._runs) >= MAX_KINDS:
+            self._runs.clear()  # a logger that formats its own messages: bounded all the same
+        self._runs[key] = _Run(until=now + self._window)
+        if run is not None and run.held:
+            record.msg = f"{record.msg} ({run.held} more like this since the last one shown)"
         return True
 
 

@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry
 from bridge.ops.logs import (
     AIOKAFKA_CLIENT_LOGGER,
     FIELDS,
+    MAX_KINDS,
     BackgroundLogHandler,
     JsonFormatter,
     RepeatedLines,
@@ -297,7 +298,7 @@ def test_a_repeated_line_is_let_through_once_per_window_and_says_how_many_were_h
     after = client_record(unable, 1, "refused")
     assert repeats.filter(after)
     assert after.getMessage() == (
-        "Unable connect to node with id 1: refused (4 more like this in the 10 s before, not shown)"
+        "Unable connect to node with id 1: refused (4 more like this since the last one shown)"
     )
     clock.now += 10.0
     quiet = client_record(unable, 1, "refused")
@@ -313,6 +314,15 @@ def test_lines_of_another_template_or_level_are_not_held_back() -> None:
         client_record("Unable to update metadata from %s", [3], level=logging.WARNING)
     )
     assert not repeats.filter(client_record("Unable to update metadata from %s", [2]))
+
+
+def test_the_kinds_kept_track_of_are_bounded() -> None:
+    clock = Clock()
+    repeats = RepeatedLines(window=10.0, clock=clock)
+    for number in range(MAX_KINDS + 5):  # a message formatted before logging: a kind each
+        assert repeats.filter(client_record(f"Unable connect to node {number}"))
+    assert len(repeats._runs) <= MAX_KINDS
+    assert not repeats.filter(client_record(f"Unable connect to node {MAX_KINDS + 4}"))
 
 
 def test_configuring_holds_back_aiokafka_client_repeats_once(
