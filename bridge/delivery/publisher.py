@@ -465,8 +465,9 @@ class KafkaPublisher:
         ]
         found = [False] * len(records)
         consumer = AIOKafkaConsumer(**self._lookup_options)
-        await consumer.start()
         try:
+            # Inside: a start that fails or outlasts the lookup's bound is closed too.
+            await consumer.start()
             remaining = await _seek_to_time(consumer, partitions, since_ms)
             while remaining and not all(found):
                 batch = await consumer.getmany(*remaining, timeout_ms=200)
