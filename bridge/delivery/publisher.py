@@ -22,6 +22,7 @@ from aiokafka.errors import KafkaError
 from aiokafka.partitioner import DefaultPartitioner, murmur2
 from prometheus_client import Histogram
 
+from bridge.delivery.pacing import pace_metadata_updates
 from bridge.ops.logs import RepeatedLines
 from bridge.ops.metrics import Metrics
 from bridge.settings import Settings, consumer_options, security_options
@@ -266,6 +267,7 @@ class KafkaPublisher:
         when the producer is not ready within the request timeout."""
         # Made here, not in __init__: aiokafka warns about producers never started.
         producer = AIOKafkaProducer(**self._options)
+        pace_metadata_updates(producer.client)
         try:
             # An idempotent producer's start() asks for a producer id until it gets one,
             # silently: after a whole-cluster restart that once took for ever. Bounded, the

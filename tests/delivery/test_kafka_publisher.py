@@ -96,6 +96,9 @@ class StandInProducer:
     async def close(self) -> None:
         self.client_closed = True
 
+    async def _metadata_update(self, cluster_metadata: Any, topics: Any) -> bool:
+        return True  # aiokafka's client's, which the publisher paces
+
     async def fetch_all_metadata(self) -> None:
         if self.mode == "never":
             await asyncio.Event().wait()

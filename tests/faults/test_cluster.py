@@ -11,6 +11,7 @@ the README's fault table. One cluster serves every scenario; each one leaves it 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import subprocess
@@ -55,6 +56,9 @@ pytestmark = [pytest.mark.faults, pytest.mark.kafka_cluster, pytest.mark.timeout
 
 STATE_RANK = {"queued": 0, "dreaming": 1, "completed": 2, "failed": 2}
 BROKER_IDS = (1, 2, 3)
+METADATA_API_KEY = 3
+#: One producer asking for metadata every 100 ms, and room for the drainer's lookups.
+MAX_METADATA_REQUESTS_PER_SECOND = 30
 
 
 class BrokerProxies:
@@ -63,13 +67,15 @@ class BrokerProxies:
     Brokers advertise the proxy's port, so every client connection goes through it;
     replication and the controller do not. `cut(node)` makes the broker a black hole
     for clients (connections accepted, nothing answered, as in a network partition);
-    `restore(node)` drops those connections so clients reconnect.
+    `restore(node)` drops those connections so clients reconnect. `requests` counts the
+    requests clients send, by API key.
     """
 
     def __init__(self, node_ids: tuple[int, ...]) -> None:
         self.ports = {node: free_port() for node in node_ids}
         self.targets: dict[int, int] = {}
         self._cut: set[int] = set()
+        self.requests: collections.Counter[int] = collections.Counter()
         self._writers: dict[int, set[asyncio.StreamWriter]] = {n: set() for n in node_ids}
         self._loop = asyncio.new_event_loop()
         self._servers: list[asyncio.Server] = []
@@ -128,7 +134,10 @@ class BrokerProxies:
                 return
             broker_r, broker_w = await asyncio.open_connection("127.0.0.1", self.targets[node])
             self._writers[node].add(broker_w)
-            await asyncio.gather(self._pump(client_r, broker_w), self._pump(broker_r, client_w))
+            await asyncio.gather(
+                self._pump(client_r, broker_w, RequestFrames(self.requests)),
+                self._pump(broker_r, client_w),
+            )
         except OSError:
             pass
         finally:
@@ -136,15 +145,40 @@ class BrokerProxies:
                 self._writers[node].discard(writer)
             client_w.close()
 
-    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pump(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        frames: RequestFrames | None = None,
+    ) -> None:
         try:
             while chunk := await reader.read(65536):
+                if frames is not None:
+                    frames.feed(chunk)
                 writer.write(chunk)
                 await writer.drain()
         except OSError:
             pass
         finally:
             writer.close()
+
+
+class RequestFrames:
+    """Counts the Kafka requests in a client's byte stream by API key: each request is a
+    4-byte size, then the API key (2 bytes), then the rest of the request."""
+
+    def __init__(self, counts: collections.Counter[int]) -> None:
+        self._counts = counts
+        self._pending = bytearray()
+
+    def feed(self, chunk: bytes) -> None:
+        self._pending += chunk
+        while len(self._pending) >= 6:
+            size = int.from_bytes(self._pending[:4], "big")
+            if len(self._pending) < 4 + size:
+                return
+            self._counts[int.from_bytes(self._pending[4:6], "big")] += 1
+            del self._pending[: 4 + size]
 
 
 @dataclass
@@ -206,11 +240,13 @@ async def bridge(
     await fully_replicated(cluster, process.prefix)  # the next scenario starts from a whole cluster
 
 
-async def production_bridge(cluster: Cluster, spool_dir: Path, **settings: Any) -> BridgeProcess:
+async def production_bridge(
+    cluster: Cluster, spool_dir: Path, *, replication: int = 3, **settings: Any
+) -> BridgeProcess:
     """A bridge for the whole cluster with production settings (idempotence on) and topics
-    of its own (RF 3, min ISR 2), not started yet."""
+    of its own (RF 3, min ISR 2, unless told another replication factor), not started yet."""
     await asyncio.to_thread(cluster.kafka.wait_for_brokers, BROKER_IDS)
-    prefix = await scenario_topics(cluster)
+    prefix = await scenario_topics(cluster, replication)
     return BridgeProcess(
         cluster.bootstrap,
         spool_dir=spool_dir,
@@ -220,19 +256,20 @@ async def production_bridge(cluster: Cluster, spool_dir: Path, **settings: Any) 
     )
 
 
-async def scenario_topics(cluster: Cluster, timeout: float = 60.0) -> str:
-    """A scenario's own topics, RF 3 and min ISR 2 (read back); their prefix.
+async def scenario_topics(cluster: Cluster, replication: int = 3, timeout: float = 60.0) -> str:
+    """A scenario's own topics, RF `replication` and min ISR 2 at most (read back); their prefix.
 
     Brokers just restarted may refuse a request for a moment (`NodeNotReadyError`):
     asked again, the same topics, until `timeout`.
     """
     prefix = new_prefix()
+    min_isr = min(2, replication)
     settings = load_settings(
         kafka_bootstrap_servers=cluster.direct,
         topic_prefix=prefix,
         topic_partitions=3,
-        topic_replication_factor=3,
-        topic_configs={"min.insync.replicas": "2"},
+        topic_replication_factor=replication,
+        topic_configs={"min.insync.replicas": str(min_isr)},
     )
     deadline = time.monotonic() + timeout
     while True:
@@ -245,7 +282,7 @@ async def scenario_topics(cluster: Cluster, timeout: float = 60.0) -> str:
             if time.monotonic() > deadline:
                 raise
             await asyncio.sleep(0.5)
-    assert layout == {(3, "2")}
+    assert layout == {(replication, str(min_isr))}
     return prefix
 
 
@@ -334,16 +371,33 @@ def min_insync_replicas(responses: list[Any]) -> dict[str, str]:
 
 
 async def fully_replicated(cluster: Cluster, prefix: str, timeout: float = 120.0) -> float:
-    """Wait until every partition has all three replicas in sync; seconds it took."""
+    """Wait until every partition has a leader and all its replicas in sync; seconds it took."""
     started = time.monotonic()
     while True:
         with contextlib.suppress(KafkaError):  # a broker on its way up may not answer yet
-            if all(len(p["isr"]) == 3 for p in await partitions(cluster, prefix)):
+            if all(whole(p) for p in await partitions(cluster, prefix)):
                 return time.monotonic() - started
         if time.monotonic() - started > timeout:
             raise AssertionError(
                 f"ISR not whole after {timeout}s: {await partitions(cluster, prefix)}"
             )
+        await asyncio.sleep(0.25)
+
+
+def whole(partition: dict[str, Any]) -> bool:
+    """A leader, and every replica in sync. (A partition whose replicas are all down keeps
+    its last in-sync replica listed: the leader tells it is offline.)"""
+    return bool(partition["leader"] >= 0 and len(partition["isr"]) == len(partition["replicas"]))
+
+
+async def offline_partition(cluster: Cluster, prefix: str, timeout: float = 60.0) -> None:
+    """Wait until the brokers that are up report a partition of `prefix` without a leader."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(KafkaError):  # asked of the broker that is down: again
+            if any(p["leader"] < 0 for p in await partitions(cluster, prefix)):
+                return
+        assert time.monotonic() < deadline, f"no partition of {prefix} offline in {timeout}s"
         await asyncio.sleep(0.25)
 
 
@@ -392,6 +446,18 @@ def recovery(cluster: Cluster, bridge: BridgeProcess) -> asyncio.Task[float]:
         return time.monotonic() - repaired_at
 
     return asyncio.create_task(measure(time.monotonic()))
+
+
+async def check_restarted(
+    scenario: str, cluster: Cluster, bridge: BridgeProcess, load: Load
+) -> dict[str, Any]:
+    """Called once the brokers that were down are started again: `check`, once every
+    broker is up, and every callback answered 200 (spooled, never refused)."""
+    repaired = recovery(cluster, bridge)
+    await asyncio.to_thread(cluster.kafka.wait_for_brokers, BROKER_IDS)
+    numbers = await check(scenario, cluster, bridge, load, recovery=repaired)
+    assert set(numbers["statuses"]) == {"200"}, numbers
+    return numbers
 
 
 def order_violations(records: list[ConsumerRecord]) -> int:
@@ -498,16 +564,7 @@ async def test_two_brokers_down_spools_then_drains_in_order(
     await asyncio.sleep(OUTAGE)
     for node in down:
         node.start()
-    repaired = recovery(cluster, bridge)
-    await asyncio.to_thread(cluster.kafka.wait_for_brokers, BROKER_IDS)
-    numbers = await check(
-        "Kafka: 2 of 3 brokers down (NotEnoughReplicas)",
-        cluster,
-        bridge,
-        load,
-        recovery=repaired,
-    )
-    assert set(numbers["statuses"]) == {"200"}, numbers  # spooled, never refused
+    await check_restarted("Kafka: 2 of 3 brokers down (NotEnoughReplicas)", cluster, bridge, load)
 
 
 async def test_whole_cluster_stopped_and_started_with_its_data(
@@ -520,12 +577,7 @@ async def test_whole_cluster_stopped_and_started_with_its_data(
     await asyncio.sleep(OUTAGE)
     for node in cluster.kafka.nodes:  # the same data directories: nothing formatted anew
         node.start()
-    repaired = recovery(cluster, bridge)
-    await asyncio.to_thread(cluster.kafka.wait_for_brokers, BROKER_IDS)
-    numbers = await check(
-        "Kafka: whole cluster stopped and started", cluster, bridge, load, recovery=repaired
-    )
-    assert set(numbers["statuses"]) == {"200"}, numbers
+    await check_restarted("Kafka: whole cluster stopped and started", cluster, bridge, load)
     # While no broker listened, aiokafka's client retried without pause (65,000 ERROR
     # lines in one run of this scenario): each kind is let through once per window.
     lines = aiokafka_lines(Path(bridge.log.name))
@@ -546,6 +598,34 @@ async def test_one_broker_cut_off_from_the_bridge(cluster: Cluster, bridge: Brid
         cluster.proxies.restore(leader)
     repaired = recovery(cluster, bridge)
     await check("Kafka: one broker cut off by a proxy", cluster, bridge, load, recovery=repaired)
+
+
+@pytest.mark.parametrize("bridge", [{"replication": 1}], indirect=True)
+async def test_a_partition_without_a_leader_is_asked_about_at_a_paced_rate(
+    cluster: Cluster, bridge: BridgeProcess
+) -> None:
+    """Every replica of a partition down, the other brokers up (RF 1 and one broker here;
+    RF 3 and the three brokers that hold a partition in a larger cluster): the partition
+    is offline, and records for it wait for a leader. The brokers that are up answer
+    metadata requests at once, that the partition has none. The bridge asks again at a
+    paced rate, not as soon as each answer comes, as aiokafka's sender does on its own."""
+    load = Load(bridge.url)
+    await load_established(bridge)
+    victim = cluster.kafka.broker(await lifecycle_leader(cluster, bridge.prefix))
+    victim.kill()
+    try:
+        await offline_partition(cluster, bridge.prefix)
+        await bridge.wait_for_metric("luma_bridge_spool_records", 20, timeout=60)
+        asked = cluster.proxies.requests[METADATA_API_KEY]
+        started = time.monotonic()
+        await asyncio.sleep(max(OUTAGE, 5.0))  # an observation window, not a wait
+        rate = (cluster.proxies.requests[METADATA_API_KEY] - asked) / (time.monotonic() - started)
+    finally:
+        victim.start()
+    await check_restarted(
+        "Kafka: a partition without a leader (RF 1, its broker killed)", cluster, bridge, load
+    )
+    assert rate <= MAX_METADATA_REQUESTS_PER_SECOND, f"{rate:.0f} metadata requests a second"
 
 
 def processes(nodes: Iterable[KafkaNode]) -> list[subprocess.Popen[bytes]]:
