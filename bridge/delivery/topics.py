@@ -12,7 +12,9 @@ topic can hold is refused with 413 instead of acknowledged.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,13 +56,19 @@ def _admin_client(settings: Settings) -> AIOKafkaAdminClient:
     )
 
 
-async def existing_topics(settings: Settings) -> set[str]:
-    admin = _admin_client(settings)
-    await admin.start()
+@contextlib.asynccontextmanager
+async def started(admin: AIOKafkaAdminClient) -> AsyncIterator[AIOKafkaAdminClient]:
+    """`admin`, started, and closed on the way out, also when its start fails half-way."""
     try:
-        return set(await admin.list_topics())
+        await admin.start()
+        yield admin
     finally:
         await admin.close()
+
+
+async def existing_topics(settings: Settings) -> set[str]:
+    async with started(_admin_client(settings)) as admin:
+        return set(await admin.list_topics())
 
 
 async def missing_topics(settings: Settings) -> list[str]:
@@ -74,9 +82,7 @@ async def create_topics(settings: Settings) -> dict[str, str]:
 
     Idempotent: running it again changes nothing.
     """
-    admin = _admin_client(settings)
-    await admin.start()
-    try:
+    async with started(_admin_client(settings)) as admin:
         present = set(await admin.list_topics())
         outcome = {name: "exists" for name in required_topics(settings) if name in present}
         for name in required_topics(settings):
@@ -100,8 +106,6 @@ async def create_topics(settings: Settings) -> dict[str, str]:
             outcome[name] = "created"
             log.info("topic created", extra={"fields": {"topic": name}})
         return outcome
-    finally:
-        await admin.close()
 
 
 def raise_for_topic_errors(response: object) -> bool:
@@ -166,9 +170,7 @@ async def inspect_topics(settings: Settings) -> TopicFacts:
     (or refuses it) leaves those configs out: the caller decides what that means.
     """
     names = list(required_topics(settings))
-    admin = _admin_client(settings)
-    await admin.start()
-    try:
+    async with started(_admin_client(settings)) as admin:
         # Only topics that exist: a metadata request naming a missing one may create it.
         listed = set(await admin.list_topics())
         described = await admin.describe_topics([name for name in names if name in listed])
@@ -185,8 +187,6 @@ async def inspect_topics(settings: Settings) -> TopicFacts:
                 extra={"fields": {"reason": type(exc).__name__}},
             )
             responses = []
-    finally:
-        await admin.close()
     configs = _configs(responses)
     return TopicFacts(
         replication_factor=replication,

@@ -62,7 +62,7 @@ from bridge.delivery.publisher import (
     keyed_partitioner,
     producer_options,
 )
-from bridge.delivery.topics import existing_topics, raise_for_topic_errors
+from bridge.delivery.topics import existing_topics, raise_for_topic_errors, started
 from bridge.ops.metrics import Metrics, ReconcilerMetrics, stuck_age_label
 from bridge.reconcile.luma import GenerationNotFound, KeyRejected, LumaAPIError, LumaClient
 from bridge.reconcile.tracking import Tracked, Tracker, decode_entry, encode_entry
@@ -738,14 +738,10 @@ async def partition_counts(settings: Settings, topics: list[str]) -> dict[str, i
     Apache Kafka lists only the topics that client has used. A topic created a moment ago
     can be listed before its partitions are: it is left out until they are.
     """
-    admin = _admin(settings)
-    await admin.start()
-    try:
+    async with started(_admin(settings)) as admin:
         listed = set(await admin.list_topics())
         wanted = [topic for topic in topics if topic in listed]
         described = await admin.describe_topics(wanted) if wanted else []
-    finally:
-        await admin.close()
     return {
         topic["topic"]: len(topic["partitions"])
         for topic in described
@@ -795,9 +791,7 @@ async def ensure_state_topic(settings: Settings) -> int:
         )
     partitions = counts[lifecycle]
     if changelog not in counts:
-        admin = _admin(settings)
-        await admin.start()
-        try:
+        async with started(_admin(settings)) as admin:
             topic = NewTopic(
                 changelog,
                 num_partitions=partitions,
@@ -816,8 +810,6 @@ async def ensure_state_topic(settings: Settings) -> int:
             log.info(
                 "changelog topic created", extra=_fields(topic=changelog, partitions=partitions)
             )
-        finally:
-            await admin.close()
         counts = await _visible_partition_counts(settings, changelog)
     if counts.get(changelog, partitions) != partitions:
         raise ReconcilerError(

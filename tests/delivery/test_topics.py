@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from bridge.delivery.topics import (
@@ -9,6 +11,7 @@ from bridge.delivery.topics import (
     RECORD_HEADROOM_BYTES,
     TopicFacts,
     creation_configs,
+    started,
 )
 from bridge.settings import SettingsError, load_settings
 
@@ -60,3 +63,32 @@ def test_the_smallest_max_message_bytes_bounds_the_body() -> None:
     facts = TopicFacts(max_message_bytes={"a": 2_000_000, "b": 1_048_588})
     assert facts.largest_body() == (1_048_588 - DOOR_HEADROOM_BYTES, "b")
     assert TopicFacts().largest_body() is None
+
+
+class Admin:
+    """An admin client whose start fails (a broker gone mid-bootstrap) or not."""
+
+    def __init__(self, start_fails: bool) -> None:
+        self.start_fails = start_fails
+        self.closed = False
+
+    async def start(self) -> None:
+        if self.start_fails:
+            raise OSError("connection refused")
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+async def failing_session(admin: Any) -> None:
+    async with started(admin) as running:
+        assert running is admin
+        raise OSError("refused by the caller")
+
+
+@pytest.mark.parametrize("start_fails", [False, True])
+async def test_an_admin_client_is_closed_however_its_session_ends(start_fails: bool) -> None:
+    admin = Admin(start_fails)
+    with pytest.raises(OSError, match="refused"):
+        await failing_session(admin)
+    assert admin.closed
