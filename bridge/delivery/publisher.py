@@ -325,12 +325,14 @@ class KafkaPublisher:
     async def _close(self, producer: AIOKafkaProducer, timeout: float | None) -> None:  # noqa: ASYNC109
         for task in list(self._handing):
             task.cancel()
+        before = asyncio.all_tasks()
         try:
             async with asyncio.timeout(timeout if timeout is None or timeout > 0 else 0.001):
                 await producer.stop()
         except TimeoutError:
             log.warning("the Kafka producer did not flush in time; its records stay spooled")
             await _abandon(producer)
+            _cancel_flush(asyncio.all_tasks() - before)
         self._fail_outstanding()
 
     def _fail_outstanding(self) -> None:
@@ -608,6 +610,15 @@ async def wait_all(futures: list[asyncio.Future[Placement]], within: float) -> l
 def _fail(future: asyncio.Future[Placement], error: BaseException) -> None:
     if not future.done():
         future.set_exception(error)
+
+
+def _cancel_flush(tasks: set[asyncio.Task[Any]]) -> None:
+    """Cancel the flush among `tasks`: aiokafka's `stop()` runs it in a task of its own,
+    which outlives a stop cut off by its timeout and waits for good on the records the
+    broker never acknowledged (asyncio then logs "Task was destroyed but it is pending!")."""
+    for task in tasks:
+        if task.get_coro().__qualname__ == "MessageAccumulator.close":  # type: ignore[union-attr]
+            task.cancel()
 
 
 async def _abandon(producer: AIOKafkaProducer) -> None:
