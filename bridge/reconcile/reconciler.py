@@ -53,6 +53,7 @@ from bridge.contract.callback import (
     record_headers,
     redact_callback_token,
 )
+from bridge.delivery.pacing import pace_metadata_updates
 from bridge.delivery.publisher import (
     KafkaPublisher,
     KafkaUnavailable,
@@ -182,6 +183,7 @@ class Reconciler:
         """
         self._lifecycle_partitions = await ensure_state_topic(self.settings)
         self._changelog = AIOKafkaProducer(**producer_options(self.settings))
+        pace_metadata_updates(self._changelog.client)
         await _started(self._changelog)
         if self._owns_publisher:
             assert isinstance(self._publisher, KafkaPublisher)

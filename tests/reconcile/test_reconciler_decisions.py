@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry
 
 import bridge.reconcile.reconciler as reconciler_module
 from bridge.contract.callback import RECONCILE_NOT_FOUND_ERROR
+from bridge.delivery.pacing import METADATA_BACKOFF_SECONDS
 from bridge.delivery.publisher import KafkaUnavailable, Placement, Record
 from bridge.ops.metrics import ReconcilerMetrics
 from bridge.reconcile.luma import GenerationNotFound, KeyRejected, LumaAPIError
@@ -1021,11 +1022,19 @@ class FakeClient:
         self.started = False
         self.stopped = 0
         self.subscribed: tuple[list[str], Any] | None = None
+        self.client = self  # aiokafka's client, whose metadata updates the producer paces
+        self.updates: list[tuple[float, float]] = []  # when each metadata update started, ended
 
     async def start(self) -> None:
         if self.fail:
             raise KafkaConnectionError()
         self.started = True
+
+    async def _metadata_update(self, cluster_metadata: Any, topics: Any) -> bool:
+        started = asyncio.get_running_loop().time()
+        await asyncio.sleep(0)
+        self.updates.append((started, asyncio.get_running_loop().time()))
+        return True
 
     async def stop(self) -> None:
         self.stopped += 1
@@ -1086,6 +1095,36 @@ async def test_start_joins_the_group_on_the_lifecycle_topic_and_stop_leaves_it(
     assert not reconciler.started
     assert made["consumer"].stopped == 1
     assert made["producer"].stopped == 1
+
+
+async def test_the_changelog_producer_asks_for_metadata_at_a_paced_rate(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As the bridge's own producer (bridge.delivery.pacing): while a changelog partition
+    has no leader, aiokafka's sender would ask again as soon as each answer came."""
+    made: list[FakeClient] = []
+
+    async def partitions(settings: Settings) -> int:
+        return 1
+
+    def producer(**options: Any) -> FakeClient:
+        made.append(FakeClient(**options))
+        return made[-1]
+
+    monkeypatch.setattr(reconciler_module, "ensure_state_topic", partitions)
+    monkeypatch.setattr(reconciler_module, "AIOKafkaProducer", producer)
+    monkeypatch.setattr(reconciler_module, "AIOKafkaConsumer", FakeClient)
+    reconciler = Rig().reconciler
+    reconciler._consumer = None
+    reconciler._changelog = None
+    await reconciler.start()
+    try:
+        for _ in range(2):
+            await made[0].client._metadata_update(None, None)
+    finally:
+        await reconciler.stop()
+    (_, first_ended), (second_started, _) = made[0].updates
+    assert second_started - first_ended >= METADATA_BACKOFF_SECONDS * 0.9
 
 
 async def test_stop_saves_the_state_and_warns_when_it_cannot(
