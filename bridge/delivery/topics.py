@@ -57,7 +57,7 @@ def _admin_client(settings: Settings) -> AIOKafkaAdminClient:
 
 
 @contextlib.asynccontextmanager
-async def started(admin: AIOKafkaAdminClient) -> AsyncIterator[AIOKafkaAdminClient]:
+async def admin_session(admin: AIOKafkaAdminClient) -> AsyncIterator[AIOKafkaAdminClient]:
     """`admin`, started, and closed on the way out, also when its start fails half-way."""
     try:
         await admin.start()
@@ -67,7 +67,7 @@ async def started(admin: AIOKafkaAdminClient) -> AsyncIterator[AIOKafkaAdminClie
 
 
 async def existing_topics(settings: Settings) -> set[str]:
-    async with started(_admin_client(settings)) as admin:
+    async with admin_session(_admin_client(settings)) as admin:
         return set(await admin.list_topics())
 
 
@@ -82,7 +82,7 @@ async def create_topics(settings: Settings) -> dict[str, str]:
 
     Idempotent: running it again changes nothing.
     """
-    async with started(_admin_client(settings)) as admin:
+    async with admin_session(_admin_client(settings)) as admin:
         present = set(await admin.list_topics())
         outcome = {name: "exists" for name in required_topics(settings) if name in present}
         for name in required_topics(settings):
@@ -170,7 +170,7 @@ async def inspect_topics(settings: Settings) -> TopicFacts:
     (or refuses it) leaves those configs out: the caller decides what that means.
     """
     names = list(required_topics(settings))
-    async with started(_admin_client(settings)) as admin:
+    async with admin_session(_admin_client(settings)) as admin:
         # Only topics that exist: a metadata request naming a missing one may create it.
         listed = set(await admin.list_topics())
         described = await admin.describe_topics([name for name in names if name in listed])

@@ -63,7 +63,7 @@ from bridge.delivery.publisher import (
     keyed_partitioner,
     producer_options,
 )
-from bridge.delivery.topics import existing_topics, raise_for_topic_errors, started
+from bridge.delivery.topics import admin_session, existing_topics, raise_for_topic_errors
 from bridge.ops.metrics import Metrics, ReconcilerMetrics, stuck_age_label
 from bridge.reconcile.luma import GenerationNotFound, KeyRejected, LumaAPIError, LumaClient
 from bridge.reconcile.tracking import Tracked, Tracker, decode_entry, encode_entry
@@ -740,7 +740,7 @@ async def partition_counts(settings: Settings, topics: list[str]) -> dict[str, i
     Apache Kafka lists only the topics that client has used. A topic created a moment ago
     can be listed before its partitions are: it is left out until they are.
     """
-    async with started(_admin(settings)) as admin:
+    async with admin_session(_admin(settings)) as admin:
         listed = set(await admin.list_topics())
         wanted = [topic for topic in topics if topic in listed]
         described = await admin.describe_topics(wanted) if wanted else []
@@ -793,7 +793,7 @@ async def ensure_state_topic(settings: Settings) -> int:
         )
     partitions = counts[lifecycle]
     if changelog not in counts:
-        async with started(_admin(settings)) as admin:
+        async with admin_session(_admin(settings)) as admin:
             topic = NewTopic(
                 changelog,
                 num_partitions=partitions,

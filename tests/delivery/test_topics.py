@@ -10,8 +10,8 @@ from bridge.delivery.topics import (
     DOOR_HEADROOM_BYTES,
     RECORD_HEADROOM_BYTES,
     TopicFacts,
+    admin_session,
     creation_configs,
-    started,
 )
 from bridge.settings import SettingsError, load_settings
 
@@ -81,7 +81,7 @@ class Admin:
 
 
 async def failing_session(admin: Any) -> None:
-    async with started(admin) as running:
+    async with admin_session(admin) as running:
         assert running is admin
         raise OSError("refused by the caller")
 
