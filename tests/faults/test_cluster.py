@@ -18,7 +18,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -372,15 +372,29 @@ def min_insync_replicas(responses: list[Any]) -> dict[str, str]:
 
 async def fully_replicated(cluster: Cluster, prefix: str, timeout: float = 120.0) -> float:
     """Wait until every partition has a leader and all its replicas in sync; seconds it took."""
+    return await partitions_until(
+        cluster, prefix, lambda found: all(whole(p) for p in found), "ISR not whole", timeout
+    )
+
+
+async def partitions_until(
+    cluster: Cluster,
+    prefix: str,
+    condition: Callable[[list[dict[str, Any]]], bool],
+    failure: str,
+    timeout: float,
+) -> float:
+    """Ask for the partitions of `prefix` until `condition` holds; seconds it took. A broker
+    on its way up or down may not answer: asked again."""
     started = time.monotonic()
+    found: list[dict[str, Any]] | None = None  # the last answer, for the failure
     while True:
-        with contextlib.suppress(KafkaError):  # a broker on its way up may not answer yet
-            if all(whole(p) for p in await partitions(cluster, prefix)):
+        with contextlib.suppress(KafkaError):
+            found = await partitions(cluster, prefix)
+            if condition(found):
                 return time.monotonic() - started
         if time.monotonic() - started > timeout:
-            raise AssertionError(
-                f"ISR not whole after {timeout}s: {await partitions(cluster, prefix)}"
-            )
+            raise AssertionError(f"{failure} after {timeout}s: {found}")
         await asyncio.sleep(0.25)
 
 
@@ -392,13 +406,13 @@ def whole(partition: dict[str, Any]) -> bool:
 
 async def offline_partition(cluster: Cluster, prefix: str, timeout: float = 60.0) -> None:
     """Wait until the brokers that are up report a partition of `prefix` without a leader."""
-    deadline = time.monotonic() + timeout
-    while True:
-        with contextlib.suppress(KafkaError):  # asked of the broker that is down: again
-            if any(p["leader"] < 0 for p in await partitions(cluster, prefix)):
-                return
-        assert time.monotonic() < deadline, f"no partition of {prefix} offline in {timeout}s"
-        await asyncio.sleep(0.25)
+    await partitions_until(
+        cluster,
+        prefix,
+        lambda found: any(p["leader"] < 0 for p in found),
+        f"no partition of {prefix} offline",
+        timeout,
+    )
 
 
 async def lifecycle_leader(cluster: Cluster, prefix: str) -> int:
