@@ -58,7 +58,8 @@ class FakeLumaAPI:
 
     `put()` records a generation's current state (what Luma's API would report);
     `fail_next()` queues 429s or 5xx; `fault_ratio` answers that share of requests
-    with `fault`. `requests` counts answers by (endpoint, status).
+    with `fault`; `stop_answering()` holds every request (`held` counts them) until
+    `answer_again()`. `requests` counts answers by (endpoint, status).
     """
 
     def __init__(
@@ -87,6 +88,9 @@ class FakeLumaAPI:
         self._newest_first: list[str] = []
         self._faults: deque[Fault] = deque()
         self.requests: Counter[tuple[str, int]] = Counter()
+        self.held = 0
+        self._answering = asyncio.Event()
+        self._answering.set()
         self._runner: web.AppRunner | None = None
         self.port = 0
 
@@ -119,6 +123,14 @@ class FakeLumaAPI:
         """Answer the next `count` requests with `status` (and `Retry-After` when given)."""
         self._faults.extend([Fault(status, retry_after)] * count)
 
+    def stop_answering(self) -> None:
+        """Hold every request from now on, as an API that accepts connections and hangs."""
+        self._answering.clear()
+
+    def answer_again(self) -> None:
+        """Answer the held requests and every one after them."""
+        self._answering.set()
+
     def app(self) -> web.Application:
         application = web.Application(middlewares=[self._guard])
         application.router.add_get(f"{API_PATH}/generations", self._list)
@@ -136,6 +148,7 @@ class FakeLumaAPI:
     async def stop(self) -> None:
         """Stop serving. Safe to call twice."""
         runner, self._runner = self._runner, None
+        self.answer_again()  # a held request would keep the cleanup waiting
         if runner is not None:
             await runner.cleanup()
 
@@ -155,6 +168,12 @@ class FakeLumaAPI:
     async def _answer(self, request: web.Request, handler: Any) -> web.StreamResponse:
         if self.delay:
             await asyncio.sleep(self.delay)
+        if not self._answering.is_set():
+            self.held += 1
+            try:
+                await self._answering.wait()
+            finally:
+                self.held -= 1
         if request.headers.get("Authorization", "") != f"Bearer {self._api_key}":
             # Like any API: say what is wrong, never repeat the credential sent.
             return _json({"detail": "Invalid or missing API key"}, status=401)

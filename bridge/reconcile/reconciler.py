@@ -30,7 +30,7 @@ import contextlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -86,6 +86,31 @@ WRITE_TIMEOUT = 30.0
 
 class ReconcilerError(RuntimeError):
     """The reconciler cannot run with these settings or this cluster; the message says why."""
+
+
+class _Stopped(Exception):
+    """The reconciler was asked to stop before Luma's API answered."""
+
+
+async def _unless_stopped(stopping: asyncio.Event, request: Awaitable[bytes]) -> bytes:
+    """Luma's answer to `request`, or `_Stopped` as soon as `stopping` is set.
+
+    A request changes nothing, so a stop abandons it rather than wait through its timeouts,
+    retries and backoff, which together outlast Kubernetes' grace period (the state would
+    then be killed unsaved).
+    """
+    answer = asyncio.ensure_future(request)
+    stop = asyncio.ensure_future(stopping.wait())
+    try:
+        done, _ = await asyncio.wait((answer, stop), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stop.cancel()
+        answer.cancel()  # nothing when it is done
+    if answer in done:
+        return answer.result()
+    with contextlib.suppress(asyncio.CancelledError):
+        await answer
+    raise _Stopped
 
 
 def state_topic(settings: Settings) -> str:
@@ -340,12 +365,12 @@ class Reconciler:
         self.tracker.prune(now - self.settings.reconcile_lookback_seconds - 3600)
         self._update_gauges()
         budget_ends = time.monotonic() + max(self.settings.reconcile_interval_seconds, 30.0)
-        for partition, generation_id, entry in self.tracker.stuck(
+        for partition, generation_id, _ in self.tracker.stuck(
             now, self.settings.reconcile_after_seconds
         ):
             if stopping.is_set() or time.monotonic() > budget_ends or self.key_rejected:
                 break
-            await self._look_up(partition, generation_id, entry)
+            await self._look_up(partition, generation_id, stopping)
         if self.discovering and not stopping.is_set() and not self.key_rejected:
             await self._discover(stopping, budget_ends)
         self._update_gauges()
@@ -354,9 +379,11 @@ class Reconciler:
 
     # -- lookups ------------------------------------------------------------------------
 
-    async def _look_up(self, partition: int, generation_id: str, entry: Tracked) -> None:
+    async def _look_up(self, partition: int, generation_id: str, stopping: asyncio.Event) -> None:
         try:
-            body = await self.luma.get(generation_id)
+            body = await _unless_stopped(stopping, self.luma.get(generation_id))
+        except _Stopped:
+            return  # looked up again by whoever owns the partition next
         except GenerationNotFound:
             await self._dead_letter(partition, generation_id)
             return
@@ -510,7 +537,10 @@ class Reconciler:
             if stopping.is_set() or time.monotonic() > budget_ends:
                 break
             try:
-                page = decode_object(await self.luma.list_page(limit=PAGE_SIZE, offset=offset))
+                listing = self.luma.list_page(limit=PAGE_SIZE, offset=offset)
+                page = decode_object(await _unless_stopped(stopping, listing))
+            except _Stopped:
+                return
             except KeyRejected:
                 self._key_was_rejected()
                 return

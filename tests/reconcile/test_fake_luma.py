@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -13,7 +14,7 @@ from aiohttp.test_utils import TestServer
 from lumaai.types import Generation, GenerationListResponse
 
 from bridge.devtools.fake_luma import FakeLumaAPI, SenderOptions, choose_drops, send_lifecycles
-from tests.helpers import SEED_COMPLETED_VIDEO
+from tests.helpers import SEED_COMPLETED_VIDEO, wait_until
 from tests.reconcile.support import API_KEY
 
 
@@ -64,6 +65,29 @@ async def test_list_pages_newest_first_with_has_more(api: FakeLumaAPI) -> None:
     assert (first.count, first.has_more, first.limit, first.offset) == (10, True, 10, 0)
     assert [g.id for g in last.generations] == [f"gen-{n:04d}" for n in range(4, -1, -1)]
     assert last.has_more is False
+
+
+async def test_a_silent_api_holds_requests_until_it_answers_again(api: FakeLumaAPI) -> None:
+    api.put(generation(3))
+    api.stop_answering()
+    async with client(api) as luma:
+        asked = asyncio.create_task(luma.generations.get("gen-0003"))
+        await wait_until(lambda: api.held == 1, timeout=5, what="the request to be held")
+        assert not asked.done()
+        api.answer_again()
+        assert (await asyncio.wait_for(asked, timeout=5)).id == "gen-0003"
+    assert api.held == 0
+
+
+async def test_stopping_a_silent_api_lets_its_held_requests_go() -> None:
+    fake = await FakeLumaAPI(api_key=API_KEY).start()
+    fake.stop_answering()
+    async with client(fake) as luma:
+        asked = asyncio.create_task(luma.generations.list(limit=1, offset=0))
+        await wait_until(lambda: fake.held == 1, timeout=5, what="the request to be held")
+        await asyncio.wait_for(fake.stop(), timeout=5)
+        await asyncio.gather(asked, return_exceptions=True)
+    assert fake.held == 0
 
 
 async def test_an_unknown_generation_is_404(api: FakeLumaAPI) -> None:

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +31,15 @@ from tests.reconcile.support import API_KEY, audit_lifecycle, bridge_on, header,
 pytestmark = pytest.mark.integration
 
 GENERATIONS = 300
+#: The Helm chart's terminationGracePeriodSeconds for the reconciler: after it, SIGKILL.
+GRACE_SECONDS = 30
 
 
 class ReconcilerProcess:
     """`luma-kafka-bridge reconcile` in a subprocess, its log in a file."""
 
     def __init__(self, settings: Settings, api: FakeLumaAPI, name: str) -> None:
+        self.name = name
         self.admin_port = free_port()
         self.log_path = Path(tempfile.mkdtemp(prefix="reconciler-")) / f"{name}.log"
         env = {
@@ -68,9 +72,18 @@ class ReconcilerProcess:
         self.process.send_signal(signal.SIGKILL)
         self.process.wait(timeout=30)
 
-    def terminate(self) -> int:
+    async def terminate(self) -> int:
+        """SIGTERM, then the exit code. Waited for off the event loop, which serves the fake
+        Luma API the reconciler may be asking."""
         self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout=60)
+        try:
+            return await asyncio.to_thread(self.process.wait, GRACE_SECONDS)
+        except subprocess.TimeoutExpired:
+            log = self.log_path.read_text(errors="replace")[-4000:]
+            raise AssertionError(
+                f"the {self.name} reconciler did not stop within {GRACE_SECONDS}s of SIGTERM; "
+                f"its log ends:\n{log}"
+            ) from None
 
     def close(self) -> str:
         if self.process.poll() is None:
@@ -137,7 +150,7 @@ async def test_kill_restart_and_partition_moves_write_nothing_twice(
                 timeout=120,
                 what="writes after the restart",
             )
-            assert second.terminate() == 0
+            assert await second.terminate() == 0
             records: list[Any] = []
 
             async def complete() -> bool:
@@ -149,7 +162,11 @@ async def test_kill_restart_and_partition_moves_write_nothing_twice(
 
             await wait_for(complete, timeout=240, what="every lifecycle to complete")
             metrics = await _scrape(third.admin_port)
-            assert third.terminate() == 0
+            # Luma's API stops answering: the stop must not wait through its retries.
+            api.stop_answering()
+            await wait_for(_held_by(api), timeout=30, what="a request to the silent Luma API")
+            assert await third.terminate() == 0
+            api.answer_again()
         finally:
             logs = [process.close() for process in processes]
 
@@ -172,6 +189,13 @@ async def test_kill_restart_and_partition_moves_write_nothing_twice(
 
 async def _at_least(settings: Settings, count: int) -> bool:
     return await reconciler_records(settings) >= count
+
+
+def _held_by(api: FakeLumaAPI) -> Callable[[], Awaitable[bool]]:
+    async def held() -> bool:
+        return api.held > 0
+
+    return held
 
 
 async def _scrape(port: int) -> str:

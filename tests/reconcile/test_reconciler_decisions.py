@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from types import SimpleNamespace
 from typing import Any, ClassVar
@@ -192,6 +192,17 @@ class StubLuma:
         self.list_body: bytes | None = None
         self.gets: list[str] = []
         self.pages: list[tuple[int, int]] = []
+        self.silent = False  # every request waits for good, as on an API that stopped answering
+        self.abandoned = 0
+
+    async def _maybe_never_answer(self) -> None:
+        if not self.silent:
+            return
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            self.abandoned += 1
+            raise
 
     def put(self, document: dict[str, Any]) -> None:
         self.generations.pop(document["id"], None)
@@ -199,6 +210,7 @@ class StubLuma:
 
     async def get(self, gid: str) -> bytes:
         self.gets.append(gid)
+        await self._maybe_never_answer()
         if gid in self.errors:
             raise self.errors[gid]
         if gid in self.bodies:
@@ -209,6 +221,7 @@ class StubLuma:
 
     async def list_page(self, *, limit: int, offset: int) -> bytes:
         self.pages.append((limit, offset))
+        await self._maybe_never_answer()
         if self.list_error is not None:
             raise self.list_error
         if self.list_body is not None:
@@ -544,6 +557,36 @@ async def test_a_stopping_reconciler_looks_nothing_up() -> None:
     stopping.set()
     await rig.reconciler.reconcile_once(stopping)
     assert rig.luma.gets == []
+
+
+async def stop_while_luma_is_silent(rig: Rig, asked: Callable[[], bool]) -> None:
+    """Run the loop until Luma's API has been asked and not answered, then stop it: the stop
+    must not wait for an answer (its timeouts and retries outlast Kubernetes' grace period)."""
+    rig.luma.silent = True
+    stopping = asyncio.Event()
+    loop = asyncio.create_task(rig.reconciler.run(stopping))
+    try:
+        await wait_until(asked, timeout=10, what="a request to Luma's API")
+    finally:
+        stopping.set()
+        await asyncio.wait_for(loop, timeout=5)
+
+
+async def test_a_stop_abandons_a_lookup_luma_has_not_answered() -> None:
+    rig = Rig(reconcile_interval_seconds=0.1)
+    await stuck(rig)
+    await stop_while_luma_is_silent(rig, lambda: bool(rig.luma.gets))
+    assert rig.luma.abandoned == 1
+    assert rig.publisher.published == []
+    assert lookups(rig, "error") == 0  # abandoned, not failed: the next owner looks it up
+
+
+async def test_a_stop_abandons_a_listing_luma_has_not_answered() -> None:
+    rig = Rig(reconcile_interval_seconds=0.1, public_url=PUBLIC_URL)
+    rig.luma.put(generation("ours", "completed"))
+    await stop_while_luma_is_silent(rig, lambda: bool(rig.luma.pages))
+    assert rig.luma.abandoned == 1
+    assert rig.publisher.published == []
 
 
 async def test_finished_entries_older_than_the_lookback_and_an_hour_are_pruned() -> None:
