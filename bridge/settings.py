@@ -322,7 +322,10 @@ class Settings(BaseSettings):
         "so load balancers stop sending first.",
     )
     shutdown_timeout: float = Field(
-        25.0, gt=0, description="Seconds from SIGTERM to exit, drain delay included."
+        25.0,
+        gt=0,
+        description="Seconds from SIGTERM to exit, drain delay included (the "
+        "reconciler's: to save its state and leave its group).",
     )
 
     # The reconciler (`luma-kafka-bridge reconcile`; see docs/reconcile.md)

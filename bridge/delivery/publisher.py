@@ -325,14 +325,8 @@ class KafkaPublisher:
     async def _close(self, producer: AIOKafkaProducer, timeout: float | None) -> None:  # noqa: ASYNC109
         for task in list(self._handing):
             task.cancel()
-        before = asyncio.all_tasks()
-        try:
-            async with asyncio.timeout(timeout if timeout is None or timeout > 0 else 0.001):
-                await producer.stop()
-        except TimeoutError:
+        if not await stop_producer(producer, timeout):
             log.warning("the Kafka producer did not flush in time; its records stay spooled")
-            await _abandon(producer)
-            _cancel_flush(asyncio.all_tasks() - before)
         self._fail_outstanding()
 
     def _fail_outstanding(self) -> None:
@@ -610,6 +604,20 @@ async def wait_all(futures: list[asyncio.Future[Placement]], within: float) -> l
 def _fail(future: asyncio.Future[Placement], error: BaseException) -> None:
     if not future.done():
         future.set_exception(error)
+
+
+async def stop_producer(producer: AIOKafkaProducer, timeout: float | None) -> bool:  # noqa: ASYNC109 - a flush bound
+    """Flush and stop `producer` within `timeout` seconds (0: at once); False when it could
+    not flush in time (Kafka away) and was abandoned, its records unsent."""
+    before = asyncio.all_tasks()
+    try:
+        async with asyncio.timeout(timeout if timeout is None or timeout > 0 else 0.001):
+            await producer.stop()
+    except TimeoutError:
+        await _abandon(producer)
+        _cancel_flush(asyncio.all_tasks() - before)
+        return False
+    return True
 
 
 def _cancel_flush(tasks: set[asyncio.Task[Any]]) -> None:

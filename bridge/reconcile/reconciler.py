@@ -32,7 +32,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Iterable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -62,6 +62,7 @@ from bridge.delivery.publisher import (
     Record,
     keyed_partitioner,
     producer_options,
+    stop_producer,
 )
 from bridge.delivery.topics import admin_session, existing_topics, raise_for_topic_errors
 from bridge.ops.metrics import Metrics, ReconcilerMetrics, stuck_age_label
@@ -82,24 +83,30 @@ MAX_PAGES = 2000
 CATCH_UP_SECONDS = 15.0
 CHECKPOINT_SECONDS = 5.0
 WRITE_TIMEOUT = 30.0
+#: Of SHUTDOWN_TIMEOUT, kept for closing the producers once the group is left (or not).
+SHUTDOWN_MARGIN = 1.0
 
 
 class ReconcilerError(RuntimeError):
     """The reconciler cannot run with these settings or this cluster; the message says why."""
 
 
+_T = TypeVar("_T")
+
+
 class _Stopped(Exception):
-    """The reconciler was asked to stop before Luma's API answered."""
+    """The reconciler was asked to stop before a read or a request was answered."""
 
 
-async def _unless_stopped(stopping: asyncio.Event, request: Awaitable[bytes]) -> bytes:
-    """Luma's answer to `request`, or `_Stopped` as soon as `stopping` is set.
+async def _unless_stopped(stopping: asyncio.Event, read: Awaitable[_T]) -> _T:
+    """What `read` returns, or `_Stopped` as soon as `stopping` is set.
 
-    A request changes nothing, so a stop abandons it rather than wait through its timeouts,
-    retries and backoff, which together outlast Kubernetes' grace period (the state would
-    then be killed unsaved).
+    For what changes nothing (a poll of the lifecycle topic, a request to Luma's API): a
+    stop abandons it rather than wait, for as long as a group join with Kafka away, or
+    through the API's timeouts, retries and backoff. Either outlasts Kubernetes' grace
+    period, and the state would be killed unsaved.
     """
-    answer = asyncio.ensure_future(request)
+    answer = asyncio.ensure_future(read)
     stop = asyncio.ensure_future(stopping.wait())
     try:
         done, _ = await asyncio.wait((answer, stop), return_when=asyncio.FIRST_COMPLETED)
@@ -230,21 +237,60 @@ class Reconciler:
         self.started = True
 
     async def stop(self) -> None:
-        """Write the state changes, commit, leave the group. Safe to call twice."""
+        """Write the state changes, commit, leave the group, within SHUTDOWN_TIMEOUT. Safe to
+        call twice.
+
+        Bounded because Kubernetes kills the pod after its grace period whatever it is
+        doing: a stop that cannot reach Kafka says so and ends, what it could not save is
+        read again from the lifecycle topic by whoever takes the partitions next.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.shutdown_timeout
         consumer, self._consumer = self._consumer, None
         if consumer is not None:
-            try:
-                async with self._acting:
-                    await self._checkpoint(consumer)
-            except KafkaError as exc:
-                log.warning("could not save the state at shutdown", extra=_fields(error=exc))
-            await consumer.stop()
-        if self._owns_publisher and isinstance(self._publisher, KafkaPublisher):
-            await self._publisher.stop()
+            await self._save_state_and_leave(consumer, deadline - SHUTDOWN_MARGIN)
+        # Both have nothing left to flush: a checkpoint and a write wait for their acks.
         changelog, self._changelog = self._changelog, None
         if changelog is not None:
-            await changelog.stop()
+            await stop_producer(changelog, deadline - SHUTDOWN_MARGIN / 2 - loop.time())
+        if self._owns_publisher and isinstance(self._publisher, KafkaPublisher):
+            await self._publisher.stop(timeout=deadline - loop.time())
         self.started = False
+
+    async def _save_state_and_leave(self, consumer: AIOKafkaConsumer, deadline: float) -> None:
+        """Checkpoint, then leave the group, by `deadline` (the loop's clock)."""
+        before = asyncio.all_tasks()
+        saved = False
+        try:
+            async with asyncio.timeout_at(deadline):
+                saved = await self._save_state(consumer)
+                await consumer.stop()
+        except TimeoutError:
+            await _abandon(consumer, asyncio.all_tasks() - before)
+            fields = _fields(shutdown_timeout_s=self.settings.shutdown_timeout)
+            if saved:
+                log.error(
+                    "the state was saved, but Kafka did not answer the group's leave within "
+                    "SHUTDOWN_TIMEOUT; the partitions move to another reconciler after the "
+                    "session timeout",
+                    extra=fields,
+                )
+            else:
+                log.error(
+                    "the state was not saved within SHUTDOWN_TIMEOUT: Kafka did not answer; "
+                    "nothing is lost, whoever reconciles these partitions next reads the "
+                    "lifecycle topic again from the last commit",
+                    extra=fields,
+                )
+
+    async def _save_state(self, consumer: AIOKafkaConsumer) -> bool:
+        try:
+            async with self._acting:
+                await self._checkpoint(consumer)
+        except KafkaError as exc:
+            log.warning("could not save the state at shutdown", extra=_fields(error=exc))
+            return False
+        return True
 
     # -- the group: taking over and handing back partitions -------------------------------
 
@@ -323,8 +369,11 @@ class Reconciler:
         next_checkpoint = time.monotonic() + CHECKPOINT_SECONDS
         while not stopping.is_set():
             self.last_tick = time.monotonic()
+            poll = consumer.getmany(timeout_ms=500, max_records=10_000)
             try:
-                batch = await consumer.getmany(timeout_ms=500, max_records=10_000)
+                batch = await _unless_stopped(stopping, poll)
+            except _Stopped:
+                break
             except KafkaError as exc:
                 # aiokafka reconnects by itself; say so and go round again.
                 log.warning(
@@ -694,7 +743,7 @@ class Reconciler:
             ]
             if pending:
                 await asyncio.gather(*pending)
-        except KafkaError:
+        except BaseException:  # a Kafka error, or a stop cut off by its timeout
             self.tracker.keep_changes(changes)
             raise
         owned = {tp: offset for tp, offset in offsets.items() if tp in consumer.assignment()}
@@ -744,6 +793,21 @@ def _private_registry() -> Any:
     from prometheus_client import CollectorRegistry
 
     return CollectorRegistry()
+
+
+async def _abandon(consumer: AIOKafkaConsumer, started: set[asyncio.Task[Any]]) -> None:
+    """Close a consumer whose stop was cut off (Kafka away): its connections first, so that
+    what waits on them fails at once, then the rest; each step briefly. Of the tasks the
+    stop `started`, a request that failed meanwhile (a commit aiokafka shields from
+    cancelling) has its error taken: it is the one just reported."""
+    # aiokafka has no public "close without leaving the group"; these are its own steps.
+    for close in (consumer._client.close, consumer.stop):
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(0.25):
+                await close()
+    for task in started:
+        if task.done() and not task.cancelled():
+            task.exception()
 
 
 async def _started(client: Any) -> None:

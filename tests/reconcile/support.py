@@ -2,22 +2,34 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import tempfile
 import time
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 from aiokafka import AIOKafkaConsumer, ConsumerRecord
 
 from bridge.contract.callback import STATE_RANK, Topics
+from bridge.devtools.embedded import free_port
 from bridge.devtools.fake_luma import FakeLumaAPI
 from bridge.server import BridgeServer
 from bridge.settings import Settings
 from tests.helpers import consume, running_bridge
 
 API_KEY = "luma-test-key-5f0c2b9e7a1d4e8f"
+#: The Helm chart's terminationGracePeriodSeconds for the reconciler: after it, SIGKILL.
+GRACE_SECONDS = 30
 
 
 def header(record: ConsumerRecord, name: str) -> str | None:
@@ -115,3 +127,86 @@ async def wait_for_complete_lifecycles(
 async def bridge_on(settings: Settings, *, create: bool) -> AsyncIterator[BridgeServer]:
     async with running_bridge(settings, create=create) as server:
         yield server
+
+
+class ReconcilerProcess:
+    """`luma-kafka-bridge reconcile` in a subprocess, its log in a file."""
+
+    def __init__(self, settings: Settings, api: FakeLumaAPI, name: str, **extra_env: str) -> None:
+        self.name = name
+        self.admin_port = free_port()
+        self.log_path = Path(tempfile.mkdtemp(prefix="reconciler-")) / f"{name}.log"
+        env = {
+            **os.environ,
+            "LUMA_BRIDGE_KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers,
+            "LUMA_BRIDGE_KAFKA_ENABLE_IDEMPOTENCE": str(settings.kafka_enable_idempotence),
+            "LUMA_BRIDGE_KAFKA_CLIENT_ID": settings.kafka_client_id,
+            "LUMA_BRIDGE_TOPIC_PREFIX": settings.topic_prefix,
+            "LUMA_BRIDGE_TOPIC_REPLICATION_FACTOR": "1",
+            "LUMA_BRIDGE_HOST": "127.0.0.1",
+            "LUMA_BRIDGE_ADMIN_PORT": str(self.admin_port),
+            "LUMA_BRIDGE_LUMA_API_KEY": API_KEY,
+            "LUMA_BRIDGE_LUMA_BASE_URL": api.base_url,
+            "LUMA_BRIDGE_RECONCILE_AFTER_SECONDS": "1",
+            "LUMA_BRIDGE_RECONCILE_INTERVAL_SECONDS": "1",
+            # Slow enough that the kill lands in the middle of the work.
+            "LUMA_BRIDGE_LUMA_API_RATE_LIMIT": "12",
+            "LUMA_BRIDGE_LOG_FORMAT": "json",
+            **({"LUMA_BRIDGE_PUBLIC_URL": settings.public_url} if settings.public_url else {}),
+            **extra_env,
+        }
+        self._log = self.log_path.open("wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "bridge", "reconcile"],
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+    async def wait_ready(self, timeout: float = 60.0) -> None:
+        """Until `/readyz` says ready: the reconciler follows the lifecycle topic."""
+        url = f"http://127.0.0.1:{self.admin_port}/readyz"
+        deadline = time.monotonic() + timeout
+        async with aiohttp.ClientSession() as http:
+            while True:
+                if self.process.poll() is not None:
+                    raise AssertionError(f"the {self.name} reconciler exited: {self.log_tail()}")
+                with contextlib.suppress(aiohttp.ClientError):
+                    async with http.get(url) as response:
+                        if response.status == 200:
+                            return
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"the {self.name} reconciler not ready: {self.log_tail()}")
+                await asyncio.sleep(0.1)
+
+    async def metrics(self) -> str:
+        """What `/metrics` says now."""
+        url = f"http://127.0.0.1:{self.admin_port}/metrics"
+        async with aiohttp.ClientSession() as http, http.get(url) as response:
+            assert response.status == 200
+            return await response.text()
+
+    def log_tail(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def kill(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=30)
+
+    async def terminate(self) -> int:
+        """SIGTERM, then the exit code. Waited for off the event loop, which serves the fake
+        Luma API the reconciler may be asking."""
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return await asyncio.to_thread(self.process.wait, GRACE_SECONDS)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(
+                f"the {self.name} reconciler did not stop within {GRACE_SECONDS}s of SIGTERM; "
+                f"its log ends:\n{self.log_tail()}"
+            ) from None
+
+    def close(self) -> str:
+        if self.process.poll() is None:
+            self.kill()
+        self._log.close()
+        return self.log_path.read_text(errors="replace")

@@ -8,17 +8,10 @@ reconcile`), against the real broker and the fake Luma API served by this test.
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 
 from bridge.devtools.embedded import free_port
@@ -26,70 +19,18 @@ from bridge.devtools.fake_luma import FakeLumaAPI, SenderOptions, send_lifecycle
 from bridge.settings import Settings
 from tests.conftest import KafkaBroker
 from tests.helpers import TOKEN, bridge_settings
-from tests.reconcile.support import API_KEY, audit_lifecycle, bridge_on, header, read_all
+from tests.reconcile.support import (
+    API_KEY,
+    ReconcilerProcess,
+    audit_lifecycle,
+    bridge_on,
+    header,
+    read_all,
+)
 
 pytestmark = pytest.mark.integration
 
 GENERATIONS = 300
-#: The Helm chart's terminationGracePeriodSeconds for the reconciler: after it, SIGKILL.
-GRACE_SECONDS = 30
-
-
-class ReconcilerProcess:
-    """`luma-kafka-bridge reconcile` in a subprocess, its log in a file."""
-
-    def __init__(self, settings: Settings, api: FakeLumaAPI, name: str) -> None:
-        self.name = name
-        self.admin_port = free_port()
-        self.log_path = Path(tempfile.mkdtemp(prefix="reconciler-")) / f"{name}.log"
-        env = {
-            **os.environ,
-            "LUMA_BRIDGE_KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers,
-            "LUMA_BRIDGE_KAFKA_ENABLE_IDEMPOTENCE": str(settings.kafka_enable_idempotence),
-            "LUMA_BRIDGE_KAFKA_CLIENT_ID": settings.kafka_client_id,
-            "LUMA_BRIDGE_TOPIC_PREFIX": settings.topic_prefix,
-            "LUMA_BRIDGE_TOPIC_REPLICATION_FACTOR": "1",
-            "LUMA_BRIDGE_HOST": "127.0.0.1",
-            "LUMA_BRIDGE_ADMIN_PORT": str(self.admin_port),
-            "LUMA_BRIDGE_LUMA_API_KEY": API_KEY,
-            "LUMA_BRIDGE_LUMA_BASE_URL": api.base_url,
-            "LUMA_BRIDGE_PUBLIC_URL": settings.public_url or "",
-            "LUMA_BRIDGE_RECONCILE_AFTER_SECONDS": "1",
-            "LUMA_BRIDGE_RECONCILE_INTERVAL_SECONDS": "1",
-            # Slow enough that the kill lands in the middle of the work.
-            "LUMA_BRIDGE_LUMA_API_RATE_LIMIT": "12",
-            "LUMA_BRIDGE_LOG_FORMAT": "json",
-        }
-        self._log = self.log_path.open("wb")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "bridge", "reconcile"],
-            env=env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-
-    def kill(self) -> None:
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(timeout=30)
-
-    async def terminate(self) -> int:
-        """SIGTERM, then the exit code. Waited for off the event loop, which serves the fake
-        Luma API the reconciler may be asking."""
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            return await asyncio.to_thread(self.process.wait, GRACE_SECONDS)
-        except subprocess.TimeoutExpired:
-            log = self.log_path.read_text(errors="replace")[-4000:]
-            raise AssertionError(
-                f"the {self.name} reconciler did not stop within {GRACE_SECONDS}s of SIGTERM; "
-                f"its log ends:\n{log}"
-            ) from None
-
-    def close(self) -> str:
-        if self.process.poll() is None:
-            self.kill()
-        self._log.close()
-        return self.log_path.read_text(errors="replace")
 
 
 async def reconciler_records(settings: Settings) -> int:
@@ -161,7 +102,7 @@ async def test_kill_restart_and_partition_moves_write_nothing_twice(
                 return audit_lifecycle(records, api.generations, report.ours).complete
 
             await wait_for(complete, timeout=240, what="every lifecycle to complete")
-            metrics = await _scrape(third.admin_port)
+            metrics = await third.metrics()
             # Luma's API stops answering: the stop must not wait through its retries.
             api.stop_answering()
             await wait_for(_held_by(api), timeout=30, what="a request to the silent Luma API")
@@ -196,10 +137,3 @@ def _held_by(api: FakeLumaAPI) -> Callable[[], Awaitable[bool]]:
         return api.held > 0
 
     return held
-
-
-async def _scrape(port: int) -> str:
-    url = f"http://127.0.0.1:{port}/metrics"
-    async with aiohttp.ClientSession() as session, session.get(url) as response:
-        assert response.status == 200
-        return await response.text()

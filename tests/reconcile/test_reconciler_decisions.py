@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from types import SimpleNamespace
 from typing import Any, ClassVar
+from unittest.mock import ANY
 
 import orjson
 import pytest
@@ -102,6 +103,13 @@ class FakeConsumer:
         self.commits: list[dict[TopicPartition, int]] = []
         self.seeks: list[tuple[TopicPartition, int]] = []
         self.fail_commit = False
+        self.asked = 0
+        self.silent = False  # a poll waits for good, as while a group join hangs
+        self._client = self  # aiokafka's client: a stop cut off closes it first
+        self.client_closed = False
+
+    async def close(self) -> None:
+        self.client_closed = True
 
     def assignment(self) -> set[TopicPartition]:
         return set(self.assigned)
@@ -115,6 +123,9 @@ class FakeConsumer:
     async def getmany(
         self, *tps: TopicPartition, timeout_ms: int = 0, max_records: int | None = None
     ) -> dict[TopicPartition, list[SimpleNamespace]]:
+        self.asked += 1
+        if self.silent:
+            await asyncio.Event().wait()
         batch = self.take(tps)
         await asyncio.sleep(0 if batch else 0.005)  # an empty poll waits a little, as Kafka's
         return batch
@@ -169,12 +180,15 @@ class Changelog:
     def __init__(self) -> None:
         self.sent: list[tuple[str, bytes | None, bytes, int]] = []
         self.fail = False
+        self.silent = False  # a send waits for good, as with Kafka frozen
 
     async def send(
         self, topic: str, value: bytes | None, *, key: bytes, partition: int
     ) -> asyncio.Future[None]:
         if self.fail:
             raise KafkaConnectionError()
+        if self.silent:
+            await asyncio.Event().wait()
         self.sent.append((topic, value, key, partition))
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         future.set_result(None)
@@ -1185,6 +1199,61 @@ async def test_stop_saves_the_state_and_warns_when_it_cannot(
 
 async def _async_noop() -> None:
     pass
+
+
+async def test_a_stop_that_cannot_reach_kafka_ends_within_the_shutdown_timeout(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    rig = Rig(shutdown_timeout=1.5)
+    await stuck(rig)
+    rig.consumer.stop = _async_noop  # type: ignore[attr-defined]
+    rig.changelog.stop = _async_noop  # type: ignore[attr-defined]
+    rig.changelog.silent = True
+    started = asyncio.get_running_loop().time()
+    await asyncio.wait_for(rig.reconciler.stop(), timeout=5)
+    took = asyncio.get_running_loop().time() - started
+    assert 1.5 - reconciler_module.SHUTDOWN_MARGIN <= took < 1.5 + 0.5
+    [error] = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert error.getMessage().startswith("the state was not saved within SHUTDOWN_TIMEOUT")
+    assert rig.consumer.commits == []  # nothing committed past what the changelog holds
+    assert rig.consumer.client_closed
+    assert not rig.reconciler.started
+
+
+async def test_a_stop_that_saved_but_cannot_leave_the_group_says_so(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    rig = Rig(shutdown_timeout=1.5)
+    await stuck(rig)
+    rig.consumer.stop = asyncio.Event().wait  # type: ignore[attr-defined]
+    rig.changelog.stop = _async_noop  # type: ignore[attr-defined]
+    await asyncio.wait_for(rig.reconciler.stop(), timeout=5)
+    [error] = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert error.getMessage().startswith("the state was saved, but Kafka did not answer")
+    assert rig.consumer.client_closed
+    assert rig.consumer.commits == [{TopicPartition(LIFECYCLE, 0): 1}]
+
+
+async def test_a_checkpoint_cut_off_keeps_its_changes_for_the_next() -> None:
+    rig = Rig()
+    await stuck(rig)
+    rig.changelog.silent = True
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(rig.reconciler._checkpoint(rig.consumer), timeout=0.2)
+    assert rig.reconciler.tracker.take_changes() == {0: {"g": ANY}}
+    assert rig.consumer.commits == []
+
+
+async def test_a_stop_abandons_a_poll_kafka_has_not_answered() -> None:
+    rig = Rig()
+    rig.consumer.silent = True
+    stopping = asyncio.Event()
+    loop = asyncio.create_task(rig.reconciler.run(stopping))
+    try:
+        await wait_until(lambda: rig.consumer.asked > 0, timeout=10, what="a poll")
+    finally:
+        stopping.set()
+        await asyncio.wait_for(loop, timeout=5)
 
 
 async def test_the_listener_hands_partitions_to_the_reconciler(
