@@ -28,7 +28,7 @@ from bridge.settings import Settings
 from tests.helpers import consume, running_bridge
 
 API_KEY = "luma-test-key-5f0c2b9e7a1d4e8f"
-#: The Helm chart's terminationGracePeriodSeconds for the reconciler: after it, SIGKILL.
+#: The Helm chart's terminationGracePeriodSeconds for the reconciler by default: then SIGKILL.
 GRACE_SECONDS = 30
 
 
