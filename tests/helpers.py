@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import aiokafka.errors
 from aiokafka import AIOKafkaConsumer, ConsumerRecord
 from prometheus_client import CollectorRegistry
@@ -226,3 +227,56 @@ async def read_topic(
     if len(records) < expected:
         raise AssertionError(f"{topic}: expected {expected} records, read {len(records)}")
     return records
+
+
+class AdminProcess:
+    """A bridge or reconciler run as its own process, seen through its admin listener.
+
+    Subclasses set `name` (for messages), `admin_port` and `process` (None until started),
+    and say what their log ends with (`log_text`).
+    """
+
+    name: str
+    admin_port: int
+    process: subprocess.Popen[bytes] | None
+
+    def log_text(self) -> str:
+        raise NotImplementedError
+
+    async def wait_ready(self, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        async with aiohttp.ClientSession() as http:
+            while time.monotonic() < deadline:
+                if self.process is not None and self.process.poll() is not None:
+                    raise AssertionError(f"{self.name} exited early: {self.log_text()}")
+                try:
+                    async with http.get(f"http://127.0.0.1:{self.admin_port}/readyz") as r:
+                        if r.status == 200:
+                            return
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.05)
+        raise AssertionError(f"{self.name} not ready after {timeout}s: {self.log_text()}")
+
+    async def metrics(self) -> str:
+        """What `/metrics` says now."""
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"http://127.0.0.1:{self.admin_port}/metrics") as response,
+        ):
+            assert response.status == 200
+            return await response.text()
+
+    async def metric(self, name: str) -> float:
+        """The current value of an unlabelled metric."""
+        for line in (await self.metrics()).splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+        raise AssertionError(f"{name} not exported")
+
+    async def wait_for_metric(self, name: str, at_least: float, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while await self.metric(name) < at_least:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{name} stayed below {at_least} for {timeout}s")
+            await asyncio.sleep(0.05)

@@ -20,7 +20,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,11 +28,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-import aiohttp
 from aiokafka import ConsumerRecord
 
 from bridge.devtools.embedded import free_port
-from tests.helpers import consume
+from tests.helpers import AdminProcess, consume
 
 TOKEN = "fault-token-0123456789"
 #: How long each scenario's outage lasts (`make faults`: 30 s; the suite: 5 s).
@@ -180,8 +178,10 @@ def audit_lifecycle(
     )
 
 
-class BridgeProcess:
+class BridgeProcess(AdminProcess):
     """`luma-kafka-bridge serve` in a subprocess, with its own ports and spool."""
+
+    name = "bridge"
 
     def __init__(self, bootstrap: str, *, spool_dir: Path, prefix: str, **settings: Any) -> None:
         self.port = free_port()
@@ -226,40 +226,6 @@ class BridgeProcess:
             argv, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=other_build or None
         )
         return self
-
-    async def wait_ready(self, timeout: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout
-        async with aiohttp.ClientSession() as http:
-            while time.monotonic() < deadline:
-                if self.process is not None and self.process.poll() is not None:
-                    raise AssertionError(f"bridge exited early: {self.log_text()}")
-                try:
-                    async with http.get(f"http://127.0.0.1:{self.admin_port}/readyz") as r:
-                        if r.status == 200:
-                            return
-                except aiohttp.ClientError:
-                    pass
-                await asyncio.sleep(0.05)
-        raise AssertionError(f"bridge not ready after {timeout}s: {self.log_text()}")
-
-    async def metric(self, name: str) -> float:
-        """The current value of an unlabelled metric, from the admin listener."""
-        async with (
-            aiohttp.ClientSession() as http,
-            http.get(f"http://127.0.0.1:{self.admin_port}/metrics") as response,
-        ):
-            text = await response.text()
-        for line in text.splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-        raise AssertionError(f"{name} not exported")
-
-    async def wait_for_metric(self, name: str, at_least: float, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while await self.metric(name) < at_least:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{name} stayed below {at_least} for {timeout}s")
-            await asyncio.sleep(0.05)
 
     def signal(self, signum: int) -> None:
         assert self.process is not None

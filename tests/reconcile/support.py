@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import subprocess
@@ -17,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 from aiokafka import AIOKafkaConsumer, ConsumerRecord
 
 from bridge.contract.callback import STATE_RANK, Topics
@@ -25,7 +23,7 @@ from bridge.devtools.embedded import free_port
 from bridge.devtools.fake_luma import FakeLumaAPI
 from bridge.server import BridgeServer
 from bridge.settings import Settings
-from tests.helpers import consume, running_bridge
+from tests.helpers import AdminProcess, consume, running_bridge
 
 API_KEY = "luma-test-key-5f0c2b9e7a1d4e8f"
 #: The Helm chart's terminationGracePeriodSeconds for the reconciler by default: then SIGKILL.
@@ -129,11 +127,13 @@ async def bridge_on(settings: Settings, *, create: bool) -> AsyncIterator[Bridge
         yield server
 
 
-class ReconcilerProcess:
+class ReconcilerProcess(AdminProcess):
     """`luma-kafka-bridge reconcile` in a subprocess, its log in a file."""
 
+    process: subprocess.Popen[bytes]
+
     def __init__(self, settings: Settings, api: FakeLumaAPI, name: str, **extra_env: str) -> None:
-        self.name = name
+        self.name = f"the {name} reconciler"
         self.admin_port = free_port()
         self.log_path = Path(tempfile.mkdtemp(prefix="reconciler-")) / f"{name}.log"
         env = {
@@ -163,30 +163,7 @@ class ReconcilerProcess:
             stderr=subprocess.STDOUT,
         )
 
-    async def wait_ready(self, timeout: float = 60.0) -> None:
-        """Until `/readyz` says ready: the reconciler follows the lifecycle topic."""
-        url = f"http://127.0.0.1:{self.admin_port}/readyz"
-        deadline = time.monotonic() + timeout
-        async with aiohttp.ClientSession() as http:
-            while True:
-                if self.process.poll() is not None:
-                    raise AssertionError(f"the {self.name} reconciler exited: {self.log_tail()}")
-                with contextlib.suppress(aiohttp.ClientError):
-                    async with http.get(url) as response:
-                        if response.status == 200:
-                            return
-                if time.monotonic() > deadline:
-                    raise AssertionError(f"the {self.name} reconciler not ready: {self.log_tail()}")
-                await asyncio.sleep(0.1)
-
-    async def metrics(self) -> str:
-        """What `/metrics` says now."""
-        url = f"http://127.0.0.1:{self.admin_port}/metrics"
-        async with aiohttp.ClientSession() as http, http.get(url) as response:
-            assert response.status == 200
-            return await response.text()
-
-    def log_tail(self) -> str:
+    def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")[-4000:]
 
     def kill(self) -> None:
@@ -201,8 +178,8 @@ class ReconcilerProcess:
             return await asyncio.to_thread(self.process.wait, GRACE_SECONDS)
         except subprocess.TimeoutExpired:
             raise AssertionError(
-                f"the {self.name} reconciler did not stop within {GRACE_SECONDS}s of SIGTERM; "
-                f"its log ends:\n{self.log_tail()}"
+                f"{self.name} did not stop within {GRACE_SECONDS}s of SIGTERM; "
+                f"its log ends:\n{self.log_text()}"
             ) from None
 
     def close(self) -> str:

@@ -7,12 +7,10 @@ would be SIGKILLed after the Helm chart's grace period, saying nothing. Bounded 
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 import aiohttp
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from bridge.devtools.embedded import EmbeddedBroker
 from bridge.devtools.fake_luma import FakeLumaAPI
@@ -24,6 +22,7 @@ pytestmark = pytest.mark.integration
 
 SHUTDOWN_TIMEOUT = 5.0
 GENERATIONS = 10
+TRACKED = "luma_bridge_reconciler_generations_tracked"
 
 
 async def test_a_stop_while_kafka_is_frozen_ends_within_the_shutdown_timeout(
@@ -44,9 +43,9 @@ async def test_a_stop_while_kafka_is_frozen_ends_within_the_shutdown_timeout(
             LUMA_BRIDGE_RECONCILE_AFTER_SECONDS="3600",  # followed, not looked up
         )
         try:
-            await reconciler.wait_ready()
+            await reconciler.wait_ready(timeout=60)
             # Something to save: every generation read from the lifecycle topic, in progress.
-            await wait_for_tracked(reconciler, GENERATIONS)
+            await reconciler.wait_for_metric(TRACKED, GENERATIONS, timeout=60)
             with frozen(own_broker):
                 asked = time.monotonic()
                 code = await reconciler.terminate()
@@ -58,18 +57,3 @@ async def test_a_stop_while_kafka_is_frozen_ends_within_the_shutdown_timeout(
     assert "the state was not saved within SHUTDOWN_TIMEOUT" in log
     # Its producers and consumer closed or cancelled, not left for asyncio to complain about.
     assert '"logger":"asyncio"' not in log, log[-4000:]
-
-
-async def wait_for_tracked(reconciler: ReconcilerProcess, count: int, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while (tracked := await _tracked(reconciler)) < count:
-        if time.monotonic() > deadline:
-            raise AssertionError(f"the reconciler tracks {tracked} of {count} generations")
-        await asyncio.sleep(0.2)
-
-
-async def _tracked(reconciler: ReconcilerProcess) -> float:
-    for family in text_string_to_metric_families(await reconciler.metrics()):
-        if family.name == "luma_bridge_reconciler_generations_tracked":
-            return family.samples[0].value
-    return 0.0
