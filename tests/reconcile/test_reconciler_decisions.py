@@ -573,17 +573,23 @@ async def test_a_stopping_reconciler_looks_nothing_up() -> None:
     assert rig.luma.gets == []
 
 
-async def stop_while_luma_is_silent(rig: Rig, asked: Callable[[], bool]) -> None:
-    """Run the loop until Luma's API has been asked and not answered, then stop it: the stop
-    must not wait for an answer (its timeouts and retries outlast Kubernetes' grace period)."""
-    rig.luma.silent = True
+async def run_until(rig: Rig, condition: Callable[[], bool], *, what: str) -> None:
+    """Run the main loop until `condition` holds, then stop it; the stop must end the loop
+    within 5 s, whatever it was waiting for."""
     stopping = asyncio.Event()
     loop = asyncio.create_task(rig.reconciler.run(stopping))
     try:
-        await wait_until(asked, timeout=10, what="a request to Luma's API")
+        await wait_until(condition, timeout=10, what=what)
     finally:
         stopping.set()
         await asyncio.wait_for(loop, timeout=5)
+
+
+async def stop_while_luma_is_silent(rig: Rig, asked: Callable[[], bool]) -> None:
+    """Stop the loop once Luma's API has been asked and not answered: the stop must not wait
+    for an answer (its timeouts and retries outlast Kubernetes' grace period)."""
+    rig.luma.silent = True
+    await run_until(rig, asked, what="a request to Luma's API")
 
 
 async def test_a_stop_abandons_a_lookup_luma_has_not_answered() -> None:
@@ -1247,13 +1253,7 @@ async def test_a_checkpoint_cut_off_keeps_its_changes_for_the_next() -> None:
 async def test_a_stop_abandons_a_poll_kafka_has_not_answered() -> None:
     rig = Rig()
     rig.consumer.silent = True
-    stopping = asyncio.Event()
-    loop = asyncio.create_task(rig.reconciler.run(stopping))
-    try:
-        await wait_until(lambda: rig.consumer.asked > 0, timeout=10, what="a poll")
-    finally:
-        stopping.set()
-        await asyncio.wait_for(loop, timeout=5)
+    await run_until(rig, lambda: rig.consumer.asked > 0, what="a poll")
 
 
 async def test_the_listener_hands_partitions_to_the_reconciler(
@@ -1279,14 +1279,11 @@ async def test_the_loop_follows_passes_and_checkpoints_until_stopped(
     monkeypatch.setattr(reconciler_module, "CHECKPOINT_SECONDS", 0.1)
     rig.log.state("g", "queued")
     rig.luma.put(generation("g", "completed"))
-    stopping = asyncio.Event()
-    loop = asyncio.create_task(rig.reconciler.run(stopping))
-    try:
-        await wait_until(lambda: bool(rig.consumer.commits), timeout=10, what="a checkpoint")
-        await wait_until(lambda: bool(rig.publisher.published), timeout=10, what="a repair")
-    finally:
-        stopping.set()
-        await asyncio.wait_for(loop, timeout=5)
+    await run_until(
+        rig,
+        lambda: bool(rig.consumer.commits and rig.publisher.published),
+        what="a checkpoint and a repair",
+    )
     assert rig.written() == [("luma.completed", "completed"), (LIFECYCLE, "completed")]
     assert rig.changelog.sent
 
@@ -1303,13 +1300,7 @@ async def test_a_pass_that_fails_is_logged_and_the_loop_goes_on(
         raise (KafkaConnectionError() if calls == 1 else RuntimeError("bug"))
 
     monkeypatch.setattr(rig.reconciler, "reconcile_once", broken)
-    stopping = asyncio.Event()
-    loop = asyncio.create_task(rig.reconciler.run(stopping))
-    try:
-        await wait_until(lambda: calls >= 3, timeout=10, what="passes after failures")
-    finally:
-        stopping.set()
-        await asyncio.wait_for(loop, timeout=5)
+    await run_until(rig, lambda: calls >= 3, what="passes after failures")
     messages = [r.getMessage() for r in caplog.records]
     assert "a pass stopped on a Kafka error; next pass" in messages
     assert "a reconciliation pass failed; next pass" in messages
