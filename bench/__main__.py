@@ -301,9 +301,13 @@ def main(argv: list[str] | None = None) -> int:
     markdown = report.markdown(results)
     (out / "latest.md").write_text(markdown)
     report.plot(results, out / "latest.png")
-    for target, profiled in results.get("profile", {}).items():
-        collapsed = Path(profiled["collapsed"])
+    profiled = {t: Path(p["collapsed"]) for t, p in results.get("profile", {}).items()}
+    for target, collapsed in profiled.items():
         report.write_profile_summary(collapsed, out / f"profile-{target}.md")
+    if profiled.keys() >= set(report.GAP_TARGETS):
+        report.write_profile_gap(
+            profiled["bridge"], profiled["floor"], results, out / "profile-gap.md"
+        )
     print(markdown)
     log(f"done in {results['elapsed_s']:.0f} s; wrote {out}/latest.json, latest.md, latest.png")
     shutil.rmtree(workdir, ignore_errors=True)

@@ -6,12 +6,17 @@ import collections
 import math
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from bench.stats import BASELINE, flatness
 
 TARGET_CONNECTIONS = "64"
+#: Issue 14's limit on the bridge's CPU per callback, as a multiple of the floor's.
+CPU_LIMIT_VS_FLOOR = 1.5
+#: The two targets `write_profile_gap` compares, the bridge first.
+GAP_TARGETS = ("bridge", "floor")
 LABELS = {
     "minimal": "minimal aiohttp (HTTP limit)",
     "floor": "floor: aiohttp + the two records",
@@ -84,7 +89,7 @@ def check_targets(results: Mapping[str, Any]) -> list[dict[str, Any]]:
             "CPU per callback vs floor (64 conn)"
             + (f", per repeat {spread}" if (spread := cpu_range(ratios, "floor")) else ""),
             ratios.get("cpu_vs_floor", math.nan),
-            1.5,
+            CPU_LIMIT_VS_FLOOR,
             at_most=True,
         ),
         _check(
@@ -323,6 +328,7 @@ def plot(results: Mapping[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+LOOP = "asyncio / uvloop"
 # py-spy raw frames look like "handle (bridge/edge/http.py:81)".
 _FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^:()]*)(?::(?P<line>\d+))?\)$")
 # A sample's cost goes to the category of its innermost frame (so the shares add up
@@ -335,10 +341,19 @@ CATEGORIES = (
     ("aiokafka (producer, client, conn)", ("aiokafka/",)),
     ("aiohttp (web protocol, request, response)", ("aiohttp/", "multidict/", "yarl/")),
     ("bridge code (own frames)", ("bridge/",)),
-    ("asyncio / uvloop", ("asyncio/", "uvloop/")),
+    (LOOP, ("asyncio/", "uvloop/")),
 )
 #: Innermost frames of a sleeping thread (the log writer between batches): not CPU.
 IDLE_FUNCTIONS = {"wait", "Condition.wait"}
+#: Innermost Python frames under which only the event loop's own C code runs (uvloop's
+#: polling, transports and timers): the loop's time, whichever package started it. The
+#: bridge starts its loop with `asyncio.Runner`, the floor with aiohttp's `run_app`.
+LOOP_RUNNERS = {
+    ("run_app", "aiohttp/web.py"),
+    ("Runner.run", "asyncio/runners.py"),
+    ("run", "uvloop/__init__.py"),
+}
+LOOP_SELF = "the event loop's own C code (uvloop)"
 OTHER = "other (stdlib helpers: json, datetime, hashlib, enum, ...)"
 
 
@@ -356,21 +371,30 @@ def parse_frame(frame: str) -> tuple[str, str]:
     return match.group("func"), "/".join(parts[-3:])
 
 
-def categorize(files: list[str]) -> str:
+def categorize(frames: list[tuple[str, str]]) -> str:
     """The category of the innermost frame that belongs to one, else OTHER."""
-    for file in reversed(files):
+    if frames and frames[-1] in LOOP_RUNNERS:
+        return LOOP
+    for _, file in reversed(frames):
         for label, needles in CATEGORIES:
             if any(needle in file for needle in needles):
                 return label
     return OTHER
 
 
-def collapse_summary(text: str, top: int = 25) -> dict[str, Any]:
-    """Self and inclusive sample shares per function and per category from collapsed stacks."""
-    total = 0
-    self_counts: collections.Counter[str] = collections.Counter()
-    inclusive: collections.Counter[str] = collections.Counter()
-    category_counts: collections.Counter[str] = collections.Counter()
+@dataclass
+class Samples:
+    """py-spy's samples of one process, counted per function and per category."""
+
+    total: int = 0
+    self_counts: collections.Counter[str] = field(default_factory=collections.Counter)
+    inclusive: collections.Counter[str] = field(default_factory=collections.Counter)
+    categories: collections.Counter[str] = field(default_factory=collections.Counter)
+
+
+def count_samples(text: str) -> Samples:
+    """Count collapsed stacks (`py-spy record --format raw`), idle threads left out."""
+    samples = Samples()
     for line in text.splitlines():
         stack, _, count_text = line.rpartition(" ")
         if not stack or not count_text.isdigit():
@@ -379,19 +403,27 @@ def collapse_summary(text: str, top: int = 25) -> dict[str, Any]:
         frames = [parse_frame(f) for f in stack.split(";")]
         if frames[-1][0] in IDLE_FUNCTIONS and frames[-1][1].endswith("threading.py"):
             continue  # a thread asleep between batches, which py-spy samples as active
-        total += count
+        samples.total += count
         names = [f"{func} ({file})" for func, file in frames]
         # py-spy puts the thread first, the innermost frame last.
-        self_counts[names[-1]] += count
+        innermost = LOOP_SELF if frames[-1] in LOOP_RUNNERS else names[-1]
+        samples.self_counts[innermost] += count
         for name in set(names):
-            inclusive[name] += count
-        category_counts[categorize([file for _, file in frames])] += count
+            samples.inclusive[name] += count
+        samples.categories[categorize(frames)] += count
+    return samples
+
+
+def collapse_summary(text: str, top: int = 25) -> dict[str, Any]:
+    """Self and inclusive sample shares per function and per category from collapsed stacks."""
+    samples = count_samples(text)
+    total = samples.total
     share = (lambda n: round(100 * n / total, 1)) if total else (lambda n: 0.0)
     return {
         "samples": total,
-        "self": [(name, share(n)) for name, n in self_counts.most_common(top)],
-        "inclusive": [(name, share(n)) for name, n in inclusive.most_common(top)],
-        "categories": [(label, share(n)) for label, n in category_counts.most_common()],
+        "self": [(name, share(n)) for name, n in samples.self_counts.most_common(top)],
+        "inclusive": [(name, share(n)) for name, n in samples.inclusive.most_common(top)],
+        "categories": [(label, share(n)) for label, n in samples.categories.most_common()],
     }
 
 
@@ -406,3 +438,72 @@ def write_profile_summary(collapsed: Path, out: Path) -> dict[str, Any]:
     lines += [f"| `{name}` | {pct} |" for name, pct in summary["inclusive"]]
     out.write_text("\n".join(lines) + "\n")
     return summary
+
+
+def profile_gap(
+    bridge: Samples, floor: Samples, bridge_us: float, floor_us: float, top: int = 20
+) -> dict[str, Any]:
+    """Where the bridge's CPU per callback goes beyond the floor's, in µs per callback:
+    each profile's sample shares times its target's CPU per callback."""
+
+    def rows(
+        ours: collections.Counter[str], theirs: collections.Counter[str]
+    ) -> list[tuple[str, float, float, float]]:
+        found = []
+        for name in ours.keys() | theirs.keys():
+            mine = bridge_us * ours[name] / bridge.total if bridge.total else 0.0
+            base = floor_us * theirs[name] / floor.total if floor.total else 0.0
+            found.append((name, round(mine, 1), round(base, 1), round(mine - base, 1)))
+        return sorted(found, key=lambda row: (-row[3], row[0]))
+
+    limit_us = CPU_LIMIT_VS_FLOOR * floor_us
+    return {
+        "bridge_us": round(bridge_us, 1),
+        "floor_us": round(floor_us, 1),
+        "limit_us": round(limit_us, 1),
+        "to_cut_us": round(max(0.0, bridge_us - limit_us), 1),
+        "categories": rows(bridge.categories, floor.categories),
+        "functions": rows(bridge.self_counts, floor.self_counts)[:top],
+    }
+
+
+def write_profile_gap(
+    bridge_collapsed: Path, floor_collapsed: Path, results: Mapping[str, Any], out: Path
+) -> dict[str, Any] | None:
+    """`profile_gap` as Markdown, when this run measured both targets at 64 connections."""
+    summary = results.get("summary", {})
+    cpu = [summary.get(t, {}).get(TARGET_CONNECTIONS, {}).get("cpu_s_per_1k") for t in GAP_TARGETS]
+    if None in cpu:
+        return None
+    bridge_us, floor_us = (ms * 1000 for ms in cpu)
+    gap = profile_gap(
+        count_samples(bridge_collapsed.read_text(errors="replace")),
+        count_samples(floor_collapsed.read_text(errors="replace")),
+        bridge_us,
+        floor_us,
+    )
+    beyond = gap["bridge_us"] - gap["floor_us"]
+    cut_share = f", {100 * gap['to_cut_us'] / beyond:.0f} % of" if beyond > 0 else " of"
+    lines = [
+        f"CPU per callback at {TARGET_CONNECTIONS} connections, this run's medians: the bridge "
+        f"{gap['bridge_us']:.0f} µs, the floor {gap['floor_us']:.0f} µs "
+        f"({gap['bridge_us'] / gap['floor_us']:.2f} x). Issue 14's limit, "
+        f"{CPU_LIMIT_VS_FLOOR} x the floor, is {gap['limit_us']:.0f} µs: "
+        f"{gap['to_cut_us']:.0f} µs to cut{cut_share} the {beyond:.0f} µs the bridge "
+        "spends beyond the floor.",
+        "",
+        "Each column is its profile's sample shares (py-spy, wrk at "
+        f"{TARGET_CONNECTIONS} connections, after the measured runs) times its target's "
+        "CPU per callback.",
+        "",
+        "| category (innermost frame) | bridge µs | floor µs | bridge - floor µs |",
+        "|---|---:|---:|---:|",
+        *(f"| {name} | {b} | {f} | {d} |" for name, b, f, d in gap["categories"]),
+        "",
+        "| function (self time), largest differences first | bridge µs | floor µs "
+        "| bridge - floor µs |",
+        "|---|---:|---:|---:|",
+        *(f"| `{name}` | {b} | {f} | {d} |" for name, b, f, d in gap["functions"]),
+    ]
+    out.write_text("\n".join(lines) + "\n")
+    return gap

@@ -210,6 +210,53 @@ def test_profile_summary_attributes_samples_to_the_innermost_category() -> None:
     assert sum(categories.values()) == pytest.approx(100.0)
 
 
+def test_the_event_loops_own_time_counts_as_the_loop_whoever_started_it() -> None:
+    collapsed = (
+        "MainThread;run_app (aiohttp/web.py:527) 30\n"  # the floor's loop, under aiohttp
+        "MainThread;run (uvloop/__init__.py:92);Runner.run (asyncio/runners.py:118) 20\n"
+        "MainThread;run_app (aiohttp/web.py:527);_handle (aiohttp/web_app.py:563) 50\n"
+    )
+    samples = report.count_samples(collapsed)
+    assert samples.categories == {report.LOOP: 50, "aiohttp (web protocol, request, response)": 50}
+    assert samples.self_counts[report.LOOP_SELF] == 50
+
+
+def test_profile_gap_is_each_share_times_its_targets_cpu_per_callback() -> None:
+    bridge = report.count_samples(
+        "MainThread;handle (bridge/edge/http.py:81) 60\n"
+        "MainThread;data_received (aiohttp/web_protocol.py:380) 40\n"
+    )
+    floor = report.count_samples("MainThread;data_received (aiohttp/web_protocol.py:380) 10\n")
+    gap = report.profile_gap(bridge, floor, bridge_us=500.0, floor_us=200.0)
+    assert (gap["limit_us"], gap["to_cut_us"]) == (300.0, 200.0)
+    assert gap["categories"] == [
+        ("bridge code (own frames)", 300.0, 0.0, 300.0),
+        ("aiohttp (web protocol, request, response)", 200.0, 200.0, 0.0),
+    ]
+    assert gap["functions"][0] == ("handle (bridge/edge/http.py)", 300.0, 0.0, 300.0)
+    within = report.profile_gap(bridge, floor, bridge_us=250.0, floor_us=200.0)
+    assert within["to_cut_us"] == 0.0
+
+
+def test_profile_gap_report_needs_both_targets_at_64_connections(tmp_path: Path) -> None:
+    bridge, floor = tmp_path / "bridge.txt", tmp_path / "floor.txt"
+    bridge.write_text("MainThread;handle (bridge/edge/http.py:81) 3\n")
+    floor.write_text("MainThread;data_received (aiohttp/web_protocol.py:380) 1\n")
+    out = tmp_path / "profile-gap.md"
+    results = _results()
+    gap = report.write_profile_gap(bridge, floor, results, out)
+    assert gap is not None
+    assert (gap["bridge_us"], gap["floor_us"]) == (250.0, 100.0)
+    text = out.read_text()
+    assert "the bridge 250 µs, the floor 100 µs (2.50 x)" in text
+    assert "100 µs to cut, 67 % of the 150 µs" in text
+    assert "| `handle (bridge/edge/http.py)` | 250.0 | 0.0 | 250.0 |" in text
+    del results["summary"]["floor"]
+    out.unlink()
+    assert report.write_profile_gap(bridge, floor, results, out) is None
+    assert not out.exists()
+
+
 def test_parse_frame_shortens_site_packages_paths() -> None:
     frame = "send (/usr/lib/python3.11/site-packages/aiokafka/producer/producer.py:450)"
     assert report.parse_frame(frame) == ("send", "aiokafka/producer/producer.py")
