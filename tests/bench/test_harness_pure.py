@@ -372,6 +372,26 @@ def test_the_handler_cost_tool_drives_the_real_handler_to_200s() -> None:
     assert run_async(measure(8, handle=False)) == {}
 
 
+def test_the_handler_cost_tool_counts_the_bridges_own_publisher() -> None:
+    """Its records go through `KafkaPublisher`; only aiokafka's producer stands in."""
+    from prometheus_client import CollectorRegistry
+
+    from bench.handlercost import acking_publisher
+    from bridge.cli import run_async
+    from bridge.delivery.publisher import KafkaPublisher, Placement, Record
+    from bridge.ops.metrics import Metrics
+    from bridge.settings import load_settings
+
+    async def publish() -> list[Placement]:
+        settings = load_settings(kafka_bootstrap_servers="127.0.0.1:9")
+        publisher = await acking_publisher(settings, Metrics(CollectorRegistry()))
+        assert isinstance(publisher, KafkaPublisher)
+        records = [Record("a", b"k", b"v", []), Record("b", b"k", b"v", [])]
+        return await publisher.publish(records, ack_timeout=1.0)
+
+    assert run_async(publish()) == [Placement("a", 0, 0), Placement("b", 0, 1)]
+
+
 def test_the_bridge_is_compared_with_its_baseline_revision() -> None:
     results = _summarized(
         _run("floor", 64, 6000.0, 0.10, 12.0),
