@@ -328,6 +328,7 @@ def plot(results: Mapping[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+#: The event loop's category (its Python and, under `LOOP_RUNNERS`, its C code).
 LOOP = "asyncio / uvloop"
 # py-spy raw frames look like "handle (bridge/edge/http.py:81)".
 _FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^:()]*)(?::(?P<line>\d+))?\)$")
