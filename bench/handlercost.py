@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import json
 import os
@@ -30,6 +31,7 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from types import SimpleNamespace
 from typing import Any, NamedTuple
 from unittest import mock
@@ -80,12 +82,17 @@ class AckingProducer:
         return acknowledged
 
 
-async def acking_publisher(settings: Settings, metrics: Metrics) -> KafkaPublisher:
-    """The bridge's publisher, started on an `AckingProducer`."""
+@contextlib.asynccontextmanager
+async def acking_publisher(settings: Settings, metrics: Metrics) -> AsyncIterator[KafkaPublisher]:
+    """The bridge's publisher, started on an `AckingProducer`, stopped on the way out
+    (a started publisher counts the retries aiokafka logs, process-wide)."""
     publisher = KafkaPublisher(settings, metrics=metrics)
     with mock.patch.object(publisher_module, "AIOKafkaProducer", AckingProducer):
         await publisher.start()
-    return publisher
+    try:
+        yield publisher
+    finally:
+        await publisher.stop()
 
 
 class _Transport:
@@ -145,8 +152,14 @@ async def prepared_requests(app: web.Application, count: int) -> list[web.Reques
 async def measure(callbacks: int, handle: bool, pause: float = 0.06) -> dict[str, float]:
     settings = load_settings(auth_tokens=TOKEN, kafka_bootstrap_servers="127.0.0.1:9")
     metrics = Metrics(CollectorRegistry())
-    publisher = await acking_publisher(settings, metrics)
-    app = callback_app(settings, publisher=publisher, metrics=metrics)
+    async with acking_publisher(settings, metrics) as publisher:
+        app = callback_app(settings, publisher=publisher, metrics=metrics)
+        return await _handle_all(app, callbacks, handle, pause)
+
+
+async def _handle_all(
+    app: web.Application, callbacks: int, handle: bool, pause: float
+) -> dict[str, float]:
     requests = await prepared_requests(app, WARMUP + callbacks)
     if not handle:
         return {}

@@ -382,14 +382,17 @@ def test_the_handler_cost_tool_counts_the_bridges_own_publisher() -> None:
     from bridge.ops.metrics import Metrics
     from bridge.settings import load_settings
 
-    async def publish() -> list[Placement]:
+    async def publish() -> tuple[list[Placement], bool]:
         settings = load_settings(kafka_bootstrap_servers="127.0.0.1:9")
-        publisher = await acking_publisher(settings, Metrics(CollectorRegistry()))
-        assert isinstance(publisher, KafkaPublisher)
-        records = [Record("a", b"k", b"v", []), Record("b", b"k", b"v", [])]
-        return await publisher.publish(records, ack_timeout=1.0)
+        async with acking_publisher(settings, Metrics(CollectorRegistry())) as publisher:
+            assert isinstance(publisher, KafkaPublisher)
+            records = [Record("a", b"k", b"v", []), Record("b", b"k", b"v", [])]
+            placements = await publisher.publish(records, ack_timeout=1.0)
+        return placements, publisher.connected
 
-    assert run_async(publish()) == [Placement("a", 0, 0), Placement("b", 0, 1)]
+    placements, still_connected = run_async(publish())
+    assert placements == [Placement("a", 0, 0), Placement("b", 0, 1)]
+    assert not still_connected  # stopped: it no longer counts aiokafka's retries
 
 
 def test_the_bridge_is_compared_with_its_baseline_revision() -> None:
