@@ -82,7 +82,6 @@ def test_the_reconciler_reads_its_settings_from_the_rendered_environment(
     assert settings.kafka_bootstrap_servers == "kafka-0.kafka:9092"
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports == {"admin": settings.admin_port}
-
     for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
         assert container[probe]["httpGet"] == {"path": path, "port": "admin"}
 
@@ -93,10 +92,10 @@ def test_the_kubelet_waits_out_its_shutdown_timeout(shutdown_timeout: float) -> 
     values = load_value_set("reconciler")
     values.setdefault("lifecycle", {})["shutdownTimeoutSeconds"] = shutdown_timeout
     manifests = render(values)
-    (container,) = the(manifests, "Deployment")["spec"]["template"]["spec"]["containers"]
+    pod = the(manifests, "Deployment")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
     environment = container_env(manifests, container)
     assert float(environment["LUMA_BRIDGE_SHUTDOWN_TIMEOUT"]) == shutdown_timeout
-    pod = the(manifests, "Deployment")["spec"]["template"]["spec"]
     assert pod["terminationGracePeriodSeconds"] > shutdown_timeout
 
 
